@@ -1,0 +1,4 @@
+#pragma once
+namespace sdctl {
+int GenerateCommand(int argc, char** argv);
+}  // namespace sdctl

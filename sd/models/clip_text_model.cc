@@ -1,0 +1,136 @@
+#include "sd/models/clip_text_model.h"
+
+#include <cmath>
+#include <filesystem>
+
+#include "sd/io/safetensors.h"
+#include "sd/models/layers.h"
+#include "sd/models/state_dict.h"
+#include "sd/util/status_macros.h"
+
+namespace sd {
+
+absl::StatusOr<CLIPTextConfig> CLIPTextConfig::FromJson(const JsonConfig& c) {
+  CLIPTextConfig t;
+  ASSIGN_OR_RETURN(t.vocab_size, c.Int("vocab_size", 49408));
+  ASSIGN_OR_RETURN(t.hidden_size, c.Int("hidden_size", 512));
+  ASSIGN_OR_RETURN(t.intermediate_size, c.Int("intermediate_size", 2048));
+  ASSIGN_OR_RETURN(t.num_hidden_layers, c.Int("num_hidden_layers", 12));
+  ASSIGN_OR_RETURN(t.num_attention_heads, c.Int("num_attention_heads", 8));
+  ASSIGN_OR_RETURN(t.max_position_embeddings, c.Int("max_position_embeddings", 77));
+  ASSIGN_OR_RETURN(t.hidden_act, c.String("hidden_act", "quick_gelu"));
+  ASSIGN_OR_RETURN(t.layer_norm_eps, c.Double("layer_norm_eps", 1e-5));
+  ASSIGN_OR_RETURN(t.eos_token_id, c.Int("eos_token_id", 49407));
+  ASSIGN_OR_RETURN(t.projection_dim, c.Int("projection_dim", 512));
+  if (t.hidden_size % t.num_attention_heads != 0) {
+    return c.Error("num_attention_heads", "must divide hidden_size");
+  }
+  if (t.hidden_act != "quick_gelu" && t.hidden_act != "gelu") {
+    return c.Error("hidden_act", "is not supported (quick_gelu or gelu)");
+  }
+  return t;
+}
+
+nlohmann::json CLIPTextConfig::ToJson() const {
+  return {{"architectures", {"CLIPTextModel"}},
+          {"model_type", "clip_text_model"},
+          {"vocab_size", vocab_size},
+          {"hidden_size", hidden_size},
+          {"intermediate_size", intermediate_size},
+          {"num_hidden_layers", num_hidden_layers},
+          {"num_attention_heads", num_attention_heads},
+          {"max_position_embeddings", max_position_embeddings},
+          {"hidden_act", hidden_act},
+          {"layer_norm_eps", layer_norm_eps},
+          {"eos_token_id", eos_token_id},
+          {"projection_dim", projection_dim}};
+}
+
+CLIPAttentionImpl::CLIPAttentionImpl(int64_t dim, int64_t heads) : heads(heads) {
+  q_proj = register_module("q_proj", torch::nn::Linear(dim, dim));
+  k_proj = register_module("k_proj", torch::nn::Linear(dim, dim));
+  v_proj = register_module("v_proj", torch::nn::Linear(dim, dim));
+  out_proj = register_module("out_proj", torch::nn::Linear(dim, dim));
+}
+
+torch::Tensor CLIPAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+  const int64_t b = x.size(0), t = x.size(1), d = x.size(2) / heads;
+  auto q = q_proj(x).view({b, t, heads, d}).transpose(1, 2);
+  auto k = k_proj(x).view({b, t, heads, d}).transpose(1, 2);
+  auto v = v_proj(x).view({b, t, heads, d}).transpose(1, 2);
+  auto out = at::scaled_dot_product_attention(q, k, v, mask);
+  return out_proj(out.transpose(1, 2).reshape({b, t, heads * d}));
+}
+
+CLIPMLPImpl::CLIPMLPImpl(int64_t dim, int64_t inner, std::string a) : act(std::move(a)) {
+  fc1 = register_module("fc1", torch::nn::Linear(dim, inner));
+  fc2 = register_module("fc2", torch::nn::Linear(inner, dim));
+}
+
+torch::Tensor CLIPMLPImpl::forward(const torch::Tensor& x) { return fc2(Activation(act, fc1(x))); }
+
+CLIPEncoderLayerImpl::CLIPEncoderLayerImpl(const CLIPTextConfig& c) {
+  auto ln = torch::nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps);
+  self_attn = register_module("self_attn", CLIPAttention(c.hidden_size, c.num_attention_heads));
+  layer_norm1 = register_module("layer_norm1", torch::nn::LayerNorm(ln));
+  mlp = register_module("mlp", CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act));
+  layer_norm2 = register_module("layer_norm2", torch::nn::LayerNorm(ln));
+}
+
+torch::Tensor CLIPEncoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+  auto h = x + self_attn(layer_norm1(x), mask);
+  return h + mlp(layer_norm2(h));
+}
+
+CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& c) : config_(c) {
+  auto text_model = std::make_shared<torch::nn::Module>();
+  auto embeddings = std::make_shared<torch::nn::Module>();
+  token_embedding = embeddings->register_module("token_embedding", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  position_embedding = embeddings->register_module("position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
+  text_model->register_module("embeddings", embeddings);
+  auto encoder = std::make_shared<torch::nn::Module>();
+  layers = encoder->register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(CLIPEncoderLayer(c));
+  text_model->register_module("encoder", encoder);
+  final_layer_norm = text_model->register_module(
+      "final_layer_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
+  register_module("text_model", text_model);
+}
+
+CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids, int64_t num_layers) {
+  const int64_t t = input_ids.size(1);
+  auto dev = token_embedding->weight.device();
+  auto ids = input_ids.to(dev);
+  auto positions = torch::arange(t, torch::TensorOptions().dtype(torch::kLong).device(dev));
+  auto h = token_embedding(ids) + position_embedding(positions).unsqueeze(0);
+  // Causal mask as an additive bias so SDPA sees the same mask transformers builds.
+  auto mask = torch::full({t, t}, -std::numeric_limits<float>::infinity(), h.options()).triu(1);
+  CLIPTextOutput out;
+  out.hidden_states.push_back(h);
+  const int64_t n = num_layers < 0 ? static_cast<int64_t>(layers->size()) : num_layers;
+  for (int64_t i = 0; i < n; ++i) {
+    h = layers[i]->as<CLIPEncoderLayer>()->forward(h, mask);
+    out.hidden_states.push_back(h);
+  }
+  out.last_hidden_state = final_layer_norm(h);
+  // transformers' legacy rule: with eos_token_id == 2 the EOS is the largest id.
+  torch::Tensor eos_pos = config_.eos_token_id == 2 ? ids.argmax(-1) : (ids == config_.eos_token_id).to(torch::kInt).argmax(-1);
+  out.pooler_output = out.last_hidden_state.index({torch::arange(ids.size(0), ids.options()), eos_pos});
+  return out;
+}
+
+absl::StatusOr<CLIPTextModel> LoadCLIPTextModel(const std::string& dir) {
+  const std::string config_path = (std::filesystem::path(dir) / "config.json").string();
+  ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load(config_path));
+  ASSIGN_OR_RETURN(CLIPTextConfig cfg, CLIPTextConfig::FromJson(json));
+  ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
+  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights));
+  CLIPTextModel model(cfg);
+  LoadOptions opts;
+  opts.ignorable = {"text_model.embeddings.position_ids"};
+  RETURN_IF_ERROR(LoadStateDict(*model, std::move(tensors), weights, config_path, opts));
+  model->eval();
+  return model;
+}
+
+}  // namespace sd

@@ -1,0 +1,138 @@
+#pragma once
+// Building blocks shared by the UNet and the VAE. Module and parameter names are
+// exactly diffusers' so that loading a state_dict is a name match.
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sd {
+
+// Collects attention probabilities when a caller asks for them (attention
+// distillation matches these maps between teacher and student).
+struct AttentionRecorder {
+  bool enabled = false;
+  std::vector<std::string> names;
+  std::vector<torch::Tensor> maps;  // [batch, heads, query_tokens, key_tokens]
+  void Clear() {
+    names.clear();
+    maps.clear();
+  }
+};
+
+torch::Tensor Activation(const std::string& name, const torch::Tensor& x);
+
+// diffusers.models.embeddings.get_timestep_embedding
+torch::Tensor TimestepEmbedding(const torch::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos,
+                                double downscale_freq_shift);
+
+struct ResnetBlock2DImpl : torch::nn::Module {
+  // temb_channels <= 0 means no time embedding (VAE).
+  ResnetBlock2DImpl(int64_t in, int64_t out, int64_t temb_channels, int64_t groups, double eps,
+                    double output_scale_factor = 1.0);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& temb = {});
+
+  torch::nn::GroupNorm norm1{nullptr}, norm2{nullptr};
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
+  torch::nn::Linear time_emb_proj{nullptr};
+  double output_scale_factor;
+};
+TORCH_MODULE(ResnetBlock2D);
+
+struct Downsample2DImpl : torch::nn::Module {
+  Downsample2DImpl(int64_t channels, int64_t out, int64_t padding);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::Conv2d conv{nullptr};
+  int64_t padding;
+};
+TORCH_MODULE(Downsample2D);
+
+struct Upsample2DImpl : torch::nn::Module {
+  Upsample2DImpl(int64_t channels, int64_t out);
+  // `size` is the spatial size to upsample to (the matching skip connection's);
+  // empty means twice the input.
+  torch::Tensor forward(const torch::Tensor& x, c10::IntArrayRef size = {});
+  torch::nn::Conv2d conv{nullptr};
+};
+TORCH_MODULE(Upsample2D);
+
+struct AttentionOptions {
+  int64_t query_dim = 0;
+  int64_t cross_attention_dim = 0;  // 0: self-attention
+  int64_t heads = 1;
+  int64_t dim_head = 64;
+  bool qkv_bias = false;
+  bool out_bias = true;
+  int64_t norm_groups = 0;  // > 0: a group_norm before attention, residual after (VAE)
+  double norm_eps = 1e-6;
+  bool upcast = false;
+};
+
+// diffusers.models.attention_processor.Attention (to_q/to_k/to_v/to_out.0).
+struct AttentionImpl : torch::nn::Module {
+  AttentionImpl(const AttentionOptions& o, std::shared_ptr<AttentionRecorder> recorder, std::string name);
+  // x: [B, N, C]; context: [B, M, Cc] or undefined for self-attention.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {});
+  // Spatial form used by the VAE mid block: [B, C, H, W] with group_norm and residual.
+  torch::Tensor forward_spatial(const torch::Tensor& x);
+
+  AttentionOptions opt;
+  torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
+  torch::nn::ModuleList to_out;
+  torch::nn::GroupNorm group_norm{nullptr};
+  std::shared_ptr<AttentionRecorder> recorder;
+  std::string name;
+};
+TORCH_MODULE(Attention);
+
+struct GEGLUImpl : torch::nn::Module {
+  GEGLUImpl(int64_t in, int64_t out);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::Linear proj{nullptr};
+};
+TORCH_MODULE(GEGLU);
+
+struct FeedForwardImpl : torch::nn::Module {
+  FeedForwardImpl(int64_t dim, int64_t mult = 4);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::ModuleList net;  // net.0 = GEGLU, net.1 = dropout, net.2 = Linear
+  GEGLU geglu{nullptr};
+  torch::nn::Linear out{nullptr};
+};
+TORCH_MODULE(FeedForward);
+
+struct BasicTransformerBlockImpl : torch::nn::Module {
+  BasicTransformerBlockImpl(int64_t dim, int64_t heads, int64_t dim_head, int64_t cross_dim,
+                            bool upcast, const std::shared_ptr<AttentionRecorder>& rec,
+                            const std::string& name);
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& context);
+  torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
+  Attention attn1{nullptr}, attn2{nullptr};
+  FeedForward ff{nullptr};
+};
+TORCH_MODULE(BasicTransformerBlock);
+
+struct Transformer2DOptions {
+  int64_t channels = 0;
+  int64_t heads = 1;
+  int64_t layers = 1;
+  int64_t cross_attention_dim = 768;
+  int64_t norm_groups = 32;
+  bool use_linear_projection = false;
+  bool upcast_attention = false;
+};
+
+// diffusers Transformer2DModel for continuous (latent) inputs.
+struct Transformer2DModelImpl : torch::nn::Module {
+  Transformer2DModelImpl(const Transformer2DOptions& o, const std::shared_ptr<AttentionRecorder>& rec,
+                         const std::string& name);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context);
+  Transformer2DOptions opt;
+  torch::nn::GroupNorm norm{nullptr};
+  torch::nn::AnyModule proj_in, proj_out;  // Conv2d 1x1, or Linear with use_linear_projection
+  torch::nn::ModuleList transformer_blocks;
+};
+TORCH_MODULE(Transformer2DModel);
+
+}  // namespace sd

@@ -1,0 +1,76 @@
+#pragma once
+// UNet2DConditionModel (diffusers), shapes from unet/config.json.
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "sd/io/json_config.h"
+#include "sd/models/layers.h"
+
+namespace sd {
+
+struct UNetConfig {
+  int64_t in_channels = 4;
+  int64_t out_channels = 4;
+  int64_t sample_size = 64;
+  std::vector<std::string> down_block_types;
+  std::vector<std::string> up_block_types;
+  bool mid_block = true;
+  std::vector<int64_t> block_out_channels;
+  int64_t layers_per_block = 2;
+  std::vector<int64_t> num_attention_heads;  // per down block (diffusers' attention_head_dim quirk resolved)
+  std::vector<int64_t> transformer_layers_per_block;
+  int64_t cross_attention_dim = 768;
+  int64_t norm_num_groups = 32;
+  double norm_eps = 1e-5;
+  int64_t downsample_padding = 1;
+  double mid_block_scale_factor = 1.0;
+  bool flip_sin_to_cos = true;
+  double freq_shift = 0;
+  bool use_linear_projection = false;
+  bool upcast_attention = false;
+  bool center_input_sample = false;
+
+  static absl::StatusOr<UNetConfig> FromJson(const JsonConfig& c);
+  nlohmann::json ToJson() const;
+};
+
+struct UNetOutput {
+  torch::Tensor sample;
+};
+
+struct UNetBlockImpl : torch::nn::Module {
+  torch::nn::ModuleList resnets{nullptr}, attentions{nullptr}, downsamplers{nullptr}, upsamplers{nullptr};
+};
+TORCH_MODULE(UNetBlock);
+
+class UNet2DConditionModelImpl : public torch::nn::Module {
+ public:
+  explicit UNet2DConditionModelImpl(const UNetConfig& config);
+
+  // sample [B, C, H, W]; timestep a scalar or [B]; encoder_hidden_states [B, T, D].
+  torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timestep,
+                        const torch::Tensor& encoder_hidden_states);
+
+  const UNetConfig& config() const { return config_; }
+  // Turn on to collect every attention map of the next forward in recorder().
+  AttentionRecorder& recorder() { return *recorder_; }
+
+ private:
+  UNetConfig config_;
+  std::shared_ptr<AttentionRecorder> recorder_;
+  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  torch::nn::Linear time_linear_1{nullptr}, time_linear_2{nullptr};
+  torch::nn::ModuleList down_blocks{nullptr}, up_blocks{nullptr};
+  UNetBlock mid{nullptr};
+  torch::nn::GroupNorm conv_norm_out{nullptr};
+};
+TORCH_MODULE(UNet2DConditionModel);
+
+// Loads unet/ (config.json + weights) from a diffusers component folder.
+absl::StatusOr<UNet2DConditionModel> LoadUNet(const std::string& dir);
+
+}  // namespace sd

@@ -1,0 +1,122 @@
+#include "sd/pipeline/stable_diffusion.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "sd/schedulers/scheduler.h"
+#include "sd/util/status_macros.h"
+
+namespace sd {
+
+absl::StatusOr<torch::Dtype> ParseDtypeName(const std::string& name) {
+  if (name == "fp32" || name == "float32") return torch::kFloat32;
+  if (name == "fp16" || name == "float16") return torch::kFloat16;
+  if (name == "bf16" || name == "bfloat16") return torch::kBFloat16;
+  return absl::InvalidArgumentError(absl::StrCat("unknown dtype \"", name, "\" (fp32, fp16 or bf16)"));
+}
+
+absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, torch::Device device,
+                                                      torch::Dtype dtype) {
+  namespace fs = std::filesystem;
+  const fs::path root(dir);
+  if (!fs::exists(root / "model_index.json")) {
+    return absl::NotFoundError(absl::StrCat(dir, " is not a diffusers model folder (no model_index.json)"));
+  }
+  StableDiffusion sd;
+  ASSIGN_OR_RETURN(sd.tokenizer, CLIPTokenizer::Load((root / "tokenizer").string()));
+  ASSIGN_OR_RETURN(sd.text_encoder, LoadCLIPTextModel((root / "text_encoder").string()));
+  ASSIGN_OR_RETURN(sd.unet, LoadUNet((root / "unet").string()));
+  ASSIGN_OR_RETURN(sd.vae, LoadVAE((root / "vae").string()));
+  ASSIGN_OR_RETURN(sd.scheduler_config, JsonConfig::Load((root / "scheduler" / "scheduler_config.json").string()));
+  if (sd.unet->config().cross_attention_dim != sd.text_encoder->config().hidden_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, ": unet cross_attention_dim ", sd.unet->config().cross_attention_dim,
+        " does not match text_encoder hidden_size ", sd.text_encoder->config().hidden_size));
+  }
+  sd.device = device;
+  sd.dtype = dtype;
+  try {
+    sd.text_encoder->to(device, dtype);
+    sd.unet->to(device, dtype);
+    sd.vae->to(device, dtype);
+  } catch (const c10::Error& e) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot move the model to ", device.str(), ": ", e.what_without_backtrace()));
+  }
+  return sd;
+}
+
+int64_t StableDiffusion::vae_scale_factor() const {
+  return int64_t{1} << (vae->config().block_out_channels.size() - 1);
+}
+
+torch::Tensor StableDiffusion::EncodePrompts(const std::vector<std::string>& prompts) {
+  auto ids = tokenizer.Tokenize(prompts).to(device);
+  return text_encoder->forward(ids).last_hidden_state;
+}
+
+absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOptions& o) {
+  if (o.prompts.empty()) return absl::InvalidArgumentError("no prompt given");
+  if (!o.negative_prompts.empty() && o.negative_prompts.size() != o.prompts.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(o.negative_prompts.size(), " negative prompts for ", o.prompts.size(),
+                                                   " prompts; give one per prompt or none"));
+  }
+  if (o.steps < 1 || o.steps > 1000) return absl::InvalidArgumentError(absl::StrCat("steps must be in [1, 1000], got ", o.steps));
+  const int64_t f = sd.vae_scale_factor();
+  const int64_t height = o.height > 0 ? o.height : sd.unet->config().sample_size * f;
+  const int64_t width = o.width > 0 ? o.width : sd.unet->config().sample_size * f;
+  if (height % 8 != 0 || width % 8 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("height and width must be multiples of 8, got ", height, "x", width));
+  }
+  ASSIGN_OR_RETURN(auto scheduler, MakeScheduler(o.scheduler, sd.scheduler_config));
+  try {
+    torch::InferenceMode guard;
+    const bool cfg = o.guidance_scale > 1.0;
+    const int64_t n = static_cast<int64_t>(o.prompts.size()) * o.images_per_prompt;
+    auto cond = sd.EncodePrompts(o.prompts).repeat_interleave(o.images_per_prompt, 0);
+    torch::Tensor context = cond;
+    if (cfg) {
+      std::vector<std::string> neg = o.negative_prompts.empty() ? std::vector<std::string>(o.prompts.size(), "")
+                                                                : o.negative_prompts;
+      auto uncond = sd.EncodePrompts(neg).repeat_interleave(o.images_per_prompt, 0);
+      context = torch::cat({uncond, cond}, 0);
+    }
+    scheduler->SetTimesteps(o.steps);
+    const std::vector<int64_t> shape = {n, sd.unet->config().in_channels, height / f, width / f};
+    torch::Tensor latents;
+    if (o.latents.defined()) {
+      if (o.latents.sizes().vec() != shape) {
+        return absl::InvalidArgumentError(absl::StrCat("initial latents have shape ", c10::str(o.latents.sizes()),
+                                                       " but this model and size need ", c10::str(c10::IntArrayRef(shape))));
+      }
+      latents = o.latents.to(sd.device, sd.dtype);
+    } else {
+      // Same stream as diffusers' randn_tensor with torch.Generator("cpu").manual_seed(seed).
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+      latents = at::randn(shape, gen, torch::TensorOptions().dtype(sd.dtype)).to(sd.device);
+    }
+    latents = latents * scheduler->init_noise_sigma();
+    const auto& ts = scheduler->timesteps();
+    for (size_t i = 0; i < ts.size(); ++i) {
+      auto input = cfg ? torch::cat({latents, latents}, 0) : latents;
+      input = scheduler->ScaleModelInput(input, i);
+      auto t = torch::tensor(static_cast<float>(ts[i]), torch::TensorOptions().device(sd.device));
+      auto eps = sd.unet->forward(input, t, context);
+      if (cfg) {
+        auto parts = eps.chunk(2, 0);
+        eps = parts[0] + o.guidance_scale * (parts[1] - parts[0]);
+      }
+      latents = scheduler->Step(eps, i, latents);
+      if (o.on_step) o.on_step(static_cast<int64_t>(i) + 1, static_cast<int64_t>(ts.size()));
+    }
+    auto z = latents / sd.vae->config().scaling_factor;
+    auto images = o.vae_slicing ? sd.vae->decode_sliced(z) : sd.vae->decode(z);
+    images = (images.to(torch::kFloat32) / 2 + 0.5).clamp(0, 1);
+    return images.permute({0, 2, 3, 1}).contiguous().to(torch::kCPU);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("generation failed: ", e.what_without_backtrace()));
+  }
+}
+
+}  // namespace sd

@@ -1,0 +1,57 @@
+#pragma once
+// Text-to-image with classifier-free guidance, step for step as diffusers'
+// StableDiffusionPipeline.
+#include <torch/torch.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "sd/io/json_config.h"
+#include "sd/models/autoencoder_kl.h"
+#include "sd/models/clip_text_model.h"
+#include "sd/models/unet_2d_condition.h"
+#include "sd/tokenizer/clip_tokenizer.h"
+
+namespace sd {
+
+struct StableDiffusion {
+  CLIPTokenizer tokenizer;
+  CLIPTextModel text_encoder{nullptr};
+  UNet2DConditionModel unet{nullptr};
+  AutoencoderKL vae{nullptr};
+  JsonConfig scheduler_config;
+  torch::Device device = torch::kCPU;
+  torch::Dtype dtype = torch::kFloat32;
+
+  // Loads a diffusers folder (model_index.json, tokenizer/, text_encoder/, unet/,
+  // vae/, scheduler/) onto `device` in `dtype`.
+  static absl::StatusOr<StableDiffusion> Load(const std::string& dir, torch::Device device = torch::kCPU,
+                                              torch::Dtype dtype = torch::kFloat32);
+  int64_t vae_scale_factor() const;
+  // [B, 77, D] prompt embeddings (last_hidden_state).
+  torch::Tensor EncodePrompts(const std::vector<std::string>& prompts);
+};
+
+struct GenerateOptions {
+  std::vector<std::string> prompts;
+  std::vector<std::string> negative_prompts;  // empty: "" for each prompt
+  int64_t steps = 50;
+  double guidance_scale = 7.5;
+  uint64_t seed = 0;
+  std::string scheduler = "default";  // default: the model's own scheduler_config class
+  int64_t height = 0, width = 0;      // 0: unet sample_size * vae scale factor
+  int64_t images_per_prompt = 1;
+  torch::Tensor latents;  // optional initial latents [B, C, h, w] (before init_noise_sigma scaling)
+  bool vae_slicing = false;
+  std::function<void(int64_t step, int64_t total)> on_step;
+};
+
+// Returns images [B, H, W, 3] float32 in [0, 1] on CPU.
+absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOptions& options);
+
+absl::StatusOr<torch::Dtype> ParseDtypeName(const std::string& name);
+
+}  // namespace sd

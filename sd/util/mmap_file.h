@@ -1,0 +1,32 @@
+#pragma once
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace sd {
+
+// A private (copy-on-write) memory map: a tensor that is later trained in place
+// writes to its own pages and never to the checkpoint. Tensors created zero-copy from a checkpoint hold a
+// shared_ptr to it, so the mapping lives exactly as long as any tensor using it.
+class MappedFile {
+ public:
+  static absl::StatusOr<std::shared_ptr<MappedFile>> Open(const std::string& path);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const unsigned char* data() const { return data_; }
+  size_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  MappedFile(std::string path, const unsigned char* data, size_t size)
+      : path_(std::move(path)), data_(data), size_(size) {}
+  std::string path_;
+  const unsigned char* data_;
+  size_t size_;
+};
+
+}  // namespace sd

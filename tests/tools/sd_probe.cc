@@ -1,0 +1,130 @@
+// sd_probe: runs one C++ component on tensors from a safetensors file and writes
+// the result, so the Python tests can compare it with diffusers/transformers.
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "cli/sdctl/args.h"
+#include "sd/io/safetensors.h"
+#include "sd/models/autoencoder_kl.h"
+#include "sd/models/clip_text_model.h"
+#include "sd/models/state_dict.h"
+#include "sd/models/unet_2d_condition.h"
+#include "sd/schedulers/scheduler.h"
+#include "sd/tokenizer/clip_tokenizer.h"
+#include "sd/train/denoising_loss.h"
+#include "sd/util/file.h"
+#include "sd/util/status_macros.h"
+
+namespace {
+using sd::safetensors::TensorMap;
+
+absl::StatusOr<torch::Tensor> Need(const TensorMap& m, const std::string& name) {
+  auto it = m.find(name);
+  if (it == m.end()) return absl::InvalidArgumentError(absl::StrCat("inputs lack tensor \"", name, "\""));
+  return it->second;
+}
+
+absl::Status Tokenize(const sdctl::Args& a) {
+  ASSIGN_OR_RETURN(sd::CLIPTokenizer tok, sd::CLIPTokenizer::Load(a.Get("model")));
+  ASSIGN_OR_RETURN(std::string text, sd::ReadFile(a.Get("inputs")));
+  nlohmann::json prompts = nlohmann::json::parse(text);
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& p : prompts) out.push_back(tok.EncodePadded(p.get<std::string>(), tok.model_max_length()));
+  return sd::WriteFileAtomic(a.Get("out"), out.dump());
+}
+
+absl::Status TextEncoder(const sdctl::Args& a) {
+  ASSIGN_OR_RETURN(auto model, sd::LoadCLIPTextModel(a.Get("model")));
+  ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
+  ASSIGN_OR_RETURN(auto ids, Need(in, "input_ids"));
+  torch::NoGradGuard g;
+  auto r = model->forward(ids.to(torch::kLong));
+  TensorMap out{{"last_hidden_state", r.last_hidden_state}, {"pooler_output", r.pooler_output}};
+  for (size_t i = 0; i < r.hidden_states.size(); ++i) out[absl::StrCat("hidden_states.", i)] = r.hidden_states[i];
+  return sd::safetensors::Save(a.Get("out"), out);
+}
+
+absl::Status UNet(const sdctl::Args& a) {
+  ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model")));
+  ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
+  ASSIGN_OR_RETURN(auto sample, Need(in, "sample"));
+  ASSIGN_OR_RETURN(auto t, Need(in, "timestep"));
+  ASSIGN_OR_RETURN(auto ctx, Need(in, "encoder_hidden_states"));
+  torch::NoGradGuard g;
+  unet->recorder().enabled = a.Has("attention-maps");
+  TensorMap out{{"sample", unet->forward(sample, t, ctx)}};
+  for (size_t i = 0; i < unet->recorder().maps.size(); ++i) out["attn." + unet->recorder().names[i]] = unet->recorder().maps[i];
+  return sd::safetensors::Save(a.Get("out"), out);
+}
+
+absl::Status Vae(const sdctl::Args& a) {
+  ASSIGN_OR_RETURN(auto vae, sd::LoadVAE(a.Get("model")));
+  ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
+  ASSIGN_OR_RETURN(auto images, Need(in, "images"));
+  ASSIGN_OR_RETURN(auto latents, Need(in, "latents"));
+  torch::NoGradGuard g;
+  auto post = vae->encode(images);
+  return sd::safetensors::Save(a.Get("out"), {{"mean", post.mean}, {"logvar", post.logvar},
+                                              {"decoded", vae->decode(latents)}});
+}
+
+absl::Status TrainStep(const sdctl::Args& a) {
+  ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model")));
+  ASSIGN_OR_RETURN(auto json, sd::JsonConfig::Load(a.Get("scheduler-config")));
+  ASSIGN_OR_RETURN(auto scheduler, sd::MakeScheduler("ddim", json));
+  ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
+  ASSIGN_OR_RETURN(auto latents, Need(in, "latents"));
+  ASSIGN_OR_RETURN(auto noise, Need(in, "noise"));
+  ASSIGN_OR_RETURN(auto t, Need(in, "timesteps"));
+  ASSIGN_OR_RETURN(auto ctx, Need(in, "encoder_hidden_states"));
+  ASSIGN_OR_RETURN(double lr, a.Double("lr", 1e-3));
+  ASSIGN_OR_RETURN(int64_t steps, a.Int("steps", 1));
+  unet->train();
+  // Parameters alias the read-only checkpoint mapping; train on private copies.
+  for (auto& p : unet->parameters()) p.set_data(p.data().clone());
+  torch::optim::AdamW opt(unet->parameters(), torch::optim::AdamWOptions(lr).weight_decay(1e-2));
+  double loss_value = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    opt.zero_grad();
+    auto loss = sd::DenoisingLoss(unet, *scheduler, latents, noise, t.to(torch::kLong), ctx);
+    loss.backward();
+    opt.step();
+    loss_value = loss.item<double>();
+  }
+  auto out = sd::StateDict(*unet);
+  out["__loss__"] = torch::tensor(loss_value);
+  return sd::safetensors::Save(a.Get("out"), out);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::cerr << "usage: sd_probe tokenize|text-encoder|unet|vae|train-step --model DIR --inputs FILE --out FILE\n";
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  auto args = sdctl::Args::Parse(argc - 2, argv + 2, {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads"},
+                                 {}, {"attention-maps"});
+  if (!args.ok()) {
+    std::cerr << args.status().message() << "\n";
+    return 2;
+  }
+  if (args->Has("threads")) torch::set_num_threads(std::stoi(args->Get("threads")));
+  absl::Status s;
+  if (cmd == "tokenize") s = Tokenize(*args);
+  else if (cmd == "text-encoder") s = TextEncoder(*args);
+  else if (cmd == "unet") s = UNet(*args);
+  else if (cmd == "vae") s = Vae(*args);
+  else if (cmd == "train-step") s = TrainStep(*args);
+  else s = absl::InvalidArgumentError("unknown command " + cmd);
+  if (!s.ok()) {
+    std::cerr << "sd_probe " << cmd << ": " << s.message() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -125,6 +125,15 @@ absl::StatusOr<CLIPTextModel> LoadCLIPTextModel(const std::string& dir) {
   ASSIGN_OR_RETURN(CLIPTextConfig cfg, CLIPTextConfig::FromJson(json));
   ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
   ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights));
+  // transformers >= 5 saves CLIPTextModel without the "text_model." prefix that
+  // SD1.5 checkpoints carry; accept both.
+  bool prefixed = false;
+  for (const auto& kv : tensors) prefixed = prefixed || kv.first.rfind("text_model.", 0) == 0;
+  if (!prefixed) {
+    safetensors::TensorMap renamed;
+    for (auto& [name, t] : tensors) renamed["text_model." + name] = t;
+    tensors = std::move(renamed);
+  }
   CLIPTextModel model(cfg);
   LoadOptions opts;
   opts.ignorable = {"text_model.embeddings.position_ids"};

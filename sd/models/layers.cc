@@ -5,6 +5,13 @@
 namespace sd {
 namespace F = torch::nn::functional;
 
+void ToChannelsLast(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : module.parameters()) {
+    if (p.dim() == 4) p.set_data(p.data().contiguous(at::MemoryFormat::ChannelsLast));
+  }
+}
+
 torch::Tensor Activation(const std::string& name, const torch::Tensor& x) {
   if (name == "silu" || name == "swish") return torch::silu(x);
   if (name == "gelu") return torch::gelu(x);
@@ -86,12 +93,48 @@ AttentionImpl::AttentionImpl(const AttentionOptions& o, std::shared_ptr<Attentio
   to_out->push_back(torch::nn::Linear(torch::nn::LinearOptions(inner, o.query_dim).bias(o.out_bias)));
 }
 
+void AttentionImpl::fuse_projections() {
+  torch::NoGradGuard no_grad;
+  const bool self_attn = opt.cross_attention_dim == 0;
+  std::vector<torch::Tensor> w, bias;
+  if (self_attn) w.push_back(to_q->weight);
+  w.push_back(to_k->weight);
+  w.push_back(to_v->weight);
+  fused_weight = torch::cat(w, 0);
+  if (opt.qkv_bias) {
+    if (self_attn) bias.push_back(to_q->bias);
+    bias.push_back(to_k->bias);
+    bias.push_back(to_v->bias);
+    fused_bias = torch::cat(bias, 0);
+  }
+}
+
+void AttentionImpl::unfuse_projections() {
+  fused_weight = torch::Tensor();
+  fused_bias = torch::Tensor();
+}
+
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
   const auto& kv = context.defined() ? context : x;
   const int64_t b = x.size(0), h = opt.heads, d = opt.dim_head;
-  auto q = to_q(x).view({b, -1, h, d}).transpose(1, 2);
-  auto k = to_k(kv).view({b, -1, h, d}).transpose(1, 2);
-  auto v = to_v(kv).view({b, -1, h, d}).transpose(1, 2);
+  torch::Tensor q, k, v;
+  if (fused_weight.defined() && !is_training()) {
+    if (opt.cross_attention_dim == 0) {
+      auto qkv = torch::nn::functional::linear(x, fused_weight, fused_bias).view({b, -1, 3, h, d});
+      q = qkv.select(2, 0).transpose(1, 2);
+      k = qkv.select(2, 1).transpose(1, 2);
+      v = qkv.select(2, 2).transpose(1, 2);
+    } else {
+      q = to_q(x).view({b, -1, h, d}).transpose(1, 2);
+      auto kvp = torch::nn::functional::linear(kv, fused_weight, fused_bias).view({b, -1, 2, h, d});
+      k = kvp.select(2, 0).transpose(1, 2);
+      v = kvp.select(2, 1).transpose(1, 2);
+    }
+  } else {
+    q = to_q(x).view({b, -1, h, d}).transpose(1, 2);
+    k = to_k(kv).view({b, -1, h, d}).transpose(1, 2);
+    v = to_v(kv).view({b, -1, h, d}).transpose(1, 2);
+  }
   torch::Tensor out;
   if (recorder && recorder->enabled) {
     // Explicit softmax so the probabilities can be handed out; SDPA never forms them.
@@ -196,7 +239,9 @@ torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x, const torc
   for (const auto& blk : *transformer_blocks) h = blk->as<BasicTransformerBlock>()->forward(h, context);
   if (opt.use_linear_projection) h = proj_out.forward(h);
   h = h.reshape({b, hh, ww, c}).permute({0, 3, 1, 2});
-  if (!opt.use_linear_projection) h = proj_out.forward(h.contiguous());
+  // With channels_last input the permutes above are views, and the conv takes the
+  // NHWC-strided tensor as is; forcing NCHW here would add a copy.
+  if (!opt.use_linear_projection) h = proj_out.forward(h);
   return h + x;
 }
 

@@ -21,6 +21,11 @@ struct AttentionRecorder {
   }
 };
 
+// Stores every 4-D weight NHWC. oneDNN convolutions then run without per-call
+// layout reorders, and the (B, C, H, W) <-> (B, HW, C) permutes around attention
+// become free views. Inputs must be channels_last too (the models convert them).
+void ToChannelsLast(torch::nn::Module& module);
+
 torch::Tensor Activation(const std::string& name, const torch::Tensor& x);
 
 // diffusers.models.embeddings.get_timestep_embedding
@@ -76,8 +81,14 @@ struct AttentionImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {});
   // Spatial form used by the VAE mid block: [B, C, H, W] with group_norm and residual.
   torch::Tensor forward_spatial(const torch::Tensor& x);
+  // Inference only: one GEMM for q/k/v (self-attention) or k/v (cross-attention)
+  // instead of three. Weights are copied into the fused matrix, so call it again
+  // after the weights change; unfuse_projections() drops the copies.
+  void fuse_projections();
+  void unfuse_projections();
 
   AttentionOptions opt;
+  torch::Tensor fused_weight, fused_bias;
   torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
   torch::nn::ModuleList to_out;
   torch::nn::GroupNorm group_norm{nullptr};

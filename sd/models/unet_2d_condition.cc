@@ -217,6 +217,7 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in, 
                   .to(sample.scalar_type());
   temb = time_linear_2(torch::silu(time_linear_1(temb)));
 
+  if (channels_last_) sample = sample.contiguous(at::MemoryFormat::ChannelsLast);
   auto h = conv_in(sample);
   std::vector<torch::Tensor> skips{h};
   for (const auto& m : *down_blocks) {
@@ -250,7 +251,28 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in, 
     }
   }
   h = conv_out(torch::silu(conv_norm_out(h)));
-  return h;
+  return channels_last_ ? h.contiguous() : h;
+}
+
+void UNet2DConditionModelImpl::fuse_qkv_projections(bool on) {
+  for (auto& m : modules(/*include_self=*/false)) {
+    if (auto* attn = m->as<AttentionImpl>()) {
+      if (on) {
+        attn->fuse_projections();
+      } else {
+        attn->unfuse_projections();
+      }
+    }
+  }
+}
+
+void UNet2DConditionModelImpl::set_channels_last(bool on) {
+  if (on && !channels_last_) ToChannelsLast(*this);
+  if (!on && channels_last_) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : parameters()) p.set_data(p.data().contiguous());
+  }
+  channels_last_ = on;
 }
 
 absl::StatusOr<UNet2DConditionModel> LoadUNet(const std::string& dir) {

@@ -58,10 +58,16 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   const UNetConfig& config() const { return config_; }
   // Turn on to collect every attention map of the next forward in recorder().
   AttentionRecorder& recorder() { return *recorder_; }
+  // NHWC weights and activations (see ToChannelsLast); the output is contiguous NCHW either way.
+  void set_channels_last(bool on);
+  bool channels_last() const { return channels_last_; }
+  // See AttentionImpl::fuse_projections.
+  void fuse_qkv_projections(bool on);
 
  private:
   UNetConfig config_;
   std::shared_ptr<AttentionRecorder> recorder_;
+  bool channels_last_ = false;
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   torch::nn::Linear time_linear_1{nullptr}, time_linear_2{nullptr};
   torch::nn::ModuleList down_blocks{nullptr}, up_blocks{nullptr};

@@ -38,8 +38,9 @@ def test_text_encoder_hidden_states(tiny_sd, tmp_path):
         assert maxdiff(out[f"hidden_states.{i}"], h) < ATOL, f"hidden_states[{i}]"
 
 
+@pytest.mark.parametrize("optimized", [False, True], ids=["plain", "channels_last+fused_qkv"])
 @pytest.mark.parametrize("timestep", [0, 481, 999])
-def test_unet_forward(tiny_sd, tmp_path, timestep):
+def test_unet_forward(tiny_sd, tmp_path, timestep, optimized):
     model_dir, pipe = tiny_sd
     g = torch.Generator().manual_seed(timestep)
     sample = torch.randn(2, 4, 16, 16, generator=g)
@@ -48,7 +49,8 @@ def test_unet_forward(tiny_sd, tmp_path, timestep):
     with torch.no_grad():
         ref = pipe.unet(sample, t, encoder_hidden_states=ctx).sample
     out = probe("unet", os.path.join(model_dir, "unet"),
-                {"sample": sample, "timestep": t, "encoder_hidden_states": ctx}, tmp_path)
+                {"sample": sample, "timestep": t, "encoder_hidden_states": ctx}, tmp_path,
+                *(["--optimized"] if optimized else []))
     assert ref.abs().max() > 1e-2  # the comparison is not between two near-zero tensors
     assert maxdiff(out["sample"], ref) < ATOL
 
@@ -157,7 +159,9 @@ def test_train_step_matches_pytorch(tiny_sd, tmp_path):
     ctx = torch.randn(2, 77, 32, generator=g)
     unet = copy.deepcopy(pipe.unet).train()
     sched = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    # lr 1e-4: Adam normalises the first step to about lr*sign(grad), so every weight moves
+    # by ~1e-4, ten times the 1e-5 parity tolerance, whatever its gradient size.
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
     noisy = sched.add_noise(latents, noise, timesteps)
     loss = torch.nn.functional.mse_loss(unet(noisy, timesteps, ctx).sample.float(), noise.float())
     loss.backward()
@@ -166,7 +170,7 @@ def test_train_step_matches_pytorch(tiny_sd, tmp_path):
     out = os.path.join(tmp_path, "train_out.safetensors")
     save_file({"latents": latents, "noise": noise, "timesteps": timesteps, "encoder_hidden_states": ctx}, inp)
     run_bin("sd_probe", "train-step", "--model", os.path.join(model_dir, "unet"), "--inputs", inp, "--out", out,
-            "--scheduler-config", os.path.join(model_dir, "scheduler", "scheduler_config.json"), "--lr", 1e-3)
+            "--scheduler-config", os.path.join(model_dir, "scheduler", "scheduler_config.json"), "--lr", 1e-4)
     ours = load_file(out)
     assert abs(ours.pop("__loss__").item() - loss.item()) < 1e-6
     ref = dict(unet.named_parameters())
@@ -174,5 +178,5 @@ def test_train_step_matches_pytorch(tiny_sd, tmp_path):
     moved = 0
     for name, p in ref.items():
         assert maxdiff(ours[name], p.detach()) < 1e-5, name
-        moved += int((p.detach() - pipe.unet.state_dict()[name]).abs().max() > 1e-4)
+        moved += int((p.detach() - pipe.unet.state_dict()[name]).abs().max() > 5e-5)
     assert moved > len(ref) // 2  # the step really changed the weights

@@ -56,6 +56,10 @@ absl::Status UNet(const sdctl::Args& a) {
   ASSIGN_OR_RETURN(auto ctx, Need(in, "encoder_hidden_states"));
   torch::NoGradGuard g;
   unet->recorder().enabled = a.Has("attention-maps");
+  if (a.Has("optimized")) {
+    unet->set_channels_last(true);
+    unet->fuse_qkv_projections(true);
+  }
   TensorMap out{{"sample", unet->forward(sample, t, ctx)}};
   for (size_t i = 0; i < unet->recorder().maps.size(); ++i) out["attn." + unet->recorder().names[i]] = unet->recorder().maps[i];
   return sd::safetensors::Save(a.Get("out"), out);
@@ -109,7 +113,7 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   auto args = sdctl::Args::Parse(argc - 2, argv + 2, {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads"},
-                                 {}, {"attention-maps"});
+                                 {}, {"attention-maps", "optimized"});
   if (!args.ok()) {
     std::cerr << args.status().message() << "\n";
     return 2;

@@ -1,0 +1,115 @@
+// Times the C++ core: `unet` (one forward, as in one CFG step) or `t2i` (text
+// encoder + N UNet steps + VAE decode). Prints one JSON line; bench/run_bench.py
+// runs it beside the diffusers reference in the same run.
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "cli/sdctl/args.h"
+#include "sd/models/unet_2d_condition.h"
+#include "sd/pipeline/stable_diffusion.h"
+#include "sd/util/status_macros.h"
+
+namespace {
+
+double PeakRssMb() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_maxrss / 1024.0;
+}
+
+void Sync(const torch::Device& d) {
+  if (d.is_cuda()) torch::cuda::synchronize();
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+absl::Status Run(int argc, char** argv) {
+  if (argc < 2) return absl::InvalidArgumentError("usage: bench_sd unet|t2i --model DIR [flags]");
+  const std::string mode = argv[1];
+  ASSIGN_OR_RETURN(sdctl::Args a, sdctl::Args::Parse(argc - 2, argv + 2,
+                                                     {"model", "batch", "size", "iters", "warmup", "threads",
+                                                      "dtype", "device", "steps", "height", "width", "channels-last", "clone", "fuse"}));
+  ASSIGN_OR_RETURN(int64_t threads, a.Int("threads", 0));
+  if (threads > 0) {
+    torch::set_num_threads(static_cast<int>(threads));
+  }
+  ASSIGN_OR_RETURN(int64_t iters, a.Int("iters", 3));
+  ASSIGN_OR_RETURN(int64_t warmup, a.Int("warmup", 1));
+  ASSIGN_OR_RETURN(torch::Dtype dtype, sd::ParseDtypeName(a.Get("dtype", "fp32")));
+  torch::Device device(a.Get("device", "cpu"));
+  nlohmann::json out = {{"mode", mode}, {"threads", torch::get_num_threads()}, {"dtype", a.Get("dtype", "fp32")},
+                        {"device", device.str()}};
+  std::vector<double> times;
+  if (mode == "unet") {
+    ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model")));
+    unet->to(device, dtype);
+    if (a.Get("clone", "0") == "1") {
+      torch::NoGradGuard ng;
+      for (auto& p : unet->parameters()) p.set_data(p.data().clone());
+    }
+    if (a.Get("channels-last", "1") == "1") unet->set_channels_last(true);
+    if (a.Get("fuse", "1") == "1") unet->fuse_qkv_projections(true);
+    ASSIGN_OR_RETURN(int64_t batch, a.Int("batch", 2));
+    ASSIGN_OR_RETURN(int64_t size, a.Int("size", 64));
+    auto opts = torch::TensorOptions().dtype(dtype).device(device);
+    auto sample = torch::randn({batch, unet->config().in_channels, size, size}, opts);
+    auto ctx = torch::randn({batch, 77, unet->config().cross_attention_dim}, opts);
+    auto t = torch::tensor(500, torch::TensorOptions().device(device));
+    torch::InferenceMode guard;
+    for (int64_t i = 0; i < warmup + iters; ++i) {
+      Sync(device);
+      auto t0 = std::chrono::steady_clock::now();
+      auto y = unet->forward(sample, t, ctx);
+      Sync(device);
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (i >= warmup) times.push_back(s);
+    }
+  } else if (mode == "t2i") {
+    ASSIGN_OR_RETURN(sd::StableDiffusion model, sd::StableDiffusion::Load(a.Get("model"), device, dtype));
+    sd::GenerateOptions o;
+    o.prompts = {"a photograph of an astronaut riding a horse"};
+    ASSIGN_OR_RETURN(o.steps, a.Int("steps", 4));
+    ASSIGN_OR_RETURN(o.height, a.Int("height", 512));
+    ASSIGN_OR_RETURN(o.width, a.Int("width", 512));
+    o.scheduler = "ddim";
+    for (int64_t i = 0; i < warmup + iters; ++i) {
+      Sync(device);
+      auto t0 = std::chrono::steady_clock::now();
+      auto images = sd::Generate(model, o);
+      if (!images.ok()) return images.status();
+      Sync(device);
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (i >= warmup) times.push_back(s);
+    }
+  } else {
+    return absl::InvalidArgumentError("mode must be unet or t2i");
+  }
+  out["times_s"] = times;
+  out["median_s"] = Median(times);
+  out["peak_rss_mb"] = PeakRssMb();
+  if (device.is_cuda()) {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
+    out["peak_gpu_mb"] = static_cast<double>(stats.allocated_bytes[0].peak) / (1 << 20);
+  }
+  std::cout << out.dump() << std::endl;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::Status s = Run(argc, argv);
+  if (!s.ok()) {
+    std::cerr << "bench_sd: " << s.message() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -2,7 +2,7 @@
 // encoder + N UNet steps + VAE decode). Prints one JSON line; bench/run_bench.py
 // runs it beside the diffusers reference in the same run.
 #include <c10/cuda/CUDACachingAllocator.h>
-#include <sys/resource.h>
+#include <fstream>
 
 #include <algorithm>
 #include <chrono>
@@ -16,10 +16,14 @@
 
 namespace {
 
+// VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a child would
+// report its parent's peak.
 double PeakRssMb() {
-  rusage ru{};
-  getrusage(RUSAGE_SELF, &ru);
-  return ru.ru_maxrss / 1024.0;
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  }
+  return -1;
 }
 
 void Sync(const torch::Device& d) {

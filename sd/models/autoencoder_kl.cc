@@ -170,16 +170,28 @@ AutoencoderKLImpl::AutoencoderKLImpl(const VAEConfig& c) : config_(c) {
   if (c.use_post_quant_conv) post_quant_conv = register_module("post_quant_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(l, l, 1)));
 }
 
+void AutoencoderKLImpl::set_channels_last(bool on) {
+  if (on && !channels_last_) ToChannelsLast(*this);
+  if (!on && channels_last_) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : parameters()) p.set_data(p.data().contiguous());
+  }
+  channels_last_ = on;
+}
+
 LatentDistribution AutoencoderKLImpl::encode(const torch::Tensor& images) {
-  auto moments = encoder(images);
+  auto moments = encoder(channels_last_ ? images.contiguous(at::MemoryFormat::ChannelsLast) : images);
+  if (channels_last_) moments = moments.contiguous();
   if (quant_conv) moments = quant_conv(moments);
   auto parts = moments.chunk(2, 1);
   return {parts[0], torch::clamp(parts[1], -30.0, 20.0)};
 }
 
 torch::Tensor AutoencoderKLImpl::decode(const torch::Tensor& latents) {
-  auto z = post_quant_conv ? post_quant_conv(latents) : latents;
-  return decoder(z);
+  auto in = channels_last_ ? latents.contiguous(at::MemoryFormat::ChannelsLast) : latents;
+  auto z = post_quant_conv ? post_quant_conv(in) : in;
+  auto out = decoder(z);
+  return channels_last_ ? out.contiguous() : out;
 }
 
 torch::Tensor AutoencoderKLImpl::decode_sliced(const torch::Tensor& latents) {

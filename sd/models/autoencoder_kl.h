@@ -76,6 +76,8 @@ class AutoencoderKLImpl : public torch::nn::Module {
   // Decodes one image at a time so peak memory scales with one image (VAE slicing).
   torch::Tensor decode_sliced(const torch::Tensor& latents);
   const VAEConfig& config() const { return config_; }
+  // NHWC weights and activations (see ToChannelsLast); outputs are NCHW-contiguous.
+  void set_channels_last(bool on);
 
   VAEEncoder encoder{nullptr};
   VAEDecoder decoder{nullptr};
@@ -83,6 +85,7 @@ class AutoencoderKLImpl : public torch::nn::Module {
 
  private:
   VAEConfig config_;
+  bool channels_last_ = false;
 };
 TORCH_MODULE(AutoencoderKL);
 

@@ -156,7 +156,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
 torch::Tensor AttentionImpl::forward_spatial(const torch::Tensor& x) {
   const int64_t b = x.size(0), c = x.size(1), hh = x.size(2), ww = x.size(3);
   auto h = group_norm ? group_norm(x) : x;
-  h = h.view({b, c, hh * ww}).transpose(1, 2);
+  h = h.reshape({b, c, hh * ww}).transpose(1, 2);
   h = forward(h);
   h = h.transpose(1, 2).reshape({b, c, hh, ww});
   return h + x;

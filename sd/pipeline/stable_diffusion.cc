@@ -45,6 +45,7 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, to
     // about 10% faster on CPU (docs/benchmarks.md); the numbers stay within 1e-4.
     sd.unet->set_channels_last(true);
     sd.unet->fuse_qkv_projections(true);
+    sd.vae->set_channels_last(true);
   } catch (const c10::Error& e) {
     return absl::FailedPreconditionError(absl::StrCat("cannot move the model to ", device.str(), ": ", e.what_without_backtrace()));
   }

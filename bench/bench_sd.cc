@@ -2,6 +2,7 @@
 // encoder + N UNet steps + VAE decode). Prints one JSON line; bench/run_bench.py
 // runs it beside the diffusers reference in the same run.
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <fstream>
 
 #include <algorithm>
@@ -40,7 +41,7 @@ absl::Status Run(int argc, char** argv) {
   const std::string mode = argv[1];
   ASSIGN_OR_RETURN(sdctl::Args a, sdctl::Args::Parse(argc - 2, argv + 2,
                                                      {"model", "batch", "size", "iters", "warmup", "threads",
-                                                      "dtype", "device", "steps", "height", "width", "channels-last", "clone", "fuse"}));
+                                                      "dtype", "device", "steps", "height", "width", "channels-last", "clone", "fuse", "profile"}));
   ASSIGN_OR_RETURN(int64_t threads, a.Int("threads", 0));
   if (threads > 0) {
     torch::set_num_threads(static_cast<int>(threads));
@@ -53,7 +54,7 @@ absl::Status Run(int argc, char** argv) {
                         {"device", device.str()}};
   std::vector<double> times;
   if (mode == "unet") {
-    ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model")));
+    ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model"), /*copy_weights=*/true));
     unet->to(device, dtype);
     if (a.Get("clone", "0") == "1") {
       torch::NoGradGuard ng;
@@ -68,6 +69,11 @@ absl::Status Run(int argc, char** argv) {
     auto ctx = torch::randn({batch, 77, unet->config().cross_attention_dim}, opts);
     auto t = torch::tensor(500, torch::TensorOptions().device(device));
     torch::InferenceMode guard;
+    if (a.Has("profile")) {
+      unet->forward(sample, t, ctx);
+      torch::autograd::profiler::RecordProfile prof(a.Get("profile"));
+      unet->forward(sample, t, ctx);
+    }
     for (int64_t i = 0; i < warmup + iters; ++i) {
       Sync(device);
       auto t0 = std::chrono::steady_clock::now();

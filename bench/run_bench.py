@@ -111,28 +111,37 @@ def main():
     suffix = f"{a.device}_{a.dtype}"
     records = []
     only = a.only.split(",")
+    os.makedirs(a.out, exist_ok=True)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    written = 0
+
+    def flush():  # write as we go, so a run cut short keeps what it measured
+        nonlocal written
+        for name, ours, ref, unit in records[written:]:
+            rec = {"name": name, "ours": round(ours, 4), "reference": round(ref, 4), "unit": unit,
+                   "ratio": round(ours / ref, 4), "machine": machine(), "torch": torch.__version__, "date": date,
+                   "threads": a.threads, "command": " ".join(["bench/run_bench.py", *sys.argv[1:]])}
+            with open(os.path.join(a.out, name + ".json"), "w") as f:
+                json.dump(rec, f, indent=2)
+            print(f"{name:45s} ours {ours:10.4f} {unit:4s} reference {ref:10.4f}  ratio {ours / ref:.3f}", flush=True)
+        written = len(records)
+
     if "unet" in only:
         it = ["--iters", str(a.iters), "--warmup", "1"]
         records += compare(f"unet_sd15_64x64_b2_{suffix}", [BENCH, "unet", "--model", unet_dir, *common, *it],
                            [*py, "unet", unet_dir, *common, *it], a.rounds)
+        flush()
     if "tiny" in only:
         it = ["--iters", "20", "--warmup", "3", "--size", "16"]
         records += compare(f"unet_tiny_16x16_b2_{suffix}", [BENCH, "unet", "--model", tiny_dir, *common, *it],
                            [*py, "unet", tiny_dir, *common, *it], a.rounds)
+        flush()
     if "t2i" in only:
         it = ["--iters", "1", "--warmup", "1", "--steps", str(a.steps)]
         records += compare(f"t2i_sd15_512x512_ddim{a.steps}_cfg_{suffix}",
                            [BENCH, "t2i", "--model", pipe_dir, *common, *it],
                            [*py, "t2i", pipe_dir, *common, *it], a.rounds)
-    os.makedirs(a.out, exist_ok=True)
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    for name, ours, ref, unit in records:
-        rec = {"name": name, "ours": round(ours, 4), "reference": round(ref, 4), "unit": unit,
-               "ratio": round(ours / ref, 4), "machine": machine(), "torch": torch.__version__, "date": date,
-               "threads": a.threads, "command": " ".join(["bench/run_bench.py", *sys.argv[1:]])}
-        with open(os.path.join(a.out, name + ".json"), "w") as f:
-            json.dump(rec, f, indent=2)
-        print(f"{name:45s} ours {ours:10.4f} {unit:4s} reference {ref:10.4f}  ratio {ours / ref:.3f}")
+    flush()
 
 
 if __name__ == "__main__":

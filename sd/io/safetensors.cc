@@ -156,7 +156,15 @@ absl::StatusOr<torch::Tensor> File::Get(const std::string& name, std::optional<t
   return t;
 }
 
-absl::StatusOr<TensorMap> Load(const std::string& path, std::optional<torch::Dtype> dtype) {
+absl::StatusOr<torch::Tensor> File::Take(const std::string& name, std::optional<torch::Dtype> dtype) const {
+  ASSIGN_OR_RETURN(torch::Tensor t, Get(name, dtype));
+  const TensorInfo* info = Find(name);
+  torch::Tensor copy = t.clone();
+  map_->ReleasePages(data_start_ + info->begin, info->end - info->begin);
+  return copy;
+}
+
+absl::StatusOr<TensorMap> Load(const std::string& path, std::optional<torch::Dtype> dtype, bool copy) {
   TensorMap out;
   if (path.size() >= 5 && path.substr(path.size() - 5) == ".json") {
     ASSIGN_OR_RETURN(std::string text, ReadFile(path));
@@ -176,14 +184,14 @@ absl::StatusOr<TensorMap> Load(const std::string& path, std::optional<torch::Dty
         if (f.Find(n) == nullptr) {
           return absl::DataLossError(absl::StrCat(path, " maps tensor \"", n, "\" to ", shard, ", which does not hold it"));
         }
-        ASSIGN_OR_RETURN(out[n], f.Get(n, dtype));
+        ASSIGN_OR_RETURN(out[n], copy ? f.Take(n, dtype) : f.Get(n, dtype));
       }
     }
     return out;
   }
   ASSIGN_OR_RETURN(File f, File::Open(path));
   for (const auto& t : f.tensors()) {
-    ASSIGN_OR_RETURN(out[t.name], f.Get(t.name, dtype));
+    ASSIGN_OR_RETURN(out[t.name], copy ? f.Take(t.name, dtype) : f.Get(t.name, dtype));
   }
   return out;
 }

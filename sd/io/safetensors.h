@@ -42,6 +42,9 @@ class File {
   // tensor aliases the (copy-on-write) mapping; it stays valid after File is gone.
   absl::StatusOr<torch::Tensor> Get(const std::string& name,
                                     std::optional<torch::Dtype> dtype = std::nullopt) const;
+  // A private copy of the tensor; the mapped pages it came from are released.
+  absl::StatusOr<torch::Tensor> Take(const std::string& name,
+                                     std::optional<torch::Dtype> dtype = std::nullopt) const;
 
  private:
   std::shared_ptr<MappedFile> map_;
@@ -52,9 +55,11 @@ class File {
 };
 
 // Loads every tensor of a checkpoint: a .safetensors file, or a sharded checkpoint
-// given by its *.safetensors.index.json.
+// given by its *.safetensors.index.json. By default tensors alias the mapping
+// (zero-copy); with `copy` each is copied out and its pages released at once, so
+// peak memory stays at one copy of the weights (for callers that re-layout them).
 absl::StatusOr<TensorMap> Load(const std::string& path,
-                               std::optional<torch::Dtype> dtype = std::nullopt);
+                               std::optional<torch::Dtype> dtype = std::nullopt, bool copy = false);
 
 // Writes one file atomically. Tensors are written contiguous, on CPU, in name order.
 absl::Status Save(const std::string& path, const TensorMap& tensors, const Metadata& metadata = {});

@@ -200,12 +200,12 @@ torch::Tensor AutoencoderKLImpl::decode_sliced(const torch::Tensor& latents) {
   return torch::cat(out, 0);
 }
 
-absl::StatusOr<AutoencoderKL> LoadVAE(const std::string& dir) {
+absl::StatusOr<AutoencoderKL> LoadVAE(const std::string& dir, bool copy_weights) {
   const std::string config_path = (std::filesystem::path(dir) / "config.json").string();
   ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load(config_path));
   ASSIGN_OR_RETURN(VAEConfig cfg, VAEConfig::FromJson(json));
   ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
-  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights));
+  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights, std::nullopt, copy_weights));
   AutoencoderKL vae(cfg);
   LoadOptions opts;
   // Checkpoints written before diffusers 0.14 name the mid-block attention differently.

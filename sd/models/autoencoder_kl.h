@@ -89,6 +89,6 @@ class AutoencoderKLImpl : public torch::nn::Module {
 };
 TORCH_MODULE(AutoencoderKL);
 
-absl::StatusOr<AutoencoderKL> LoadVAE(const std::string& dir);
+absl::StatusOr<AutoencoderKL> LoadVAE(const std::string& dir, bool copy_weights = false);
 
 }  // namespace sd

@@ -119,12 +119,12 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids, int64_
   return out;
 }
 
-absl::StatusOr<CLIPTextModel> LoadCLIPTextModel(const std::string& dir) {
+absl::StatusOr<CLIPTextModel> LoadCLIPTextModel(const std::string& dir, bool copy_weights) {
   const std::string config_path = (std::filesystem::path(dir) / "config.json").string();
   ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load(config_path));
   ASSIGN_OR_RETURN(CLIPTextConfig cfg, CLIPTextConfig::FromJson(json));
   ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
-  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights));
+  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights, std::nullopt, copy_weights));
   // transformers >= 5 saves CLIPTextModel without the "text_model." prefix that
   // SD1.5 checkpoints carry; accept both.
   bool prefixed = false;

@@ -73,6 +73,6 @@ class CLIPTextModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(CLIPTextModel);
 
-absl::StatusOr<CLIPTextModel> LoadCLIPTextModel(const std::string& dir);
+absl::StatusOr<CLIPTextModel> LoadCLIPTextModel(const std::string& dir, bool copy_weights = false);
 
 }  // namespace sd

@@ -101,11 +101,26 @@ void AttentionImpl::fuse_projections() {
   w.push_back(to_k->weight);
   w.push_back(to_v->weight);
   fused_weight = torch::cat(w, 0);
+  // The separate weights become views of the fused matrix: one copy in memory.
+  std::vector<torch::nn::Linear> parts;
+  if (self_attn) parts.push_back(to_q);
+  parts.push_back(to_k);
+  parts.push_back(to_v);
+  int64_t row = 0;
+  for (auto& lin : parts) {
+    const int64_t n = lin->weight.size(0);
+    lin->weight.set_data(fused_weight.slice(0, row, row + n));
+    row += n;
+  }
   if (opt.qkv_bias) {
-    if (self_attn) bias.push_back(to_q->bias);
-    bias.push_back(to_k->bias);
-    bias.push_back(to_v->bias);
+    for (auto& lin : parts) bias.push_back(lin->bias);
     fused_bias = torch::cat(bias, 0);
+    row = 0;
+    for (auto& lin : parts) {
+      const int64_t n = lin->bias.size(0);
+      lin->bias.set_data(fused_bias.slice(0, row, row + n));
+      row += n;
+    }
   }
 }
 

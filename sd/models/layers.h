@@ -82,8 +82,8 @@ struct AttentionImpl : torch::nn::Module {
   // Spatial form used by the VAE mid block: [B, C, H, W] with group_norm and residual.
   torch::Tensor forward_spatial(const torch::Tensor& x);
   // Inference only: one GEMM for q/k/v (self-attention) or k/v (cross-attention)
-  // instead of three. Weights are copied into the fused matrix, so call it again
-  // after the weights change; unfuse_projections() drops the copies.
+  // instead of three. to_q/to_k/to_v then hold views of the fused matrix, so there
+  // is one copy of the weights and in-place updates reach both.
   void fuse_projections();
   void unfuse_projections();
 

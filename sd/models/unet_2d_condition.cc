@@ -275,12 +275,12 @@ void UNet2DConditionModelImpl::set_channels_last(bool on) {
   channels_last_ = on;
 }
 
-absl::StatusOr<UNet2DConditionModel> LoadUNet(const std::string& dir) {
+absl::StatusOr<UNet2DConditionModel> LoadUNet(const std::string& dir, bool copy_weights) {
   const std::string config_path = (std::filesystem::path(dir) / "config.json").string();
   ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load(config_path));
   ASSIGN_OR_RETURN(UNetConfig cfg, UNetConfig::FromJson(json));
   ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
-  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights));
+  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights, std::nullopt, copy_weights));
   UNet2DConditionModel unet(cfg);
   RETURN_IF_ERROR(LoadStateDict(*unet, std::move(tensors), weights, config_path));
   unet->eval();

@@ -77,6 +77,6 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
 TORCH_MODULE(UNet2DConditionModel);
 
 // Loads unet/ (config.json + weights) from a diffusers component folder.
-absl::StatusOr<UNet2DConditionModel> LoadUNet(const std::string& dir);
+absl::StatusOr<UNet2DConditionModel> LoadUNet(const std::string& dir, bool copy_weights = false);
 
 }  // namespace sd

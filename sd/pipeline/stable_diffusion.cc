@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -24,11 +25,31 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, to
   if (!fs::exists(root / "model_index.json")) {
     return absl::NotFoundError(absl::StrCat(dir, " is not a diffusers model folder (no model_index.json)"));
   }
+  ASSIGN_OR_RETURN(JsonConfig index, JsonConfig::Load((root / "model_index.json").string()));
+  const std::pair<const char*, std::vector<std::string>> expected[] = {
+      {"unet", {"UNet2DConditionModel"}},
+      {"vae", {"AutoencoderKL"}},
+      {"text_encoder", {"CLIPTextModel"}},
+      {"tokenizer", {"CLIPTokenizer", "CLIPTokenizerFast"}},
+  };
+  for (const auto& [key, classes] : expected) {
+    const auto& j = index.json();
+    if (!j.contains(key) || !j[key].is_array() || j[key].size() != 2 || !j[key][1].is_string()) {
+      return index.Error(key, "must name the component as [library, class]");
+    }
+    const std::string cls = j[key][1].get<std::string>();
+    if (std::find(classes.begin(), classes.end(), cls) == classes.end()) {
+      return index.Error(key, absl::StrCat("names class ", cls, ", which this build cannot load (expected ",
+                                           classes[0], ")"));
+    }
+  }
   StableDiffusion sd;
   ASSIGN_OR_RETURN(sd.tokenizer, CLIPTokenizer::Load((root / "tokenizer").string()));
-  ASSIGN_OR_RETURN(sd.text_encoder, LoadCLIPTextModel((root / "text_encoder").string()));
-  ASSIGN_OR_RETURN(sd.unet, LoadUNet((root / "unet").string()));
-  ASSIGN_OR_RETURN(sd.vae, LoadVAE((root / "vae").string()));
+  // Copies, not aliases of the mapping: the UNet and VAE are re-laid-out below
+  // anyway, and copying with page release keeps peak memory at one set of weights.
+  ASSIGN_OR_RETURN(sd.text_encoder, LoadCLIPTextModel((root / "text_encoder").string(), true));
+  ASSIGN_OR_RETURN(sd.unet, LoadUNet((root / "unet").string(), true));
+  ASSIGN_OR_RETURN(sd.vae, LoadVAE((root / "vae").string(), true));
   ASSIGN_OR_RETURN(sd.scheduler_config, JsonConfig::Load((root / "scheduler" / "scheduler_config.json").string()));
   if (sd.unet->config().cross_attention_dim != sd.text_encoder->config().hidden_size) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -97,9 +118,11 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
       }
       latents = o.latents.to(sd.device, sd.dtype);
     } else {
-      // Same stream as diffusers' randn_tensor with torch.Generator("cpu").manual_seed(seed).
+      // Same stream as diffusers' randn_tensor with torch.Generator("cpu").manual_seed(seed)
+      // in fp32. Drawn in fp32 for every dtype, so a seed gives the same picture in
+      // fp16/bf16 too (drawing in bf16 would give a different stream).
       auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
-      latents = at::randn(shape, gen, torch::TensorOptions().dtype(sd.dtype)).to(sd.device);
+      latents = at::randn(shape, gen, torch::TensorOptions().dtype(torch::kFloat32)).to(sd.device, sd.dtype);
     }
     latents = latents * scheduler->init_noise_sigma();
     const auto& ts = scheduler->timesteps();

@@ -20,6 +20,10 @@ class MappedFile {
   const unsigned char* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  // Drops the resident pages fully inside [offset, offset+len) from this process;
+  // they read back from the file if touched again. Only for ranges nothing has
+  // written to (copy-on-write pages would revert to the file's contents).
+  void ReleasePages(size_t offset, size_t len) const;
 
  private:
   MappedFile(std::string path, const unsigned char* data, size_t size)

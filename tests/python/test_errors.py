@@ -56,6 +56,17 @@ def test_bad_config_value(model_copy, tmp_path):
     assert 'text_encoder/config.json: key "num_attention_heads" must divide hidden_size, got 5' in r.stderr
 
 
+def test_unsupported_component_class(model_copy, tmp_path):
+    path = os.path.join(model_copy, "model_index.json")
+    with open(path) as f:
+        idx = json.load(f)
+    idx["unet"] = ["diffusers", "UNet2DModel"]
+    with open(path, "w") as f:
+        json.dump(idx, f)
+    r = generate(model_copy, tmp_path)
+    assert 'model_index.json: key "unet" names class UNet2DModel, which this build cannot load' in r.stderr
+
+
 def test_not_a_model_folder(tmp_path):
     r = generate(str(tmp_path), tmp_path)
     assert r.returncode == 1 and "not a diffusers model folder (no model_index.json)" in r.stderr

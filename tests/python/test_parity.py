@@ -180,3 +180,76 @@ def test_train_step_matches_pytorch(tiny_sd, tmp_path):
         assert maxdiff(ours[name], p.detach()) < 1e-5, name
         moved += int((p.detach() - pipe.unet.state_dict()[name]).abs().max() > 5e-5)
     assert moved > len(ref) // 2  # the step really changed the weights
+
+
+def test_text_encoder_train_step_matches_pytorch(tiny_sd, tmp_path):
+    import copy
+
+    model_dir, pipe = tiny_sd
+    ids = pipe.tokenizer(["a red circle", "a blue star"], padding="max_length", max_length=77,
+                         truncation=True, return_tensors="pt").input_ids
+    target = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(9))
+    te = copy.deepcopy(pipe.text_encoder).train()
+    opt = torch.optim.AdamW(te.parameters(), lr=1e-4, weight_decay=1e-2)
+    loss = torch.nn.functional.mse_loss(te(ids).last_hidden_state, target)
+    loss.backward()
+    opt.step()
+    inp = os.path.join(tmp_path, "te_in.safetensors")
+    out = os.path.join(tmp_path, "te_out.safetensors")
+    save_file({"input_ids": ids, "target": target}, inp)
+    run_bin("sd_probe", "train-text-encoder", "--model", os.path.join(model_dir, "text_encoder"), "--inputs", inp,
+            "--out", out, "--lr", 1e-4)
+    ours = load_file(out)
+    assert abs(ours.pop("__loss__").item() - loss.item()) < 1e-6
+    ref = {("text_model." + k if not k.startswith("text_model.") else k): v for k, v in te.named_parameters()}
+    assert set(ours) == set(ref)
+    for name, p in ref.items():
+        if p.grad is None or p.grad.abs().max() == 0:
+            continue  # embedding rows of unused tokens: AdamW only decays them
+        assert maxdiff(ours[name], p.detach()) < 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_v(tiny_sd, tmp_path_factory):
+    """The tiny model with a v-prediction scheduler config (as SD2.x ships)."""
+    import json
+    import shutil
+
+    src, pipe = tiny_sd
+    dst = str(tmp_path_factory.mktemp("tiny_sd_v"))
+    shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["prediction_type"] = "v_prediction"
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return dst, pipe
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_v_prediction_text_to_image(tiny_sd_v, tmp_path, scheduler):
+    model_dir, pipe = tiny_sd_v
+    ref = reference_images(pipe, model_dir, scheduler, ["a purple hexagon"], None, 6, 4.0, seed=77)
+    out = os.path.join(tmp_path, "v.png")
+    run_bin("sdctl", "generate", "--model", model_dir, "--prompt", "a purple hexagon", "--steps", 6,
+            "--guidance", 4.0, "--seed", 77, "--scheduler", scheduler, "--out", out)
+    from PIL import Image
+
+    ours = np.asarray(Image.open(out)).astype(np.int16)
+    assert np.abs(ours - (ref[0] * 255).round().astype(np.int16)).max() <= 1
+
+
+def test_bf16_on_cpu_runs(tiny_sd, tmp_path):
+    """bf16 is a precision change, so only closeness to fp32 is asked, not parity."""
+    model_dir, _ = tiny_sd
+    a, b = os.path.join(tmp_path, "f32.png"), os.path.join(tmp_path, "bf16.png")
+    for path, dtype in ((a, "fp32"), (b, "bf16")):
+        run_bin("sdctl", "generate", "--model", model_dir, "--prompt", "a red circle", "--steps", 4,
+                "--seed", 3, "--dtype", dtype, "--out", path)
+    from PIL import Image
+
+    x = np.asarray(Image.open(a)).astype(np.float32)
+    y = np.asarray(Image.open(b)).astype(np.float32)
+    assert np.abs(x - y).mean() < 8  # mean error under 8/255

@@ -104,6 +104,25 @@ absl::Status TrainStep(const sdctl::Args& a) {
   return sd::safetensors::Save(a.Get("out"), out);
 }
 
+// One AdamW step on the text encoder: loss = mean((last_hidden_state - target)^2).
+absl::Status TrainTextEncoder(const sdctl::Args& a) {
+  ASSIGN_OR_RETURN(auto model, sd::LoadCLIPTextModel(a.Get("model")));
+  ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
+  ASSIGN_OR_RETURN(auto ids, Need(in, "input_ids"));
+  ASSIGN_OR_RETURN(auto target, Need(in, "target"));
+  ASSIGN_OR_RETURN(double lr, a.Double("lr", 1e-4));
+  model->train();
+  for (auto& p : model->parameters()) p.set_data(p.data().clone());
+  torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(lr).weight_decay(1e-2));
+  opt.zero_grad();
+  auto loss = torch::mse_loss(model->forward(ids.to(torch::kLong)).last_hidden_state, target);
+  loss.backward();
+  opt.step();
+  auto out = sd::StateDict(*model);
+  out["__loss__"] = torch::tensor(loss.item<double>());
+  return sd::safetensors::Save(a.Get("out"), out);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -125,6 +144,7 @@ int main(int argc, char** argv) {
   else if (cmd == "unet") s = UNet(*args);
   else if (cmd == "vae") s = Vae(*args);
   else if (cmd == "train-step") s = TrainStep(*args);
+  else if (cmd == "train-text-encoder") s = TrainTextEncoder(*args);
   else s = absl::InvalidArgumentError("unknown command " + cmd);
   if (!s.ok()) {
     std::cerr << "sd_probe " << cmd << ": " << s.message() << "\n";

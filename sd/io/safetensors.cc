@@ -164,8 +164,9 @@ absl::StatusOr<torch::Tensor> File::Take(const std::string& name, std::optional<
   return copy;
 }
 
-absl::StatusOr<TensorMap> Load(const std::string& path, std::optional<torch::Dtype> dtype, bool copy) {
-  TensorMap out;
+absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
+  Checkpoint c;
+  c.origin_ = path;
   if (path.size() >= 5 && path.substr(path.size() - 5) == ".json") {
     ASSIGN_OR_RETURN(std::string text, ReadFile(path));
     nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
@@ -173,25 +174,67 @@ absl::StatusOr<TensorMap> Load(const std::string& path, std::optional<torch::Dty
       return absl::DataLossError(absl::StrCat("malformed sharded checkpoint index ", path, ": needs a weight_map object"));
     }
     const auto dir = std::filesystem::path(path).parent_path();
-    std::map<std::string, std::vector<std::string>> by_shard;
+    std::map<std::string, size_t> shard_index;
     for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
       if (!it.value().is_string()) return absl::DataLossError(absl::StrCat(path, ": weight_map entry \"", it.key(), "\" is not a file name"));
-      by_shard[it.value().get<std::string>()].push_back(it.key());
-    }
-    for (const auto& [shard, names] : by_shard) {
-      ASSIGN_OR_RETURN(File f, File::Open((dir / shard).string()));
-      for (const auto& n : names) {
-        if (f.Find(n) == nullptr) {
-          return absl::DataLossError(absl::StrCat(path, " maps tensor \"", n, "\" to ", shard, ", which does not hold it"));
-        }
-        ASSIGN_OR_RETURN(out[n], copy ? f.Take(n, dtype) : f.Get(n, dtype));
+      const std::string shard = it.value().get<std::string>();
+      if (!shard_index.count(shard)) {
+        ASSIGN_OR_RETURN(File f, File::Open((dir / shard).string()));
+        shard_index[shard] = c.files_.size();
+        c.files_.push_back(std::move(f));
       }
+      const size_t fi = shard_index[shard];
+      if (c.files_[fi].Find(it.key()) == nullptr) {
+        return absl::DataLossError(absl::StrCat(path, " maps tensor \"", it.key(), "\" to ", shard, ", which does not hold it"));
+      }
+      c.where_[it.key()] = fi;
     }
-    return out;
+    return c;
   }
   ASSIGN_OR_RETURN(File f, File::Open(path));
-  for (const auto& t : f.tensors()) {
-    ASSIGN_OR_RETURN(out[t.name], copy ? f.Take(t.name, dtype) : f.Get(t.name, dtype));
+  for (const auto& t : f.tensors()) c.where_[t.name] = 0;
+  c.files_.push_back(std::move(f));
+  return c;
+}
+
+Checkpoint Checkpoint::FromTensors(TensorMap tensors, std::string origin) {
+  Checkpoint c;
+  c.origin_ = std::move(origin);
+  for (const auto& kv : tensors) c.where_[kv.first] = SIZE_MAX;
+  c.memory_ = std::move(tensors);
+  return c;
+}
+
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> out;
+  for (const auto& kv : where_) out.push_back(kv.first);
+  return out;
+}
+
+std::vector<int64_t> Checkpoint::Shape(const std::string& name) const {
+  const size_t fi = where_.at(name);
+  if (fi == SIZE_MAX) return memory_.at(name).sizes().vec();
+  return files_[fi].Find(name)->shape;
+}
+
+absl::StatusOr<torch::Tensor> Checkpoint::Fetch(const std::string& name, bool copy,
+                                                std::optional<torch::Dtype> dtype) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" not in ", origin_));
+  if (it->second == SIZE_MAX) {
+    torch::Tensor t = memory_.at(name);
+    if (dtype.has_value()) t = t.to(*dtype);
+    return copy ? t.clone() : t;
+  }
+  const File& f = files_[it->second];
+  return copy ? f.Take(name, dtype) : f.Get(name, dtype);
+}
+
+absl::StatusOr<TensorMap> Load(const std::string& path, std::optional<torch::Dtype> dtype) {
+  ASSIGN_OR_RETURN(Checkpoint c, Checkpoint::Open(path));
+  TensorMap out;
+  for (const auto& n : c.names()) {
+    ASSIGN_OR_RETURN(out[n], c.Fetch(n, /*copy=*/false, dtype));
   }
   return out;
 }

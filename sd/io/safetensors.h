@@ -54,12 +54,32 @@ class File {
   Metadata metadata_;
 };
 
-// Loads every tensor of a checkpoint: a .safetensors file, or a sharded checkpoint
-// given by its *.safetensors.index.json. By default tensors alias the mapping
-// (zero-copy); with `copy` each is copied out and its pages released at once, so
-// peak memory stays at one copy of the weights (for callers that re-layout them).
-absl::StatusOr<TensorMap> Load(const std::string& path,
-                               std::optional<torch::Dtype> dtype = std::nullopt, bool copy = false);
+// A checkpoint opened but not read: a .safetensors file, a sharded checkpoint given
+// by its *.safetensors.index.json, or tensors already in memory. Model loaders
+// fetch tensors one at a time, so at most one tensor's worth is ever duplicated.
+class Checkpoint {
+ public:
+  static absl::StatusOr<Checkpoint> Open(const std::string& path);
+  static Checkpoint FromTensors(TensorMap tensors, std::string origin);
+
+  std::vector<std::string> names() const;
+  bool Has(const std::string& name) const { return where_.count(name) > 0; }
+  std::vector<int64_t> Shape(const std::string& name) const;
+  // copy=false: zero-copy alias of the mapping; copy=true: a private copy, and the
+  // mapped pages are released right away.
+  absl::StatusOr<torch::Tensor> Fetch(const std::string& name, bool copy,
+                                      std::optional<torch::Dtype> dtype = std::nullopt) const;
+  const std::string& origin() const { return origin_; }
+
+ private:
+  std::string origin_;
+  std::vector<File> files_;
+  std::map<std::string, size_t> where_;  // tensor -> index into files_ (or SIZE_MAX: in memory)
+  TensorMap memory_;
+};
+
+// Loads every tensor (zero-copy where the dtype matches).
+absl::StatusOr<TensorMap> Load(const std::string& path, std::optional<torch::Dtype> dtype = std::nullopt);
 
 // Writes one file atomically. Tensors are written contiguous, on CPU, in name order.
 absl::Status Save(const std::string& path, const TensorMap& tensors, const Metadata& metadata = {});

@@ -204,16 +204,15 @@ absl::StatusOr<AutoencoderKL> LoadVAE(const std::string& dir, bool copy_weights)
   const std::string config_path = (std::filesystem::path(dir) / "config.json").string();
   ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load(config_path));
   ASSIGN_OR_RETURN(VAEConfig cfg, VAEConfig::FromJson(json));
-  ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
-  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights, std::nullopt, copy_weights));
   AutoencoderKL vae(cfg);
   LoadOptions opts;
+  opts.copy = copy_weights;
   // Checkpoints written before diffusers 0.14 name the mid-block attention differently.
   opts.renames = {{".attentions.0.query.", ".attentions.0.to_q."},
                   {".attentions.0.key.", ".attentions.0.to_k."},
                   {".attentions.0.value.", ".attentions.0.to_v."},
                   {".attentions.0.proj_attn.", ".attentions.0.to_out.0."}};
-  RETURN_IF_ERROR(LoadStateDict(*vae, std::move(tensors), weights, config_path, opts));
+  RETURN_IF_ERROR(LoadComponentWeights(*vae, dir, config_path, opts));
   vae->eval();
   return vae;
 }

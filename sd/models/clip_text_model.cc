@@ -123,21 +123,14 @@ absl::StatusOr<CLIPTextModel> LoadCLIPTextModel(const std::string& dir, bool cop
   const std::string config_path = (std::filesystem::path(dir) / "config.json").string();
   ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load(config_path));
   ASSIGN_OR_RETURN(CLIPTextConfig cfg, CLIPTextConfig::FromJson(json));
-  ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
-  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights, std::nullopt, copy_weights));
-  // transformers >= 5 saves CLIPTextModel without the "text_model." prefix that
-  // SD1.5 checkpoints carry; accept both.
-  bool prefixed = false;
-  for (const auto& kv : tensors) prefixed = prefixed || kv.first.rfind("text_model.", 0) == 0;
-  if (!prefixed) {
-    safetensors::TensorMap renamed;
-    for (auto& [name, t] : tensors) renamed["text_model." + name] = t;
-    tensors = std::move(renamed);
-  }
   CLIPTextModel model(cfg);
   LoadOptions opts;
   opts.ignorable = {"text_model.embeddings.position_ids"};
-  RETURN_IF_ERROR(LoadStateDict(*model, std::move(tensors), weights, config_path, opts));
+  // transformers >= 5 saves CLIPTextModel without the "text_model." prefix that
+  // SD1.5 checkpoints carry; accept both.
+  opts.prefix = "text_model.";
+  opts.copy = copy_weights;
+  RETURN_IF_ERROR(LoadComponentWeights(*model, dir, config_path, opts));
   model->eval();
   return model;
 }

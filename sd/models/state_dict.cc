@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "sd/util/status_macros.h"
 
 namespace sd {
 namespace {
@@ -31,46 +32,49 @@ safetensors::TensorMap StateDict(const torch::nn::Module& module) {
   return out;
 }
 
-absl::Status LoadStateDict(torch::nn::Module& module, safetensors::TensorMap tensors,
-                           const std::string& origin, const std::string& config,
-                           const LoadOptions& options) {
-  if (!options.renames.empty()) {
-    safetensors::TensorMap renamed;
-    for (auto& [name, t] : tensors) {
-      std::string n = name;
-      for (const auto& [from, to] : options.renames) n = absl::StrReplaceAll(n, {{from, to}});
-      renamed[n] = t;
-    }
-    tensors = std::move(renamed);
+absl::Status LoadStateDict(torch::nn::Module& module, const safetensors::Checkpoint& checkpoint,
+                           const std::string& config, const LoadOptions& options) {
+  const std::string& origin = checkpoint.origin();
+  // model name -> checkpoint name
+  std::map<std::string, std::string> source;
+  bool has_prefix = options.prefix.empty();
+  for (const auto& name : checkpoint.names()) has_prefix = has_prefix || name.rfind(options.prefix, 0) == 0;
+  for (const auto& name : checkpoint.names()) {
+    std::string n = has_prefix ? name : options.prefix + name;
+    for (const auto& [from, to] : options.renames) n = absl::StrReplaceAll(n, {{from, to}});
+    source[n] = name;
   }
   std::vector<std::string> problems;
   torch::NoGradGuard no_grad;
   std::set<std::string> used;
-  auto assign = [&](const std::string& name, torch::Tensor& target) {
-    auto it = tensors.find(name);
-    if (it == tensors.end()) {
+  auto assign = [&](const std::string& name, torch::Tensor& target) -> absl::Status {
+    auto it = source.find(name);
+    if (it == source.end()) {
       problems.push_back(absl::StrCat("missing tensor \"", name, "\" (", config, " implies shape ",
                                       Shape(target.sizes()), ")"));
-      return;
+      return absl::OkStatus();
     }
     used.insert(name);
-    const auto& src = it->second;
-    if (src.sizes() != target.sizes()) {
-      problems.push_back(absl::StrCat("tensor \"", name, "\" has shape ", Shape(src.sizes()), " in ", origin,
-                                      " but ", config, " implies ", Shape(target.sizes())));
-      return;
+    const auto shape = checkpoint.Shape(it->second);
+    if (c10::IntArrayRef(shape) != target.sizes()) {
+      problems.push_back(absl::StrCat("tensor \"", name, "\" has shape ", Shape(shape), " in ", origin, " but ",
+                                      config, " implies ", Shape(target.sizes())));
+      return absl::OkStatus();
     }
-    if (src.scalar_type() == target.scalar_type() && src.device() == target.device()) {
-      target.set_data(src);  // zero-copy: aliases the copy-on-write mapping
+    auto src = checkpoint.Fetch(it->second, options.copy);
+    if (!src.ok()) return src.status();
+    if (src->scalar_type() == target.scalar_type() && src->device() == target.device()) {
+      target.set_data(*src);  // the old (randomly initialised) storage is freed here
     } else {
-      target.set_data(src.to(target.options()));
+      target.set_data(src->to(target.options()));
     }
+    return absl::OkStatus();
   };
-  for (auto& p : module.named_parameters(true)) assign(p.key(), p.value());
-  for (auto& b : module.named_buffers(true)) assign(b.key(), b.value());
-  for (const auto& [name, t] : tensors) {
+  for (auto& p : module.named_parameters(true)) RETURN_IF_ERROR(assign(p.key(), p.value()));
+  for (auto& b : module.named_buffers(true)) RETURN_IF_ERROR(assign(b.key(), b.value()));
+  for (const auto& [name, original] : source) {
     if (!used.count(name) && !options.ignorable.count(name)) {
-      problems.push_back(absl::StrCat("unexpected tensor \"", name, "\" with shape ", Shape(t.sizes()),
+      problems.push_back(absl::StrCat("unexpected tensor \"", original, "\" with shape ", Shape(checkpoint.Shape(original)),
                                       " (not in the architecture that ", config, " describes)"));
     }
   }
@@ -80,6 +84,18 @@ absl::Status LoadStateDict(torch::nn::Module& module, safetensors::TensorMap ten
                                  absl::StrJoin(problems.begin(), problems.begin() + shown, "; "));
   if (problems.size() > shown) absl::StrAppend(&msg, "; and ", problems.size() - shown, " more");
   return absl::InvalidArgumentError(msg);
+}
+
+absl::Status LoadStateDict(torch::nn::Module& module, safetensors::TensorMap tensors, const std::string& origin,
+                           const std::string& config, const LoadOptions& options) {
+  return LoadStateDict(module, safetensors::Checkpoint::FromTensors(std::move(tensors), origin), config, options);
+}
+
+absl::Status LoadComponentWeights(torch::nn::Module& module, const std::string& dir, const std::string& config,
+                                  const LoadOptions& options) {
+  ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
+  ASSIGN_OR_RETURN(safetensors::Checkpoint ckpt, safetensors::Checkpoint::Open(weights));
+  return LoadStateDict(module, ckpt, config, options);
 }
 
 }  // namespace sd

@@ -279,10 +279,10 @@ absl::StatusOr<UNet2DConditionModel> LoadUNet(const std::string& dir, bool copy_
   const std::string config_path = (std::filesystem::path(dir) / "config.json").string();
   ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load(config_path));
   ASSIGN_OR_RETURN(UNetConfig cfg, UNetConfig::FromJson(json));
-  ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
-  ASSIGN_OR_RETURN(auto tensors, safetensors::Load(weights, std::nullopt, copy_weights));
   UNet2DConditionModel unet(cfg);
-  RETURN_IF_ERROR(LoadStateDict(*unet, std::move(tensors), weights, config_path));
+  LoadOptions opts;
+  opts.copy = copy_weights;
+  RETURN_IF_ERROR(LoadComponentWeights(*unet, dir, config_path, opts));
   unet->eval();
   return unet;
 }

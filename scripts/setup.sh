@@ -6,7 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 APT_PACKAGES=(build-essential cmake ninja-build ccache pkg-config python3-venv
-  libabsl-dev nlohmann-json3-dev libpng-dev zlib1g-dev libicu-dev libgtest-dev libgmock-dev)
+  libabsl-dev nlohmann-json3-dev libpng-dev zlib1g-dev libicu-dev libgtest-dev libgmock-dev
+  libyaml-cpp-dev libsqlite3-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -35,7 +37,7 @@ TORCH_PREFIX=$(.venv/bin/python -c 'import torch.utils; print(torch.utils.cmake_
 export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/ccache}
 export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
 BUILD=${BUILD_DIR:-build}
-if [ ! -f "$BUILD/build.ninja" ]; then
+if [ ! -f "$BUILD/CMakeCache.txt" ]; then
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
     -DPython3_EXECUTABLE="$ROOT/.venv/bin/python" >/dev/null
 fi

@@ -1,0 +1,243 @@
+#include "common/job_spec.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <functional>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "sd/util/file.h"
+#include "sd/util/status_macros.h"
+
+namespace sd {
+namespace {
+
+size_t EditDistance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::string Suggest(const std::string& key, const std::vector<std::string>& known) {
+  std::string best;
+  size_t best_d = 4;  // farther than this is not a typo
+  for (const auto& k : known) {
+    size_t d = EditDistance(key, k);
+    if (d < best_d) {
+      best_d = d;
+      best = k;
+    }
+  }
+  return best.empty() ? "" : absl::StrCat(" (did you mean \"", best, "\"?)");
+}
+
+class Parser {
+ public:
+  explicit Parser(std::string origin) : origin_(std::move(origin)) {}
+
+  absl::Status Error(const YAML::Node& node, const std::string& key, const std::string& what) const {
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin_, ":", node.Mark().line + 1, ": ", key.empty() ? "" : absl::StrCat("key \"", key, "\" "), what));
+  }
+
+  // Checks the keys of a mapping against `known`.
+  absl::Status Keys(const YAML::Node& map, const std::string& where, const std::vector<std::string>& known) const {
+    if (!map.IsMap()) return Error(map, where, "must be a mapping");
+    for (const auto& kv : map) {
+      const std::string k = kv.first.as<std::string>();
+      if (std::find(known.begin(), known.end(), k) == known.end()) {
+        std::string path = where.empty() ? k : absl::StrCat(where, ".", k);
+        return Error(kv.first, "", absl::StrCat("unknown key \"", path, "\"", Suggest(k, known)));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  template <typename T>
+  absl::Status Get(const YAML::Node& map, const std::string& key, const std::string& path, T& out,
+                   const char* type_name) const {
+    const YAML::Node n = map[key];
+    if (!n) return absl::OkStatus();
+    if (!n.IsScalar()) return Error(n, path, absl::StrCat("must be ", type_name));
+    try {
+      out = n.as<T>();
+    } catch (const YAML::Exception&) {
+      return Error(n, path, absl::StrCat("must be ", type_name, ", got \"", n.Scalar(), "\""));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Range(const YAML::Node& map, const std::string& key, const std::string& path, double v, double lo,
+                     double hi, bool lo_open = false, bool hi_open = false) const {
+    const bool bad = (lo_open ? v <= lo : v < lo) || (hi_open ? v >= hi : v > hi);
+    if (!bad) return absl::OkStatus();
+    return Error(map[key] ? map[key] : map, path,
+                 absl::StrCat("is ", v, ", out of range ", lo_open ? "(" : "[", lo, ", ", hi, hi_open ? ")" : "]"));
+  }
+
+ private:
+  std::string origin_;
+};
+
+}  // namespace
+
+const std::vector<std::string>& AllStageNames() {
+  static const std::vector<std::string> kAll = {
+      "progressive_distillation", "clip_distillation", "cfg_distillation", "prune", "finetune",
+      "quantize",                 "optimize",          "export",           "lora_report"};
+  return kAll;
+}
+
+const std::vector<std::string>& ImplementedStageNames() {
+  static const std::vector<std::string> kImplemented = {"finetune"};
+  return kImplemented;
+}
+
+absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string& origin) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::ParserException& e) {
+    return absl::InvalidArgumentError(absl::StrCat(origin, ":", e.mark.line + 1, ": invalid YAML: ", e.msg));
+  }
+  Parser p(origin);
+  JobSpec s;
+  if (!root || root.IsNull()) return absl::InvalidArgumentError(absl::StrCat(origin, ": empty job file"));
+  RETURN_IF_ERROR(p.Keys(root, "", {"name", "model", "dataset", "output", "seed", "checkpoint_interval", "batch_size",
+                                    "workers", "max_restarts", "stages", "distillation", "pruning", "finetune",
+                                    "optimization", "quantization"}));
+  RETURN_IF_ERROR(p.Get(root, "name", "name", s.name, "a string"));
+  RETURN_IF_ERROR(p.Get(root, "model", "model", s.model, "a path"));
+  RETURN_IF_ERROR(p.Get(root, "dataset", "dataset", s.dataset, "a path"));
+  RETURN_IF_ERROR(p.Get(root, "output", "output", s.output, "a path"));
+  RETURN_IF_ERROR(p.Get(root, "seed", "seed", s.seed, "an integer"));
+  RETURN_IF_ERROR(p.Get(root, "checkpoint_interval", "checkpoint_interval", s.checkpoint_interval, "an integer"));
+  RETURN_IF_ERROR(p.Range(root, "checkpoint_interval", "checkpoint_interval", s.checkpoint_interval, 1, 1e9));
+  RETURN_IF_ERROR(p.Get(root, "batch_size", "batch_size", s.batch_size, "an integer"));
+  RETURN_IF_ERROR(p.Range(root, "batch_size", "batch_size", s.batch_size, 1, 4096));
+  int64_t workers = 1, max_restarts = 3;
+  RETURN_IF_ERROR(p.Get(root, "workers", "workers", workers, "an integer"));
+  RETURN_IF_ERROR(p.Range(root, "workers", "workers", workers, 1, 1024));
+  RETURN_IF_ERROR(p.Get(root, "max_restarts", "max_restarts", max_restarts, "an integer"));
+  RETURN_IF_ERROR(p.Range(root, "max_restarts", "max_restarts", max_restarts, 0, 1000));
+  if (s.model.empty()) return p.Error(root, "model", "is required (a diffusers SD1.5 folder)");
+
+  if (const YAML::Node d = root["distillation"]) {
+    RETURN_IF_ERROR(p.Keys(d, "distillation", {"steps", "clip_distill_steps", "lr", "ema_decay", "progressive_stages"}));
+    RETURN_IF_ERROR(p.Get(d, "steps", "distillation.steps", s.steps, "an integer"));
+    RETURN_IF_ERROR(p.Range(d, "steps", "distillation.steps", s.steps, 1, 1e9));
+    RETURN_IF_ERROR(p.Get(d, "clip_distill_steps", "distillation.clip_distill_steps", s.clip_distill_steps, "an integer"));
+    RETURN_IF_ERROR(p.Range(d, "clip_distill_steps", "distillation.clip_distill_steps", s.clip_distill_steps, 1, 1e9));
+    RETURN_IF_ERROR(p.Get(d, "lr", "distillation.lr", s.lr, "a number"));
+    RETURN_IF_ERROR(p.Range(d, "lr", "distillation.lr", s.lr, 0, 1, true));
+    RETURN_IF_ERROR(p.Get(d, "ema_decay", "distillation.ema_decay", s.ema_decay, "a number"));
+    RETURN_IF_ERROR(p.Range(d, "ema_decay", "distillation.ema_decay", s.ema_decay, 0, 1, false, true));
+    if (const YAML::Node ps = d["progressive_stages"]) {
+      if (!ps.IsSequence() || ps.size() < 2) return p.Error(ps, "distillation.progressive_stages", "must be a list of at least two step counts, like [50, 25, 12, 6]");
+      s.progressive_stages.clear();
+      for (const auto& v : ps) {
+        int64_t n = 0;
+        try {
+          n = v.as<int64_t>();
+        } catch (const YAML::Exception&) {
+          return p.Error(v, "distillation.progressive_stages", "entries must be integers");
+        }
+        if (n < 1 || (!s.progressive_stages.empty() && n >= s.progressive_stages.back())) {
+          return p.Error(v, "distillation.progressive_stages", "must be positive and strictly decreasing");
+        }
+        s.progressive_stages.push_back(n);
+      }
+    }
+  }
+  if (const YAML::Node pr = root["pruning"]) {
+    RETURN_IF_ERROR(p.Keys(pr, "pruning", {"unet_ratio", "text_encoder_ratio", "vae_ratio"}));
+    RETURN_IF_ERROR(p.Get(pr, "unet_ratio", "pruning.unet_ratio", s.prune_ratio, "a number"));
+    RETURN_IF_ERROR(p.Range(pr, "unet_ratio", "pruning.unet_ratio", s.prune_ratio, 0, 1, false, true));
+    RETURN_IF_ERROR(p.Get(pr, "text_encoder_ratio", "pruning.text_encoder_ratio", s.text_encoder_prune_ratio, "a number"));
+    RETURN_IF_ERROR(p.Range(pr, "text_encoder_ratio", "pruning.text_encoder_ratio", s.text_encoder_prune_ratio, 0, 1, false, true));
+    RETURN_IF_ERROR(p.Get(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, "a number"));
+    RETURN_IF_ERROR(p.Range(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, 0, 1, false, true));
+  }
+  if (const YAML::Node f = root["finetune"]) {
+    RETURN_IF_ERROR(p.Keys(f, "finetune", {"steps", "lr"}));
+    RETURN_IF_ERROR(p.Get(f, "steps", "finetune.steps", s.finetune_steps, "an integer"));
+    RETURN_IF_ERROR(p.Range(f, "steps", "finetune.steps", s.finetune_steps, 1, 1e9));
+    RETURN_IF_ERROR(p.Get(f, "lr", "finetune.lr", s.finetune_lr, "a number"));
+    RETURN_IF_ERROR(p.Range(f, "lr", "finetune.lr", s.finetune_lr, 0, 1, true));
+  }
+  if (const YAML::Node o = root["optimization"]) {
+    RETURN_IF_ERROR(p.Keys(o, "optimization", {"tome_ratio"}));
+    RETURN_IF_ERROR(p.Get(o, "tome_ratio", "optimization.tome_ratio", s.tome_ratio, "a number"));
+    RETURN_IF_ERROR(p.Range(o, "tome_ratio", "optimization.tome_ratio", s.tome_ratio, 0, 1, false, true));
+  }
+  if (const YAML::Node q = root["quantization"]) {
+    RETURN_IF_ERROR(p.Keys(q, "quantization", {"int8_calibration_samples"}));
+    RETURN_IF_ERROR(p.Get(q, "int8_calibration_samples", "quantization.int8_calibration_samples", s.int8_calibration_samples, "an integer"));
+    RETURN_IF_ERROR(p.Range(q, "int8_calibration_samples", "quantization.int8_calibration_samples", s.int8_calibration_samples, 1, 1e7));
+  }
+
+  // stages: a list of names, or of {name: {workers: N, max_restarts: M}}; default: every stage.
+  std::vector<std::pair<std::string, YAML::Node>> listed;
+  if (const YAML::Node st = root["stages"]) {
+    if (!st.IsSequence() || st.size() == 0) return p.Error(st, "stages", "must be a non-empty list of stage names");
+    for (const auto& e : st) {
+      if (e.IsScalar()) {
+        listed.emplace_back(e.Scalar(), e);
+      } else if (e.IsMap() && e.size() == 1) {
+        listed.emplace_back(e.begin()->first.as<std::string>(), e);
+      } else {
+        return p.Error(e, "stages", "entries must be a stage name or {name: {workers: N}}");
+      }
+    }
+  } else {
+    for (const auto& n : AllStageNames()) listed.emplace_back(n, root);
+  }
+  std::set<std::string> seen;
+  for (const auto& [name, node] : listed) {
+    const auto& all = AllStageNames();
+    if (std::find(all.begin(), all.end(), name) == all.end()) {
+      return p.Error(node, "", absl::StrCat("unknown stage \"", name, "\"", Suggest(name, all)));
+    }
+    const auto& impl = ImplementedStageNames();
+    if (std::find(impl.begin(), impl.end(), name) == impl.end()) {
+      return p.Error(node, "", absl::StrCat("stage \"", name, "\" is not implemented in this build (implemented: ",
+                                            absl::StrJoin(impl, ", "), "); remove it from \"stages\""));
+    }
+    if (!seen.insert(name).second) return p.Error(node, "", absl::StrCat("stage \"", name, "\" is listed twice"));
+    StageSpec stage{name, workers, max_restarts};
+    if (node.IsMap() && node != root) {
+      const YAML::Node opts = node.begin()->second;
+      const std::string where = absl::StrCat("stages.", name);
+      if (!opts.IsNull()) {
+        RETURN_IF_ERROR(p.Keys(opts, where, {"workers", "max_restarts"}));
+        RETURN_IF_ERROR(p.Get(opts, "workers", where + ".workers", stage.workers, "an integer"));
+        RETURN_IF_ERROR(p.Range(opts, "workers", where + ".workers", stage.workers, 1, 1024));
+        RETURN_IF_ERROR(p.Get(opts, "max_restarts", where + ".max_restarts", stage.max_restarts, "an integer"));
+        RETURN_IF_ERROR(p.Range(opts, "max_restarts", where + ".max_restarts", stage.max_restarts, 0, 1000));
+      }
+    }
+    s.stages.push_back(stage);
+  }
+  // Pipeline order, whatever order the file lists them in.
+  std::sort(s.stages.begin(), s.stages.end(), [](const StageSpec& a, const StageSpec& b) {
+    const auto& all = AllStageNames();
+    return std::find(all.begin(), all.end(), a.name) < std::find(all.begin(), all.end(), b.name);
+  });
+  return s;
+}
+
+absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
+  ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  return ParseJobSpec(text, path);
+}
+
+}  // namespace sd

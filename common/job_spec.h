@@ -1,0 +1,57 @@
+#pragma once
+// job.yaml: the user's description of a compression job. Every variable of
+// SD15_PIPELINE.md's run.sh is here with the same default (docs/job-yaml.md).
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace sd {
+
+// Stages in pipeline order. A job lists the stages it runs; the coordinator
+// refuses any this build does not implement rather than skipping it.
+const std::vector<std::string>& AllStageNames();
+const std::vector<std::string>& ImplementedStageNames();
+
+struct StageSpec {
+  std::string name;
+  int64_t workers = 1;       // data-parallel world size for this stage
+  int64_t max_restarts = 3;  // restarts from the latest checkpoint before the job fails
+};
+
+struct JobSpec {
+  std::string name = "sd15-compress";
+  std::string model;    // diffusers folder of the teacher (required)
+  std::string dataset;  // image folder with metadata.jsonl, or WebDataset shards
+  std::string output = "output";
+  int64_t seed = 0;
+  int64_t checkpoint_interval = 100;  // steps between checkpoints
+  int64_t batch_size = 1;             // per worker
+  // Distillation (STEPS, CLIP_DISTILL_STEPS, LR, EMA_DECAY, PROGRESSIVE_STAGES)
+  int64_t steps = 800;
+  int64_t clip_distill_steps = 400;
+  double lr = 1e-5;
+  double ema_decay = 0.9999;
+  std::vector<int64_t> progressive_stages = {50, 25, 12, 6};
+  // Pruning (PRUNE_RATIO, TEXT_ENCODER_PRUNE_RATIO, VAE_PRUNE_RATIO)
+  double prune_ratio = 0.3;
+  double text_encoder_prune_ratio = 0.25;
+  double vae_prune_ratio = 0.2;
+  // Fine-tuning (FINETUNE_STEPS, FINETUNE_LR)
+  int64_t finetune_steps = 200;
+  double finetune_lr = 5e-6;
+  // Optimization and quantization (TOME_RATIO, INT8_CALIBRATION_SAMPLES)
+  double tome_ratio = 0.5;
+  int64_t int8_calibration_samples = 100;
+
+  std::vector<StageSpec> stages;
+};
+
+// Parses and validates. Errors name the file, the line and the key, and suggest the
+// nearest known key for a misspelt one. `origin` is the file name used in messages.
+absl::StatusOr<JobSpec> ParseJobSpec(const std::string& yaml_text, const std::string& origin);
+absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path);
+
+}  // namespace sd

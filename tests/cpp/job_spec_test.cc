@@ -1,0 +1,71 @@
+#include "common/job_spec.h"
+
+#include <gtest/gtest.h>
+
+namespace sd {
+namespace {
+
+std::string Err(const std::string& yaml) {
+  auto s = ParseJobSpec(yaml, "job.yaml");
+  EXPECT_FALSE(s.ok()) << yaml;
+  return s.ok() ? "" : std::string(s.status().message());
+}
+
+TEST(JobSpecTest, DefaultsAreThoseOfTheSeedPipeline) {
+  auto s = ParseJobSpec("model: /m\nstages: [finetune]\n", "job.yaml");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->steps, 800);
+  EXPECT_EQ(s->clip_distill_steps, 400);
+  EXPECT_DOUBLE_EQ(s->lr, 1e-5);
+  EXPECT_DOUBLE_EQ(s->ema_decay, 0.9999);
+  EXPECT_EQ(s->progressive_stages, (std::vector<int64_t>{50, 25, 12, 6}));
+  EXPECT_DOUBLE_EQ(s->prune_ratio, 0.3);
+  EXPECT_DOUBLE_EQ(s->text_encoder_prune_ratio, 0.25);
+  EXPECT_DOUBLE_EQ(s->vae_prune_ratio, 0.2);
+  EXPECT_EQ(s->finetune_steps, 200);
+  EXPECT_DOUBLE_EQ(s->finetune_lr, 5e-6);
+  EXPECT_DOUBLE_EQ(s->tome_ratio, 0.5);
+  EXPECT_EQ(s->int8_calibration_samples, 100);
+  ASSERT_EQ(s->stages.size(), 1u);
+  EXPECT_EQ(s->stages[0].workers, 1);
+}
+
+TEST(JobSpecTest, PerStageWorkers) {
+  auto s = ParseJobSpec("model: /m\nworkers: 3\nstages:\n  - finetune: {workers: 2, max_restarts: 5}\n", "job.yaml");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->stages[0].workers, 2);
+  EXPECT_EQ(s->stages[0].max_restarts, 5);
+}
+
+TEST(JobSpecTest, UnknownKeySuggestsTheNearest) {
+  EXPECT_EQ(Err("model: /m\nstages: [finetune]\nfinetune:\n  stpes: 10\n"),
+            "job.yaml:4: unknown key \"finetune.stpes\" (did you mean \"steps\"?)");
+}
+
+TEST(JobSpecTest, WrongTypeNamesLineAndKey) {
+  EXPECT_EQ(Err("model: /m\nstages: [finetune]\nfinetune:\n  lr: fast\n"),
+            "job.yaml:4: key \"finetune.lr\" must be a number, got \"fast\"");
+}
+
+TEST(JobSpecTest, OutOfRange) {
+  EXPECT_EQ(Err("model: /m\nstages: [finetune]\npruning:\n  unet_ratio: 1.5\n"),
+            "job.yaml:4: key \"pruning.unet_ratio\" is 1.5, out of range [0, 1)");
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\ndistillation:\n  progressive_stages: [50, 60]\n").find("strictly decreasing"),
+            std::string::npos);
+}
+
+TEST(JobSpecTest, UnimplementedStageIsRefusedNotSkipped) {
+  EXPECT_EQ(Err("model: /m\nstages: [prune]\n"),
+            "job.yaml:2: stage \"prune\" is not implemented in this build (implemented: finetune); remove it from "
+            "\"stages\"");
+  EXPECT_NE(Err("model: /m\n").find("is not implemented"), std::string::npos);
+  EXPECT_EQ(Err("model: /m\nstages: [finetuen]\n"), "job.yaml:2: unknown stage \"finetuen\" (did you mean \"finetune\"?)");
+}
+
+TEST(JobSpecTest, MissingModelAndBadYaml) {
+  EXPECT_NE(Err("stages: [finetune]\n").find("key \"model\" is required"), std::string::npos);
+  EXPECT_NE(Err("model: [unclosed\n").find("invalid YAML"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace sd

@@ -39,9 +39,11 @@ double Median(std::vector<double> v) {
 absl::Status Run(int argc, char** argv) {
   if (argc < 2) return absl::InvalidArgumentError("usage: bench_sd unet|t2i --model DIR [flags]");
   const std::string mode = argv[1];
-  ASSIGN_OR_RETURN(sdctl::Args a, sdctl::Args::Parse(argc - 2, argv + 2,
-                                                     {"model", "batch", "size", "iters", "warmup", "threads",
-                                                      "dtype", "device", "steps", "height", "width", "channels-last", "clone", "fuse", "profile"}));
+  ASSIGN_OR_RETURN(sdctl::Args a,
+                   sdctl::Args::Parse(
+                       argc - 2, argv + 2,
+                       {"model", "batch", "size", "iters", "warmup", "threads", "dtype", "device",
+                        "steps", "height", "width", "channels-last", "clone", "fuse", "profile"}));
   ASSIGN_OR_RETURN(int64_t threads, a.Int("threads", 0));
   if (threads > 0) {
     torch::set_num_threads(static_cast<int>(threads));
@@ -50,7 +52,9 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(int64_t warmup, a.Int("warmup", 1));
   ASSIGN_OR_RETURN(torch::Dtype dtype, sd::ParseDtypeName(a.Get("dtype", "fp32")));
   torch::Device device(a.Get("device", "cpu"));
-  nlohmann::json out = {{"mode", mode}, {"threads", torch::get_num_threads()}, {"dtype", a.Get("dtype", "fp32")},
+  nlohmann::json out = {{"mode", mode},
+                        {"threads", torch::get_num_threads()},
+                        {"dtype", a.Get("dtype", "fp32")},
                         {"device", device.str()}};
   std::vector<double> times;
   if (mode == "unet") {
@@ -83,7 +87,8 @@ absl::Status Run(int argc, char** argv) {
       if (i >= warmup) times.push_back(s);
     }
   } else if (mode == "t2i") {
-    ASSIGN_OR_RETURN(sd::StableDiffusion model, sd::StableDiffusion::Load(a.Get("model"), device, dtype));
+    ASSIGN_OR_RETURN(sd::StableDiffusion model,
+                     sd::StableDiffusion::Load(a.Get("model"), device, dtype));
     sd::GenerateOptions o;
     o.prompts = {"a photograph of an astronaut riding a horse"};
     ASSIGN_OR_RETURN(o.steps, a.Int("steps", 4));
@@ -106,7 +111,8 @@ absl::Status Run(int argc, char** argv) {
   out["median_s"] = Median(times);
   out["peak_rss_mb"] = PeakRssMb();
   if (device.is_cuda()) {
-    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
+    auto stats =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
     out["peak_gpu_mb"] = static_cast<double>(stats.allocated_bytes[0].peak) / (1 << 20);
   }
   std::cout << out.dump() << std::endl;

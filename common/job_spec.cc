@@ -20,7 +20,8 @@ size_t EditDistance(const std::string& a, const std::string& b) {
   for (size_t i = 1; i <= a.size(); ++i) {
     cur[0] = i;
     for (size_t j = 1; j <= b.size(); ++j) {
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      cur[j] =
+          std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
     }
     std::swap(prev, cur);
   }
@@ -44,13 +45,16 @@ class Parser {
  public:
   explicit Parser(std::string origin) : origin_(std::move(origin)) {}
 
-  absl::Status Error(const YAML::Node& node, const std::string& key, const std::string& what) const {
+  absl::Status Error(const YAML::Node& node, const std::string& key,
+                     const std::string& what) const {
     return absl::InvalidArgumentError(
-        absl::StrCat(origin_, ":", node.Mark().line + 1, ": ", key.empty() ? "" : absl::StrCat("key \"", key, "\" "), what));
+        absl::StrCat(origin_, ":", node.Mark().line + 1, ": ",
+                     key.empty() ? "" : absl::StrCat("key \"", key, "\" "), what));
   }
 
   // Checks the keys of a mapping against `known`.
-  absl::Status Keys(const YAML::Node& map, const std::string& where, const std::vector<std::string>& known) const {
+  absl::Status Keys(const YAML::Node& map, const std::string& where,
+                    const std::vector<std::string>& known) const {
     if (!map.IsMap()) return Error(map, where, "must be a mapping");
     for (const auto& kv : map) {
       const std::string k = kv.first.as<std::string>();
@@ -76,12 +80,14 @@ class Parser {
     return absl::OkStatus();
   }
 
-  absl::Status Range(const YAML::Node& map, const std::string& key, const std::string& path, double v, double lo,
-                     double hi, bool lo_open = false, bool hi_open = false) const {
+  absl::Status Range(const YAML::Node& map, const std::string& key, const std::string& path,
+                     double v, double lo, double hi, bool lo_open = false,
+                     bool hi_open = false) const {
     const bool bad = (lo_open ? v <= lo : v < lo) || (hi_open ? v >= hi : v > hi);
     if (!bad) return absl::OkStatus();
     return Error(map[key] ? map[key] : map, path,
-                 absl::StrCat("is ", v, ", out of range ", lo_open ? "(" : "[", lo, ", ", hi, hi_open ? ")" : "]"));
+                 absl::StrCat("is ", v, ", out of range ", lo_open ? "(" : "[", lo, ", ", hi,
+                              hi_open ? ")" : "]"));
   }
 
  private:
@@ -91,9 +97,15 @@ class Parser {
 }  // namespace
 
 const std::vector<std::string>& AllStageNames() {
-  static const std::vector<std::string> kAll = {
-      "progressive_distillation", "clip_distillation", "cfg_distillation", "prune", "finetune",
-      "quantize",                 "optimize",          "export",           "lora_report"};
+  static const std::vector<std::string> kAll = {"progressive_distillation",
+                                                "clip_distillation",
+                                                "cfg_distillation",
+                                                "prune",
+                                                "finetune",
+                                                "quantize",
+                                                "optimize",
+                                                "export",
+                                                "lora_report"};
   return kAll;
 }
 
@@ -107,21 +119,26 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   try {
     root = YAML::Load(text);
   } catch (const YAML::ParserException& e) {
-    return absl::InvalidArgumentError(absl::StrCat(origin, ":", e.mark.line + 1, ": invalid YAML: ", e.msg));
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ":", e.mark.line + 1, ": invalid YAML: ", e.msg));
   }
   Parser p(origin);
   JobSpec s;
-  if (!root || root.IsNull()) return absl::InvalidArgumentError(absl::StrCat(origin, ": empty job file"));
-  RETURN_IF_ERROR(p.Keys(root, "", {"name", "model", "dataset", "output", "seed", "checkpoint_interval", "batch_size",
-                                    "workers", "max_restarts", "stages", "distillation", "pruning", "finetune",
-                                    "optimization", "quantization"}));
+  if (!root || root.IsNull())
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": empty job file"));
+  RETURN_IF_ERROR(p.Keys(root, "",
+                         {"name", "model", "dataset", "output", "seed", "checkpoint_interval",
+                          "batch_size", "workers", "max_restarts", "stages", "distillation",
+                          "pruning", "finetune", "optimization", "quantization"}));
   RETURN_IF_ERROR(p.Get(root, "name", "name", s.name, "a string"));
   RETURN_IF_ERROR(p.Get(root, "model", "model", s.model, "a path"));
   RETURN_IF_ERROR(p.Get(root, "dataset", "dataset", s.dataset, "a path"));
   RETURN_IF_ERROR(p.Get(root, "output", "output", s.output, "a path"));
   RETURN_IF_ERROR(p.Get(root, "seed", "seed", s.seed, "an integer"));
-  RETURN_IF_ERROR(p.Get(root, "checkpoint_interval", "checkpoint_interval", s.checkpoint_interval, "an integer"));
-  RETURN_IF_ERROR(p.Range(root, "checkpoint_interval", "checkpoint_interval", s.checkpoint_interval, 1, 1e9));
+  RETURN_IF_ERROR(p.Get(root, "checkpoint_interval", "checkpoint_interval", s.checkpoint_interval,
+                        "an integer"));
+  RETURN_IF_ERROR(
+      p.Range(root, "checkpoint_interval", "checkpoint_interval", s.checkpoint_interval, 1, 1e9));
   RETURN_IF_ERROR(p.Get(root, "batch_size", "batch_size", s.batch_size, "an integer"));
   RETURN_IF_ERROR(p.Range(root, "batch_size", "batch_size", s.batch_size, 1, 4096));
   int64_t workers = 1, max_restarts = 3;
@@ -132,17 +149,24 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   if (s.model.empty()) return p.Error(root, "model", "is required (a diffusers SD1.5 folder)");
 
   if (const YAML::Node d = root["distillation"]) {
-    RETURN_IF_ERROR(p.Keys(d, "distillation", {"steps", "clip_distill_steps", "lr", "ema_decay", "progressive_stages"}));
+    RETURN_IF_ERROR(
+        p.Keys(d, "distillation",
+               {"steps", "clip_distill_steps", "lr", "ema_decay", "progressive_stages"}));
     RETURN_IF_ERROR(p.Get(d, "steps", "distillation.steps", s.steps, "an integer"));
     RETURN_IF_ERROR(p.Range(d, "steps", "distillation.steps", s.steps, 1, 1e9));
-    RETURN_IF_ERROR(p.Get(d, "clip_distill_steps", "distillation.clip_distill_steps", s.clip_distill_steps, "an integer"));
-    RETURN_IF_ERROR(p.Range(d, "clip_distill_steps", "distillation.clip_distill_steps", s.clip_distill_steps, 1, 1e9));
+    RETURN_IF_ERROR(p.Get(d, "clip_distill_steps", "distillation.clip_distill_steps",
+                          s.clip_distill_steps, "an integer"));
+    RETURN_IF_ERROR(p.Range(d, "clip_distill_steps", "distillation.clip_distill_steps",
+                            s.clip_distill_steps, 1, 1e9));
     RETURN_IF_ERROR(p.Get(d, "lr", "distillation.lr", s.lr, "a number"));
     RETURN_IF_ERROR(p.Range(d, "lr", "distillation.lr", s.lr, 0, 1, true));
     RETURN_IF_ERROR(p.Get(d, "ema_decay", "distillation.ema_decay", s.ema_decay, "a number"));
-    RETURN_IF_ERROR(p.Range(d, "ema_decay", "distillation.ema_decay", s.ema_decay, 0, 1, false, true));
+    RETURN_IF_ERROR(
+        p.Range(d, "ema_decay", "distillation.ema_decay", s.ema_decay, 0, 1, false, true));
     if (const YAML::Node ps = d["progressive_stages"]) {
-      if (!ps.IsSequence() || ps.size() < 2) return p.Error(ps, "distillation.progressive_stages", "must be a list of at least two step counts, like [50, 25, 12, 6]");
+      if (!ps.IsSequence() || ps.size() < 2)
+        return p.Error(ps, "distillation.progressive_stages",
+                       "must be a list of at least two step counts, like [50, 25, 12, 6]");
       s.progressive_stages.clear();
       for (const auto& v : ps) {
         int64_t n = 0;
@@ -152,7 +176,8 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
           return p.Error(v, "distillation.progressive_stages", "entries must be integers");
         }
         if (n < 1 || (!s.progressive_stages.empty() && n >= s.progressive_stages.back())) {
-          return p.Error(v, "distillation.progressive_stages", "must be positive and strictly decreasing");
+          return p.Error(v, "distillation.progressive_stages",
+                         "must be positive and strictly decreasing");
         }
         s.progressive_stages.push_back(n);
       }
@@ -161,11 +186,15 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   if (const YAML::Node pr = root["pruning"]) {
     RETURN_IF_ERROR(p.Keys(pr, "pruning", {"unet_ratio", "text_encoder_ratio", "vae_ratio"}));
     RETURN_IF_ERROR(p.Get(pr, "unet_ratio", "pruning.unet_ratio", s.prune_ratio, "a number"));
-    RETURN_IF_ERROR(p.Range(pr, "unet_ratio", "pruning.unet_ratio", s.prune_ratio, 0, 1, false, true));
-    RETURN_IF_ERROR(p.Get(pr, "text_encoder_ratio", "pruning.text_encoder_ratio", s.text_encoder_prune_ratio, "a number"));
-    RETURN_IF_ERROR(p.Range(pr, "text_encoder_ratio", "pruning.text_encoder_ratio", s.text_encoder_prune_ratio, 0, 1, false, true));
+    RETURN_IF_ERROR(
+        p.Range(pr, "unet_ratio", "pruning.unet_ratio", s.prune_ratio, 0, 1, false, true));
+    RETURN_IF_ERROR(p.Get(pr, "text_encoder_ratio", "pruning.text_encoder_ratio",
+                          s.text_encoder_prune_ratio, "a number"));
+    RETURN_IF_ERROR(p.Range(pr, "text_encoder_ratio", "pruning.text_encoder_ratio",
+                            s.text_encoder_prune_ratio, 0, 1, false, true));
     RETURN_IF_ERROR(p.Get(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, "a number"));
-    RETURN_IF_ERROR(p.Range(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, 0, 1, false, true));
+    RETURN_IF_ERROR(
+        p.Range(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, 0, 1, false, true));
   }
   if (const YAML::Node f = root["finetune"]) {
     RETURN_IF_ERROR(p.Keys(f, "finetune", {"steps", "lr"}));
@@ -177,18 +206,22 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   if (const YAML::Node o = root["optimization"]) {
     RETURN_IF_ERROR(p.Keys(o, "optimization", {"tome_ratio"}));
     RETURN_IF_ERROR(p.Get(o, "tome_ratio", "optimization.tome_ratio", s.tome_ratio, "a number"));
-    RETURN_IF_ERROR(p.Range(o, "tome_ratio", "optimization.tome_ratio", s.tome_ratio, 0, 1, false, true));
+    RETURN_IF_ERROR(
+        p.Range(o, "tome_ratio", "optimization.tome_ratio", s.tome_ratio, 0, 1, false, true));
   }
   if (const YAML::Node q = root["quantization"]) {
     RETURN_IF_ERROR(p.Keys(q, "quantization", {"int8_calibration_samples"}));
-    RETURN_IF_ERROR(p.Get(q, "int8_calibration_samples", "quantization.int8_calibration_samples", s.int8_calibration_samples, "an integer"));
-    RETURN_IF_ERROR(p.Range(q, "int8_calibration_samples", "quantization.int8_calibration_samples", s.int8_calibration_samples, 1, 1e7));
+    RETURN_IF_ERROR(p.Get(q, "int8_calibration_samples", "quantization.int8_calibration_samples",
+                          s.int8_calibration_samples, "an integer"));
+    RETURN_IF_ERROR(p.Range(q, "int8_calibration_samples", "quantization.int8_calibration_samples",
+                            s.int8_calibration_samples, 1, 1e7));
   }
 
   // stages: a list of names, or of {name: {workers: N, max_restarts: M}}; default: every stage.
   std::vector<std::pair<std::string, YAML::Node>> listed;
   if (const YAML::Node st = root["stages"]) {
-    if (!st.IsSequence() || st.size() == 0) return p.Error(st, "stages", "must be a non-empty list of stage names");
+    if (!st.IsSequence() || st.size() == 0)
+      return p.Error(st, "stages", "must be a non-empty list of stage names");
     for (const auto& e : st) {
       if (e.IsScalar()) {
         listed.emplace_back(e.Scalar(), e);
@@ -209,10 +242,13 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
     }
     const auto& impl = ImplementedStageNames();
     if (std::find(impl.begin(), impl.end(), name) == impl.end()) {
-      return p.Error(node, "", absl::StrCat("stage \"", name, "\" is not implemented in this build (implemented: ",
-                                            absl::StrJoin(impl, ", "), "); remove it from \"stages\""));
+      return p.Error(
+          node, "",
+          absl::StrCat("stage \"", name, "\" is not implemented in this build (implemented: ",
+                       absl::StrJoin(impl, ", "), "); remove it from \"stages\""));
     }
-    if (!seen.insert(name).second) return p.Error(node, "", absl::StrCat("stage \"", name, "\" is listed twice"));
+    if (!seen.insert(name).second)
+      return p.Error(node, "", absl::StrCat("stage \"", name, "\" is listed twice"));
     StageSpec stage{name, workers, max_restarts};
     if (node.IsMap() && node != root) {
       const YAML::Node opts = node.begin()->second;
@@ -221,8 +257,10 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
         RETURN_IF_ERROR(p.Keys(opts, where, {"workers", "max_restarts"}));
         RETURN_IF_ERROR(p.Get(opts, "workers", where + ".workers", stage.workers, "an integer"));
         RETURN_IF_ERROR(p.Range(opts, "workers", where + ".workers", stage.workers, 1, 1024));
-        RETURN_IF_ERROR(p.Get(opts, "max_restarts", where + ".max_restarts", stage.max_restarts, "an integer"));
-        RETURN_IF_ERROR(p.Range(opts, "max_restarts", where + ".max_restarts", stage.max_restarts, 0, 1000));
+        RETURN_IF_ERROR(
+            p.Get(opts, "max_restarts", where + ".max_restarts", stage.max_restarts, "an integer"));
+        RETURN_IF_ERROR(
+            p.Range(opts, "max_restarts", where + ".max_restarts", stage.max_restarts, 0, 1000));
       }
     }
     s.stages.push_back(stage);

@@ -12,7 +12,8 @@ bool ValidName(const std::string& n) {
   if (n.empty()) return false;
   for (size_t i = 0; i < n.size(); ++i) {
     const char c = n[i];
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == ':' || (i > 0 && c >= '0' && c <= '9');
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == ':' ||
+                    (i > 0 && c >= '0' && c <= '9');
     if (!ok) return false;
   }
   return true;
@@ -33,14 +34,18 @@ std::string Num(double v) {
 std::string EscapeHelp(const std::string& h) {
   std::string out;
   for (char c : h) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
 
-std::string LabelString(const Labels& labels, const std::string& extra_key = "", const std::string& extra_value = "") {
+std::string LabelString(const Labels& labels, const std::string& extra_key = "",
+                        const std::string& extra_value = "") {
   if (labels.empty() && extra_key.empty()) return "";
   std::string s = "{";
   bool first = true;
@@ -61,16 +66,21 @@ std::string LabelString(const Labels& labels, const std::string& extra_key = "",
 std::string EscapeLabelValue(const std::string& v) {
   std::string out;
   for (char c : v) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '"')
+      out += "\\\"";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
 
 const std::vector<double>& Registry::DefaultBuckets() {
-  static const std::vector<double> kBuckets = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+  static const std::vector<double> kBuckets = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                               1,     2.5,  5,     10,   30,  60};
   return kBuckets;
 }
 
@@ -85,18 +95,21 @@ Registry::Family& Registry::GetFamily(const std::string& name, const std::string
   return it->second;
 }
 
-void Registry::CounterAdd(const std::string& name, const std::string& help, const Labels& labels, double v) {
+void Registry::CounterAdd(const std::string& name, const std::string& help, const Labels& labels,
+                          double v) {
   std::lock_guard<std::mutex> lock(mu_);
   if (v < 0) throw std::invalid_argument("counter " + name + " cannot decrease");
   GetFamily(name, help, Type::kCounter).series[labels].value += v;
 }
 
-void Registry::GaugeSet(const std::string& name, const std::string& help, const Labels& labels, double v) {
+void Registry::GaugeSet(const std::string& name, const std::string& help, const Labels& labels,
+                        double v) {
   std::lock_guard<std::mutex> lock(mu_);
   GetFamily(name, help, Type::kGauge).series[labels].value = v;
 }
 
-void Registry::HistogramObserve(const std::string& name, const std::string& help, const Labels& labels, double v,
+void Registry::HistogramObserve(const std::string& name, const std::string& help,
+                                const Labels& labels, double v,
                                 const std::vector<double>& buckets) {
   std::lock_guard<std::mutex> lock(mu_);
   Family& f = GetFamily(name, help, Type::kHistogram);
@@ -120,7 +133,9 @@ std::string Registry::Render() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::string out;
   for (const auto& [name, f] : families_) {
-    const char* type = f.type == Type::kCounter ? "counter" : f.type == Type::kGauge ? "gauge" : "histogram";
+    const char* type = f.type == Type::kCounter ? "counter"
+                       : f.type == Type::kGauge ? "gauge"
+                                                : "histogram";
     out += "# HELP " + name + " " + EscapeHelp(f.help) + "\n# TYPE " + name + " " + type + "\n";
     for (const auto& [labels, s] : f.series) {
       if (f.type != Type::kHistogram) {
@@ -128,7 +143,8 @@ std::string Registry::Render() const {
         continue;
       }
       for (size_t i = 0; i < f.buckets.size(); ++i) {
-        out += name + "_bucket" + LabelString(labels, "le", Num(f.buckets[i])) + " " + Num(s.bucket_counts[i]) + "\n";
+        out += name + "_bucket" + LabelString(labels, "le", Num(f.buckets[i])) + " " +
+               Num(s.bucket_counts[i]) + "\n";
       }
       out += name + "_bucket" + LabelString(labels, "le", "+Inf") + " " + Num(s.count) + "\n";
       out += name + "_sum" + LabelString(labels) + " " + Num(s.sum) + "\n";

@@ -16,10 +16,11 @@ class Registry {
  public:
   // Each call returns a handle to one labelled series; families are created on
   // first use. Names must match [a-zA-Z_:][a-zA-Z0-9_:]* (checked, throws otherwise).
-  void CounterAdd(const std::string& name, const std::string& help, const Labels& labels, double v = 1);
+  void CounterAdd(const std::string& name, const std::string& help, const Labels& labels,
+                  double v = 1);
   void GaugeSet(const std::string& name, const std::string& help, const Labels& labels, double v);
-  void HistogramObserve(const std::string& name, const std::string& help, const Labels& labels, double v,
-                        const std::vector<double>& buckets = DefaultBuckets());
+  void HistogramObserve(const std::string& name, const std::string& help, const Labels& labels,
+                        double v, const std::vector<double>& buckets = DefaultBuckets());
   void Remove(const std::string& name, const Labels& labels);
 
   std::string Render() const;

@@ -13,7 +13,9 @@ class Stmt {
   ~Stmt() { sqlite3_finalize(s_); }
   bool ok() const { return rc_ == SQLITE_OK; }
   sqlite3_stmt* get() const { return s_; }
-  void Text(int i, const std::string& v) { sqlite3_bind_text(s_, i, v.c_str(), static_cast<int>(v.size()), SQLITE_TRANSIENT); }
+  void Text(int i, const std::string& v) {
+    sqlite3_bind_text(s_, i, v.c_str(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+  }
   void Int(int i, int64_t v) { sqlite3_bind_int64(s_, i, v); }
   void Real(int i, double v) { sqlite3_bind_double(s_, i, v); }
 
@@ -45,13 +47,17 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
     return absl::InternalError(absl::StrCat("cannot open job store ", path, ": ", msg));
   }
   std::unique_ptr<JobStore> store(new JobStore(db));
-  RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"));
+  RETURN_IF_ERROR(
+      store->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"));
   RETURN_IF_ERROR(store->Exec(
-      "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, yaml TEXT NOT NULL, state TEXT NOT NULL);"
-      "CREATE TABLE IF NOT EXISTS stages (job_id TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,"
+      "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, yaml TEXT NOT NULL, state TEXT NOT "
+      "NULL);"
+      "CREATE TABLE IF NOT EXISTS stages (job_id TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT "
+      "NOT NULL,"
       "  state TEXT NOT NULL, restarts INTEGER NOT NULL, step INTEGER NOT NULL, loss REAL NOT NULL,"
       "  PRIMARY KEY (job_id, idx));"
-      "CREATE TABLE IF NOT EXISTS events (job_id TEXT NOT NULL, seq INTEGER NOT NULL, text TEXT NOT NULL,"
+      "CREATE TABLE IF NOT EXISTS events (job_id TEXT NOT NULL, seq INTEGER NOT NULL, text TEXT "
+      "NOT NULL,"
       "  PRIMARY KEY (job_id, seq));"));
   return store;
 }
@@ -76,8 +82,9 @@ absl::Status JobStore::Save(const JobRecord& job) {
     return absl::InternalError(msg);
   };
   {
-    Stmt s(db_, "INSERT INTO jobs (id, yaml, state) VALUES (?1, ?2, ?3) "
-                "ON CONFLICT(id) DO UPDATE SET state = excluded.state");
+    Stmt s(db_,
+           "INSERT INTO jobs (id, yaml, state) VALUES (?1, ?2, ?3) "
+           "ON CONFLICT(id) DO UPDATE SET state = excluded.state");
     s.Text(1, job.id);
     s.Text(2, job.yaml);
     s.Text(3, Name(job.state));
@@ -85,8 +92,9 @@ absl::Status JobStore::Save(const JobRecord& job) {
   }
   for (size_t i = 0; i < job.stages.size(); ++i) {
     const auto& st = job.stages[i];
-    Stmt s(db_, "INSERT OR REPLACE INTO stages (job_id, idx, name, state, restarts, step, loss) "
-                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
+    Stmt s(db_,
+           "INSERT OR REPLACE INTO stages (job_id, idx, name, state, restarts, step, loss) "
+           "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
     s.Text(1, job.id);
     s.Int(2, static_cast<int64_t>(i));
     s.Text(3, st.spec.name);
@@ -118,7 +126,8 @@ absl::StatusOr<std::vector<JobRecord>> JobStore::LoadAll() const {
     auto spec = ParseJobSpec(j.yaml, absl::StrCat("stored job ", j.id));
     if (!spec.ok()) return spec.status();
     j.spec = *spec;
-    Stmt st(db_, "SELECT name, state, restarts, step, loss FROM stages WHERE job_id = ?1 ORDER BY idx");
+    Stmt st(db_,
+            "SELECT name, state, restarts, step, loss FROM stages WHERE job_id = ?1 ORDER BY idx");
     st.Text(1, j.id);
     size_t idx = 0;
     while (sqlite3_step(st.get()) == SQLITE_ROW) {

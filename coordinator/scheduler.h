@@ -80,16 +80,18 @@ class Scheduler {
   void Restore(std::vector<JobRecord> jobs, double now);
   absl::Status Cancel(const std::string& job_id, double now, std::vector<Action>* actions);
 
-  void RegisterWorker(const std::string& id, const std::string& device, int64_t device_count, double now);
+  void RegisterWorker(const std::string& id, const std::string& device, int64_t device_count,
+                      double now);
   absl::Status Heartbeat(const std::string& id, double now);
 
-  absl::Status Progress(const std::string& task, const std::string& worker, int64_t step, double loss);
+  absl::Status Progress(const std::string& task, const std::string& worker, int64_t step,
+                        double loss);
   // A rank finished; the stage succeeds when every rank has.
   absl::Status Complete(const std::string& task, const std::string& worker, double now);
   // A rank failed: the whole task is aborted, and the stage restarts from its
   // latest checkpoint unless it has used up max_restarts.
-  absl::Status Fail(const std::string& task, const std::string& worker, const std::string& reason, double now,
-                    std::vector<Action>* actions);
+  absl::Status Fail(const std::string& task, const std::string& worker, const std::string& reason,
+                    double now, std::vector<Action>* actions);
 
   // Expires workers whose heartbeat is older than the timeout (their tasks fail
   // and restart), then assigns runnable stages to idle workers, oldest job first.
@@ -103,7 +105,8 @@ class Scheduler {
  private:
   void Event(JobRecord& job, double now, const std::string& what);
   void AbortTask(const std::string& task_id, std::vector<Action>* actions);
-  void FailTask(const std::string& task_id, const std::string& reason, double now, std::vector<Action>* actions);
+  void FailTask(const std::string& task_id, const std::string& reason, double now,
+                std::vector<Action>* actions);
 
   SchedulerOptions opt_;
   std::map<std::string, JobRecord> jobs_;

@@ -17,7 +17,8 @@ absl::StatusOr<Args> Args::Parse(int argc, char** argv, const std::vector<std::s
   };
   for (int i = 0; i < argc; ++i) {
     std::string arg = argv[i];
-    if (arg.rfind("--", 0) != 0) return absl::InvalidArgumentError(absl::StrCat("unexpected argument \"", arg, "\""));
+    if (arg.rfind("--", 0) != 0)
+      return absl::InvalidArgumentError(absl::StrCat("unexpected argument \"", arg, "\""));
     std::string name = arg.substr(2), value;
     bool has_value = false;
     if (auto eq = name.find('='); eq != std::string::npos) {
@@ -30,11 +31,12 @@ absl::StatusOr<Args> Args::Parse(int argc, char** argv, const std::vector<std::s
       continue;
     }
     if (!contains(known, name) && !contains(repeatable, name)) {
-      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name, " (known: --",
-                                                     absl::StrJoin(known, ", --"), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown flag --", name, " (known: --", absl::StrJoin(known, ", --"), ")"));
     }
     if (!has_value) {
-      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat("flag --", name, " needs a value"));
+      if (i + 1 >= argc)
+        return absl::InvalidArgumentError(absl::StrCat("flag --", name, " needs a value"));
       value = argv[++i];
     }
     if (a.values_.count(name) && !contains(repeatable, name)) {
@@ -58,14 +60,18 @@ std::vector<std::string> Args::All(const std::string& flag) const {
 absl::StatusOr<int64_t> Args::Int(const std::string& flag, int64_t def) const {
   if (!Has(flag)) return def;
   int64_t v = 0;
-  if (!absl::SimpleAtoi(Get(flag), &v)) return absl::InvalidArgumentError(absl::StrCat("--", flag, " needs an integer, got \"", Get(flag), "\""));
+  if (!absl::SimpleAtoi(Get(flag), &v))
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, " needs an integer, got \"", Get(flag), "\""));
   return v;
 }
 
 absl::StatusOr<double> Args::Double(const std::string& flag, double def) const {
   if (!Has(flag)) return def;
   double v = 0;
-  if (!absl::SimpleAtod(Get(flag), &v)) return absl::InvalidArgumentError(absl::StrCat("--", flag, " needs a number, got \"", Get(flag), "\""));
+  if (!absl::SimpleAtod(Get(flag), &v))
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, " needs a number, got \"", Get(flag), "\""));
   return v;
 }
 

@@ -18,23 +18,28 @@ namespace sdctl {
 namespace {
 
 absl::Status Run(int argc, char** argv) {
-  ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv,
-                                          {"model", "negative-prompt", "steps", "guidance", "seed", "scheduler",
-                                           "out", "out-dir", "prompts-file", "height", "width", "images-per-prompt",
-                                           "device", "dtype", "latents", "threads"},
-                                          {"prompt"}, {"vae-slicing"}));
+  ASSIGN_OR_RETURN(
+      Args args, Args::Parse(argc, argv,
+                             {"model", "negative-prompt", "steps", "guidance", "seed", "scheduler",
+                              "out", "out-dir", "prompts-file", "height", "width",
+                              "images-per-prompt", "device", "dtype", "latents", "threads"},
+                             {"prompt"}, {"vae-slicing"}));
   if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
   sd::GenerateOptions o;
   o.prompts = args.All("prompt");
   if (args.Has("prompts-file")) {
     std::ifstream in(args.Get("prompts-file"));
-    if (!in) return absl::NotFoundError(absl::StrCat("cannot open --prompts-file ", args.Get("prompts-file")));
+    if (!in)
+      return absl::NotFoundError(
+          absl::StrCat("cannot open --prompts-file ", args.Get("prompts-file")));
     for (std::string line; std::getline(in, line);) {
       if (!line.empty()) o.prompts.push_back(line);
     }
   }
-  if (o.prompts.empty()) return absl::InvalidArgumentError("give at least one --prompt or a --prompts-file");
-  if (args.Has("negative-prompt")) o.negative_prompts.assign(o.prompts.size(), args.Get("negative-prompt"));
+  if (o.prompts.empty())
+    return absl::InvalidArgumentError("give at least one --prompt or a --prompts-file");
+  if (args.Has("negative-prompt"))
+    o.negative_prompts.assign(o.prompts.size(), args.Get("negative-prompt"));
   ASSIGN_OR_RETURN(o.steps, args.Int("steps", 50));
   ASSIGN_OR_RETURN(o.guidance_scale, args.Double("guidance", 7.5));
   ASSIGN_OR_RETURN(int64_t seed, args.Int("seed", 0));
@@ -47,25 +52,35 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
   if (threads > 0) torch::set_num_threads(static_cast<int>(threads));
   const int64_t total = static_cast<int64_t>(o.prompts.size()) * o.images_per_prompt;
-  if (total > 1 && !args.Has("out-dir")) return absl::InvalidArgumentError("several images: use --out-dir DIR");
-  if (total == 1 && !args.Has("out") && !args.Has("out-dir")) return absl::InvalidArgumentError("--out FILE.png is required");
+  if (total > 1 && !args.Has("out-dir"))
+    return absl::InvalidArgumentError("several images: use --out-dir DIR");
+  if (total == 1 && !args.Has("out") && !args.Has("out-dir"))
+    return absl::InvalidArgumentError("--out FILE.png is required");
 
   ASSIGN_OR_RETURN(torch::Dtype dtype, sd::ParseDtypeName(args.Get("dtype", "fp32")));
   const std::string dev = args.Get("device", "cpu");
-  if (dev != "cpu" && dev.rfind("cuda", 0) != 0) return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got ", dev));
-  if (dev != "cpu" && !torch::cuda::is_available()) return absl::FailedPreconditionError("--device cuda asked for, but no CUDA device is available");
-  if (dev == "cpu" && dtype == torch::kFloat16) return absl::InvalidArgumentError("--dtype fp16 needs --device cuda (use fp32 or bf16 on CPU)");
+  if (dev != "cpu" && dev.rfind("cuda", 0) != 0)
+    return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got ", dev));
+  if (dev != "cpu" && !torch::cuda::is_available())
+    return absl::FailedPreconditionError(
+        "--device cuda asked for, but no CUDA device is available");
+  if (dev == "cpu" && dtype == torch::kFloat16)
+    return absl::InvalidArgumentError("--dtype fp16 needs --device cuda (use fp32 or bf16 on CPU)");
 
   if (args.Has("latents")) {
     ASSIGN_OR_RETURN(sd::safetensors::File f, sd::safetensors::File::Open(args.Get("latents")));
-    if (f.tensors().size() != 1) return absl::InvalidArgumentError(absl::StrCat(args.Get("latents"), ": expected exactly one tensor"));
+    if (f.tensors().size() != 1)
+      return absl::InvalidArgumentError(
+          absl::StrCat(args.Get("latents"), ": expected exactly one tensor"));
     ASSIGN_OR_RETURN(o.latents, f.Get(f.tensors()[0].name, torch::kFloat32));
   }
 
   auto t0 = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(sd::StableDiffusion model, sd::StableDiffusion::Load(args.Get("model"), torch::Device(dev), dtype));
+  ASSIGN_OR_RETURN(sd::StableDiffusion model,
+                   sd::StableDiffusion::Load(args.Get("model"), torch::Device(dev), dtype));
   auto t1 = std::chrono::steady_clock::now();
-  std::fprintf(stderr, "loaded %s in %.1fs\n", args.Get("model").c_str(), std::chrono::duration<double>(t1 - t0).count());
+  std::fprintf(stderr, "loaded %s in %.1fs\n", args.Get("model").c_str(),
+               std::chrono::duration<double>(t1 - t0).count());
   o.on_step = [t1](int64_t step, int64_t steps) {
     double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
     std::fprintf(stderr, "\rstep %lld/%lld  %.2f it/s  eta %.0fs   ", static_cast<long long>(step),

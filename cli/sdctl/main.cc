@@ -7,14 +7,18 @@
 
 namespace {
 void Usage() {
-  std::cerr << "usage: sdctl <command> [flags]\n\n"
-               "commands:\n"
-               "  generate   text-to-image with a diffusers-layout SD1.5 model\n"
-               "             --model DIR --prompt TEXT [--prompt TEXT ...] [--negative-prompt TEXT]\n"
-               "             [--steps 50] [--guidance 7.5] [--seed 0] [--scheduler default|ddim|euler|dpm++2m|pndm]\n"
-               "             [--height H --width W] [--images-per-prompt 1] [--device cpu|cuda] [--dtype fp32|fp16|bf16]\n"
-               "             [--prompts-file FILE] (--out FILE.png | --out-dir DIR) [--latents FILE.safetensors]\n"
-               "             [--threads N] [--vae-slicing]\n";
+  std::cerr
+      << "usage: sdctl <command> [flags]\n\n"
+         "commands:\n"
+         "  generate   text-to-image with a diffusers-layout SD1.5 model\n"
+         "             --model DIR --prompt TEXT [--prompt TEXT ...] [--negative-prompt TEXT]\n"
+         "             [--steps 50] [--guidance 7.5] [--seed 0] [--scheduler "
+         "default|ddim|euler|dpm++2m|pndm]\n"
+         "             [--height H --width W] [--images-per-prompt 1] [--device cpu|cuda] [--dtype "
+         "fp32|fp16|bf16]\n"
+         "             [--prompts-file FILE] (--out FILE.png | --out-dir DIR) [--latents "
+         "FILE.safetensors]\n"
+         "             [--threads N] [--vae-slicing]\n";
 }
 }  // namespace
 

@@ -18,7 +18,8 @@ void NoFlush(png_structp) {}
 
 absl::StatusOr<std::string> EncodePng(const torch::Tensor& image) {
   if (image.dim() != 3 || image.size(2) != 3) {
-    return absl::InvalidArgumentError(absl::StrCat("PNG encoding needs an [H, W, 3] image, got ", c10::str(image.sizes())));
+    return absl::InvalidArgumentError(
+        absl::StrCat("PNG encoding needs an [H, W, 3] image, got ", c10::str(image.sizes())));
   }
   torch::Tensor u8 = image.scalar_type() == torch::kUInt8
                          ? image
@@ -33,11 +34,12 @@ absl::StatusOr<std::string> EncodePng(const torch::Tensor& image) {
     return absl::InternalError("libpng failed to encode the image");
   }
   png_set_write_fn(png, &out, WriteToString, NoFlush);
-  png_set_IHDR(png, info, w, h, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
-               PNG_FILTER_TYPE_DEFAULT);
+  png_set_IHDR(png, info, w, h, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
+               PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
   png_write_info(png, info);
   const uint8_t* base = u8.data_ptr<uint8_t>();
-  for (int y = 0; y < h; ++y) png_write_row(png, const_cast<png_bytep>(base + static_cast<size_t>(y) * w * 3));
+  for (int y = 0; y < h; ++y)
+    png_write_row(png, const_cast<png_bytep>(base + static_cast<size_t>(y) * w * 3));
   png_write_end(png, nullptr);
   png_destroy_write_struct(&png, &info);
   return out;
@@ -53,10 +55,12 @@ absl::StatusOr<torch::Tensor> ReadPng(const std::string& path) {
   std::memset(&img, 0, sizeof(img));
   img.version = PNG_IMAGE_VERSION;
   if (!png_image_begin_read_from_file(&img, path.c_str())) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a readable PNG (", img.message, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": not a readable PNG (", img.message, ")"));
   }
   img.format = PNG_FORMAT_RGB;
-  auto t = torch::empty({static_cast<int64_t>(img.height), static_cast<int64_t>(img.width), 3}, torch::kUInt8);
+  auto t = torch::empty({static_cast<int64_t>(img.height), static_cast<int64_t>(img.width), 3},
+                        torch::kUInt8);
   if (!png_image_finish_read(&img, nullptr, t.data_ptr<uint8_t>(), 0, nullptr)) {
     std::string msg = img.message;
     png_image_free(&img);

@@ -14,7 +14,8 @@ absl::StatusOr<JsonConfig> JsonConfig::Load(const std::string& path) {
   } catch (const nlohmann::json::parse_error& e) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": invalid JSON: ", e.what()));
   }
-  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": expected a JSON object"));
+  if (!j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(path, ": expected a JSON object"));
   return FromJson(std::move(j), path);
 }
 
@@ -48,7 +49,8 @@ absl::StatusOr<bool> JsonConfig::Bool(const std::string& key, bool def) const {
   if (!j_[key].is_boolean()) return Error(key, "must be true or false");
   return j_[key].get<bool>();
 }
-absl::StatusOr<std::string> JsonConfig::String(const std::string& key, const std::string& def) const {
+absl::StatusOr<std::string> JsonConfig::String(const std::string& key,
+                                               const std::string& def) const {
   if (!Has(key)) return def;
   if (!j_[key].is_string()) return Error(key, "must be a string");
   return j_[key].get<std::string>();
@@ -63,7 +65,8 @@ absl::StatusOr<std::vector<int64_t>> JsonConfig::IntList(const std::string& key)
   }
   return out;
 }
-absl::StatusOr<std::vector<int64_t>> JsonConfig::IntOrList(const std::string& key, size_t n, int64_t def) const {
+absl::StatusOr<std::vector<int64_t>> JsonConfig::IntOrList(const std::string& key, size_t n,
+                                                           int64_t def) const {
   if (!Has(key)) return std::vector<int64_t>(n, def);
   if (j_[key].is_number_integer()) return std::vector<int64_t>(n, j_[key].get<int64_t>());
   ASSIGN_OR_RETURN(auto v, IntList(key));

@@ -22,7 +22,8 @@ class JsonConfig {
   absl::StatusOr<std::string> String(const std::string& key, const std::string& def) const;
   absl::StatusOr<std::vector<int64_t>> IntList(const std::string& key) const;
   // An int or a list of ints; a single int is repeated `n` times (diffusers' convention).
-  absl::StatusOr<std::vector<int64_t>> IntOrList(const std::string& key, size_t n, int64_t def) const;
+  absl::StatusOr<std::vector<int64_t>> IntOrList(const std::string& key, size_t n,
+                                                 int64_t def) const;
   absl::StatusOr<std::vector<std::string>> StringList(const std::string& key) const;
   absl::StatusOr<std::vector<double>> DoubleList(const std::string& key) const;
 

@@ -21,9 +21,9 @@ struct DtypeEntry {
   torch::Dtype dtype;
 };
 constexpr DtypeEntry kDtypes[] = {
-    {"F64", torch::kFloat64}, {"F32", torch::kFloat32}, {"F16", torch::kFloat16},
-    {"BF16", torch::kBFloat16}, {"I64", torch::kInt64}, {"I32", torch::kInt32},
-    {"I16", torch::kInt16}, {"I8", torch::kInt8},       {"U8", torch::kUInt8},
+    {"F64", torch::kFloat64},   {"F32", torch::kFloat32}, {"F16", torch::kFloat16},
+    {"BF16", torch::kBFloat16}, {"I64", torch::kInt64},   {"I32", torch::kInt32},
+    {"I16", torch::kInt16},     {"I8", torch::kInt8},     {"U8", torch::kUInt8},
     {"BOOL", torch::kBool},
 };
 
@@ -56,18 +56,22 @@ absl::StatusOr<File> File::Open(const std::string& path) {
   File f;
   ASSIGN_OR_RETURN(f.map_, MappedFile::Open(path));
   const size_t size = f.map_->size();
-  if (size < 8) return Bad(path, absl::StrCat("file is ", size, " bytes, shorter than the 8-byte header length"));
+  if (size < 8)
+    return Bad(path,
+               absl::StrCat("file is ", size, " bytes, shorter than the 8-byte header length"));
   uint64_t header_len = 0;
   std::memcpy(&header_len, f.map_->data(), 8);  // little-endian on every supported host
-  if (header_len > kMaxHeaderBytes) return Bad(path, absl::StrCat("header length ", header_len, " exceeds the 100 MiB limit"));
+  if (header_len > kMaxHeaderBytes)
+    return Bad(path, absl::StrCat("header length ", header_len, " exceeds the 100 MiB limit"));
   if (header_len > size - 8) {
-    return Bad(path, absl::StrCat("header length ", header_len, " runs past the end of the ",
-                                  size, "-byte file (truncated?)"));
+    return Bad(path, absl::StrCat("header length ", header_len, " runs past the end of the ", size,
+                                  "-byte file (truncated?)"));
   }
   f.data_start_ = 8 + header_len;
   const size_t data_size = size - f.data_start_;
   const char* hdr = reinterpret_cast<const char*>(f.map_->data() + 8);
-  nlohmann::json j = nlohmann::json::parse(hdr, hdr + header_len, nullptr, /*allow_exceptions=*/false);
+  nlohmann::json j =
+      nlohmann::json::parse(hdr, hdr + header_len, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Bad(path, "header is not valid JSON");
   if (!j.is_object()) return Bad(path, "header JSON is not an object");
 
@@ -77,13 +81,17 @@ absl::StatusOr<File> File::Open(const std::string& path) {
     if (name == "__metadata__") {
       if (!v.is_object()) return Bad(path, "__metadata__ is not an object");
       for (auto m = v.begin(); m != v.end(); ++m) {
-        if (!m.value().is_string()) return Bad(path, absl::StrCat("__metadata__ value of \"", m.key(), "\" is not a string"));
+        if (!m.value().is_string())
+          return Bad(path, absl::StrCat("__metadata__ value of \"", m.key(), "\" is not a string"));
         f.metadata_[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
-    auto where = [&](const std::string& what) { return Bad(path, absl::StrCat("tensor \"", name, "\": ", what)); };
-    if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets")) {
+    auto where = [&](const std::string& what) {
+      return Bad(path, absl::StrCat("tensor \"", name, "\": ", what));
+    };
+    if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") ||
+        !v.contains("data_offsets")) {
       return where("entry needs dtype, shape and data_offsets");
     }
     if (!v["dtype"].is_string()) return where("dtype is not a string");
@@ -100,20 +108,24 @@ absl::StatusOr<File> File::Open(const std::string& path) {
       numel *= d.get<uint64_t>();
     }
     const auto& off = v["data_offsets"];
-    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
+    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
+        !off[1].is_number_unsigned()) {
       return where("data_offsets must be two non-negative integers");
     }
     info.begin = off[0].get<uint64_t>();
     info.end = off[1].get<uint64_t>();
-    if (info.begin > info.end) return where(absl::StrFormat("data_offsets [%d, %d) are reversed", info.begin, info.end));
+    if (info.begin > info.end)
+      return where(absl::StrFormat("data_offsets [%d, %d) are reversed", info.begin, info.end));
     if (info.end > data_size) {
-      return where(absl::StrFormat("data_offsets [%d, %d) run past the %d bytes of data (truncated file?)",
-                                   info.begin, info.end, data_size));
+      return where(
+          absl::StrFormat("data_offsets [%d, %d) run past the %d bytes of data (truncated file?)",
+                          info.begin, info.end, data_size));
     }
     const uint64_t want = numel * c10::elementSize(info.dtype);
     if (info.end - info.begin != want) {
-      return where(absl::StrFormat("shape %s of %s needs %d bytes but data_offsets span %d", ShapeStr(info.shape),
-                                   v["dtype"].get<std::string>(), want, info.end - info.begin));
+      return where(absl::StrFormat("shape %s of %s needs %d bytes but data_offsets span %d",
+                                   ShapeStr(info.shape), v["dtype"].get<std::string>(), want,
+                                   info.end - info.begin));
     }
     f.tensors_.push_back(std::move(info));
   }
@@ -123,8 +135,8 @@ absl::StatusOr<File> File::Open(const std::string& path) {
             [](const TensorInfo* a, const TensorInfo* b) { return a->begin < b->begin; });
   for (size_t i = 1; i < by_offset.size(); ++i) {
     if (by_offset[i]->begin < by_offset[i - 1]->end) {
-      return Bad(path, absl::StrCat("tensors \"", by_offset[i - 1]->name, "\" and \"", by_offset[i]->name,
-                                    "\" have overlapping data_offsets"));
+      return Bad(path, absl::StrCat("tensors \"", by_offset[i - 1]->name, "\" and \"",
+                                    by_offset[i]->name, "\" have overlapping data_offsets"));
     }
   }
   for (size_t i = 0; i < f.tensors_.size(); ++i) f.index_[f.tensors_[i].name] = i;
@@ -136,9 +148,11 @@ const TensorInfo* File::Find(const std::string& name) const {
   return it == index_.end() ? nullptr : &tensors_[it->second];
 }
 
-absl::StatusOr<torch::Tensor> File::Get(const std::string& name, std::optional<torch::Dtype> dtype) const {
+absl::StatusOr<torch::Tensor> File::Get(const std::string& name,
+                                        std::optional<torch::Dtype> dtype) const {
   const TensorInfo* info = Find(name);
-  if (info == nullptr) return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" not in ", path()));
+  if (info == nullptr)
+    return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" not in ", path()));
   const unsigned char* ptr = map_->data() + data_start_ + info->begin;
   auto opts = torch::TensorOptions().dtype(info->dtype);
   torch::Tensor t;
@@ -150,13 +164,15 @@ absl::StatusOr<torch::Tensor> File::Get(const std::string& name, std::optional<t
     std::memcpy(t.data_ptr(), ptr, info->end - info->begin);
   } else {
     auto keep = map_;
-    t = torch::from_blob(const_cast<unsigned char*>(ptr), info->shape, [keep](void*) {}, opts);
+    t = torch::from_blob(
+        const_cast<unsigned char*>(ptr), info->shape, [keep](void*) {}, opts);
   }
   if (dtype.has_value() && *dtype != info->dtype) t = t.to(*dtype);
   return t;
 }
 
-absl::StatusOr<torch::Tensor> File::Take(const std::string& name, std::optional<torch::Dtype> dtype) const {
+absl::StatusOr<torch::Tensor> File::Take(const std::string& name,
+                                         std::optional<torch::Dtype> dtype) const {
   ASSIGN_OR_RETURN(torch::Tensor t, Get(name, dtype));
   const TensorInfo* info = Find(name);
   torch::Tensor copy = t.clone();
@@ -170,13 +186,17 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
   if (path.size() >= 5 && path.substr(path.size() - 5) == ".json") {
     ASSIGN_OR_RETURN(std::string text, ReadFile(path));
     nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-    if (j.is_discarded() || !j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
-      return absl::DataLossError(absl::StrCat("malformed sharded checkpoint index ", path, ": needs a weight_map object"));
+    if (j.is_discarded() || !j.is_object() || !j.contains("weight_map") ||
+        !j["weight_map"].is_object()) {
+      return absl::DataLossError(
+          absl::StrCat("malformed sharded checkpoint index ", path, ": needs a weight_map object"));
     }
     const auto dir = std::filesystem::path(path).parent_path();
     std::map<std::string, size_t> shard_index;
     for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-      if (!it.value().is_string()) return absl::DataLossError(absl::StrCat(path, ": weight_map entry \"", it.key(), "\" is not a file name"));
+      if (!it.value().is_string())
+        return absl::DataLossError(
+            absl::StrCat(path, ": weight_map entry \"", it.key(), "\" is not a file name"));
       const std::string shard = it.value().get<std::string>();
       if (!shard_index.count(shard)) {
         ASSIGN_OR_RETURN(File f, File::Open((dir / shard).string()));
@@ -185,7 +205,8 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
       }
       const size_t fi = shard_index[shard];
       if (c.files_[fi].Find(it.key()) == nullptr) {
-        return absl::DataLossError(absl::StrCat(path, " maps tensor \"", it.key(), "\" to ", shard, ", which does not hold it"));
+        return absl::DataLossError(absl::StrCat(path, " maps tensor \"", it.key(), "\" to ", shard,
+                                                ", which does not hold it"));
       }
       c.where_[it.key()] = fi;
     }
@@ -220,7 +241,8 @@ std::vector<int64_t> Checkpoint::Shape(const std::string& name) const {
 absl::StatusOr<torch::Tensor> Checkpoint::Fetch(const std::string& name, bool copy,
                                                 std::optional<torch::Dtype> dtype) const {
   auto it = where_.find(name);
-  if (it == where_.end()) return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" not in ", origin_));
+  if (it == where_.end())
+    return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" not in ", origin_));
   if (it->second == SIZE_MAX) {
     torch::Tensor t = memory_.at(name);
     if (dtype.has_value()) t = t.to(*dtype);
@@ -248,7 +270,8 @@ absl::Status Save(const std::string& path, const TensorMap& tensors, const Metad
     ASSIGN_OR_RETURN(std::string dt, DtypeName(t.scalar_type()));
     torch::Tensor c = t.detach().to(torch::kCPU).contiguous();
     size_t nbytes = c.numel() * c.element_size();
-    header[name] = {{"dtype", dt}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    header[name] = {
+        {"dtype", dt}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
     data.push_back(std::move(c));
   }
@@ -287,7 +310,8 @@ absl::StatusOr<std::string> SaveSharded(const std::string& dir, const std::strin
     for (const auto& [name, t] : shards[i]) weight_map[name] = file;
   }
   nlohmann::json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
-  std::string index_path = (std::filesystem::path(dir) / (stem + ".safetensors.index.json")).string();
+  std::string index_path =
+      (std::filesystem::path(dir) / (stem + ".safetensors.index.json")).string();
   RETURN_IF_ERROR(WriteFileAtomic(index_path, index.dump(2)));
   return index_path;
 }

@@ -79,7 +79,8 @@ class Checkpoint {
 };
 
 // Loads every tensor (zero-copy where the dtype matches).
-absl::StatusOr<TensorMap> Load(const std::string& path, std::optional<torch::Dtype> dtype = std::nullopt);
+absl::StatusOr<TensorMap> Load(const std::string& path,
+                               std::optional<torch::Dtype> dtype = std::nullopt);
 
 // Writes one file atomically. Tensors are written contiguous, on CPU, in name order.
 absl::Status Save(const std::string& path, const TensorMap& tensors, const Metadata& metadata = {});

@@ -32,21 +32,28 @@ absl::StatusOr<VAEConfig> VAEConfig::FromJson(const JsonConfig& c) {
   if (c.Has("down_block_types")) {
     ASSIGN_OR_RETURN(auto types, c.StringList("down_block_types"));
     for (const auto& t : types) {
-      if (t != "DownEncoderBlock2D") return c.Error("down_block_types", absl::StrCat("has unsupported block \"", t, "\""));
+      if (t != "DownEncoderBlock2D")
+        return c.Error("down_block_types", absl::StrCat("has unsupported block \"", t, "\""));
     }
-    if (types.size() != v.block_out_channels.size()) return c.Error("down_block_types", "must have one entry per block_out_channels");
+    if (types.size() != v.block_out_channels.size())
+      return c.Error("down_block_types", "must have one entry per block_out_channels");
   }
   if (c.Has("up_block_types")) {
     ASSIGN_OR_RETURN(auto types, c.StringList("up_block_types"));
     for (const auto& t : types) {
-      if (t != "UpDecoderBlock2D") return c.Error("up_block_types", absl::StrCat("has unsupported block \"", t, "\""));
+      if (t != "UpDecoderBlock2D")
+        return c.Error("up_block_types", absl::StrCat("has unsupported block \"", t, "\""));
     }
   }
   if (c.Has("latents_mean") || c.Has("shift_factor")) {
-    if (c.Has("shift_factor") && !c.json()["shift_factor"].is_null()) return c.Error("shift_factor", "is not supported");
+    if (c.Has("shift_factor") && !c.json()["shift_factor"].is_null())
+      return c.Error("shift_factor", "is not supported");
   }
   for (int64_t ch : v.block_out_channels) {
-    if (ch % v.norm_num_groups != 0) return c.Error("block_out_channels", absl::StrCat("entry ", ch, " is not divisible by norm_num_groups ", v.norm_num_groups));
+    if (ch % v.norm_num_groups != 0)
+      return c.Error(
+          "block_out_channels",
+          absl::StrCat("entry ", ch, " is not divisible by norm_num_groups ", v.norm_num_groups));
   }
   return v;
 }
@@ -54,13 +61,20 @@ absl::StatusOr<VAEConfig> VAEConfig::FromJson(const JsonConfig& c) {
 nlohmann::json VAEConfig::ToJson() const {
   std::vector<std::string> down(block_out_channels.size(), "DownEncoderBlock2D");
   std::vector<std::string> up(block_out_channels.size(), "UpDecoderBlock2D");
-  return {{"_class_name", "AutoencoderKL"},     {"in_channels", in_channels},
-          {"out_channels", out_channels},       {"latent_channels", latent_channels},
-          {"block_out_channels", block_out_channels}, {"layers_per_block", layers_per_block},
-          {"norm_num_groups", norm_num_groups}, {"sample_size", sample_size},
-          {"scaling_factor", scaling_factor},   {"down_block_types", down},
-          {"up_block_types", up},               {"act_fn", "silu"},
-          {"use_quant_conv", use_quant_conv},   {"use_post_quant_conv", use_post_quant_conv},
+  return {{"_class_name", "AutoencoderKL"},
+          {"in_channels", in_channels},
+          {"out_channels", out_channels},
+          {"latent_channels", latent_channels},
+          {"block_out_channels", block_out_channels},
+          {"layers_per_block", layers_per_block},
+          {"norm_num_groups", norm_num_groups},
+          {"sample_size", sample_size},
+          {"scaling_factor", scaling_factor},
+          {"down_block_types", down},
+          {"up_block_types", up},
+          {"act_fn", "silu"},
+          {"use_quant_conv", use_quant_conv},
+          {"use_post_quant_conv", use_post_quant_conv},
           {"mid_block_add_attention", mid_block_add_attention}};
 }
 
@@ -107,8 +121,11 @@ VAEEncoderImpl::VAEEncoderImpl(const VAEConfig& c) {
     }
     down_blocks->push_back(blk);
   }
-  mid_block = register_module("mid_block", VAEMidBlock(ch.back(), c.norm_num_groups, c.mid_block_add_attention));
-  conv_norm_out = register_module("conv_norm_out", torch::nn::GroupNorm(torch::nn::GroupNormOptions(c.norm_num_groups, ch.back()).eps(kEps)));
+  mid_block = register_module("mid_block",
+                              VAEMidBlock(ch.back(), c.norm_num_groups, c.mid_block_add_attention));
+  conv_norm_out = register_module(
+      "conv_norm_out",
+      torch::nn::GroupNorm(torch::nn::GroupNormOptions(c.norm_num_groups, ch.back()).eps(kEps)));
   conv_out = register_module("conv_out", Conv3(ch.back(), 2 * c.latent_channels));
 }
 
@@ -126,7 +143,8 @@ torch::Tensor VAEEncoderImpl::forward(const torch::Tensor& x) {
 VAEDecoderImpl::VAEDecoderImpl(const VAEConfig& c) {
   std::vector<int64_t> rch(c.block_out_channels.rbegin(), c.block_out_channels.rend());
   conv_in = register_module("conv_in", Conv3(c.latent_channels, rch[0]));
-  mid_block = register_module("mid_block", VAEMidBlock(rch[0], c.norm_num_groups, c.mid_block_add_attention));
+  mid_block = register_module("mid_block",
+                              VAEMidBlock(rch[0], c.norm_num_groups, c.mid_block_add_attention));
   up_blocks = register_module("up_blocks", torch::nn::ModuleList());
   int64_t out = rch[0];
   for (size_t i = 0; i < rch.size(); ++i) {
@@ -143,7 +161,9 @@ VAEDecoderImpl::VAEDecoderImpl(const VAEConfig& c) {
     }
     up_blocks->push_back(blk);
   }
-  conv_norm_out = register_module("conv_norm_out", torch::nn::GroupNorm(torch::nn::GroupNormOptions(c.norm_num_groups, rch.back()).eps(kEps)));
+  conv_norm_out = register_module(
+      "conv_norm_out",
+      torch::nn::GroupNorm(torch::nn::GroupNormOptions(c.norm_num_groups, rch.back()).eps(kEps)));
   conv_out = register_module("conv_out", Conv3(rch.back(), c.out_channels));
 }
 
@@ -166,8 +186,12 @@ AutoencoderKLImpl::AutoencoderKLImpl(const VAEConfig& c) : config_(c) {
   encoder = register_module("encoder", VAEEncoder(c));
   decoder = register_module("decoder", VAEDecoder(c));
   const int64_t l = c.latent_channels;
-  if (c.use_quant_conv) quant_conv = register_module("quant_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2 * l, 2 * l, 1)));
-  if (c.use_post_quant_conv) post_quant_conv = register_module("post_quant_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(l, l, 1)));
+  if (c.use_quant_conv)
+    quant_conv =
+        register_module("quant_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2 * l, 2 * l, 1)));
+  if (c.use_post_quant_conv)
+    post_quant_conv =
+        register_module("post_quant_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(l, l, 1)));
 }
 
 void AutoencoderKLImpl::set_channels_last(bool on) {
@@ -180,7 +204,8 @@ void AutoencoderKLImpl::set_channels_last(bool on) {
 }
 
 LatentDistribution AutoencoderKLImpl::encode(const torch::Tensor& images) {
-  auto moments = encoder(channels_last_ ? images.contiguous(at::MemoryFormat::ChannelsLast) : images);
+  auto moments =
+      encoder(channels_last_ ? images.contiguous(at::MemoryFormat::ChannelsLast) : images);
   if (channels_last_) moments = moments.contiguous();
   if (quant_conv) moments = quant_conv(moments);
   auto parts = moments.chunk(2, 1);

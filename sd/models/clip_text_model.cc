@@ -85,15 +85,18 @@ torch::Tensor CLIPEncoderLayerImpl::forward(const torch::Tensor& x, const torch:
 CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& c) : config_(c) {
   auto text_model = std::make_shared<torch::nn::Module>();
   auto embeddings = std::make_shared<torch::nn::Module>();
-  token_embedding = embeddings->register_module("token_embedding", torch::nn::Embedding(c.vocab_size, c.hidden_size));
-  position_embedding = embeddings->register_module("position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
+  token_embedding = embeddings->register_module("token_embedding",
+                                                torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  position_embedding = embeddings->register_module(
+      "position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
   text_model->register_module("embeddings", embeddings);
   auto encoder = std::make_shared<torch::nn::Module>();
   layers = encoder->register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(CLIPEncoderLayer(c));
   text_model->register_module("encoder", encoder);
   final_layer_norm = text_model->register_module(
-      "final_layer_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
+      "final_layer_norm",
+      torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
   register_module("text_model", text_model);
 }
 
@@ -114,8 +117,11 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids, int64_
   }
   out.last_hidden_state = final_layer_norm(h);
   // transformers' legacy rule: with eos_token_id == 2 the EOS is the largest id.
-  torch::Tensor eos_pos = config_.eos_token_id == 2 ? ids.argmax(-1) : (ids == config_.eos_token_id).to(torch::kInt).argmax(-1);
-  out.pooler_output = out.last_hidden_state.index({torch::arange(ids.size(0), ids.options()), eos_pos});
+  torch::Tensor eos_pos = config_.eos_token_id == 2
+                              ? ids.argmax(-1)
+                              : (ids == config_.eos_token_id).to(torch::kInt).argmax(-1);
+  out.pooler_output =
+      out.last_hidden_state.index({torch::arange(ids.size(0), ids.options()), eos_pos});
   return out;
 }
 

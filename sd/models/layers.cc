@@ -23,8 +23,10 @@ torch::Tensor Activation(const std::string& name, const torch::Tensor& x) {
 torch::Tensor TimestepEmbedding(const torch::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos,
                                 double downscale_freq_shift) {
   const int64_t half = dim / 2;
-  auto exponent = -std::log(10000.0) *
-                  torch::arange(0, half, torch::TensorOptions().dtype(torch::kFloat32).device(timesteps.device()));
+  auto exponent =
+      -std::log(10000.0) *
+      torch::arange(0, half,
+                    torch::TensorOptions().dtype(torch::kFloat32).device(timesteps.device()));
   exponent = exponent / (static_cast<double>(half) - downscale_freq_shift);
   auto emb = timesteps.unsqueeze(1).to(torch::kFloat32) * torch::exp(exponent).unsqueeze(0);
   emb = torch::cat({torch::sin(emb), torch::cos(emb)}, -1);
@@ -36,12 +38,19 @@ torch::Tensor TimestepEmbedding(const torch::Tensor& timesteps, int64_t dim, boo
 ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in, int64_t out, int64_t temb_channels, int64_t groups,
                                      double eps, double output_scale_factor)
     : output_scale_factor(output_scale_factor) {
-  norm1 = register_module("norm1", torch::nn::GroupNorm(torch::nn::GroupNormOptions(groups, in).eps(eps)));
-  conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 3).padding(1)));
-  if (temb_channels > 0) time_emb_proj = register_module("time_emb_proj", torch::nn::Linear(temb_channels, out));
-  norm2 = register_module("norm2", torch::nn::GroupNorm(torch::nn::GroupNormOptions(groups, out).eps(eps)));
-  conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(out, out, 3).padding(1)));
-  if (in != out) conv_shortcut = register_module("conv_shortcut", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 1)));
+  norm1 = register_module("norm1",
+                          torch::nn::GroupNorm(torch::nn::GroupNormOptions(groups, in).eps(eps)));
+  conv1 =
+      register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 3).padding(1)));
+  if (temb_channels > 0)
+    time_emb_proj = register_module("time_emb_proj", torch::nn::Linear(temb_channels, out));
+  norm2 = register_module("norm2",
+                          torch::nn::GroupNorm(torch::nn::GroupNormOptions(groups, out).eps(eps)));
+  conv2 =
+      register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(out, out, 3).padding(1)));
+  if (in != out)
+    conv_shortcut =
+        register_module("conv_shortcut", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 1)));
 }
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
@@ -56,8 +65,11 @@ torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Te
   return out;
 }
 
-Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t out, int64_t padding) : padding(padding) {
-  conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, out, 3).stride(2).padding(padding)));
+Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t out, int64_t padding)
+    : padding(padding) {
+  conv = register_module(
+      "conv",
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, out, 3).stride(2).padding(padding)));
 }
 
 torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
@@ -67,30 +79,39 @@ torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
 }
 
 Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out) {
-  conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, out, 3).padding(1)));
+  conv = register_module("conv",
+                         torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, out, 3).padding(1)));
 }
 
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x, c10::IntArrayRef size) {
   auto dtype = x.scalar_type();
   auto h = dtype == torch::kBFloat16 ? x.to(torch::kFloat32) : x;
-  std::vector<int64_t> out_size = size.empty() ? std::vector<int64_t>{x.size(2) * 2, x.size(3) * 2} : size.vec();
+  std::vector<int64_t> out_size =
+      size.empty() ? std::vector<int64_t>{x.size(2) * 2, x.size(3) * 2} : size.vec();
   h = F::interpolate(h, F::InterpolateFuncOptions().size(out_size).mode(torch::kNearest));
   if (dtype == torch::kBFloat16) h = h.to(dtype);
   return conv(h);
 }
 
-AttentionImpl::AttentionImpl(const AttentionOptions& o, std::shared_ptr<AttentionRecorder> rec, std::string n)
+AttentionImpl::AttentionImpl(const AttentionOptions& o, std::shared_ptr<AttentionRecorder> rec,
+                             std::string n)
     : opt(o), recorder(std::move(rec)), name(std::move(n)) {
   const int64_t inner = o.heads * o.dim_head;
   const int64_t kv_dim = o.cross_attention_dim > 0 ? o.cross_attention_dim : o.query_dim;
   if (o.norm_groups > 0) {
-    group_norm = register_module("group_norm", torch::nn::GroupNorm(torch::nn::GroupNormOptions(o.norm_groups, o.query_dim).eps(o.norm_eps)));
+    group_norm = register_module(
+        "group_norm", torch::nn::GroupNorm(
+                          torch::nn::GroupNormOptions(o.norm_groups, o.query_dim).eps(o.norm_eps)));
   }
-  to_q = register_module("to_q", torch::nn::Linear(torch::nn::LinearOptions(o.query_dim, inner).bias(o.qkv_bias)));
-  to_k = register_module("to_k", torch::nn::Linear(torch::nn::LinearOptions(kv_dim, inner).bias(o.qkv_bias)));
-  to_v = register_module("to_v", torch::nn::Linear(torch::nn::LinearOptions(kv_dim, inner).bias(o.qkv_bias)));
+  to_q = register_module(
+      "to_q", torch::nn::Linear(torch::nn::LinearOptions(o.query_dim, inner).bias(o.qkv_bias)));
+  to_k = register_module(
+      "to_k", torch::nn::Linear(torch::nn::LinearOptions(kv_dim, inner).bias(o.qkv_bias)));
+  to_v = register_module(
+      "to_v", torch::nn::Linear(torch::nn::LinearOptions(kv_dim, inner).bias(o.qkv_bias)));
   to_out = register_module("to_out", torch::nn::ModuleList());
-  to_out->push_back(torch::nn::Linear(torch::nn::LinearOptions(inner, o.query_dim).bias(o.out_bias)));
+  to_out->push_back(
+      torch::nn::Linear(torch::nn::LinearOptions(inner, o.query_dim).bias(o.out_bias)));
 }
 
 void AttentionImpl::fuse_projections() {
@@ -160,7 +181,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     recorder->maps.push_back(probs);
     out = torch::matmul(probs.to(v.scalar_type()), v);
   } else if (opt.upcast && q.scalar_type() != torch::kFloat32) {
-    out = at::scaled_dot_product_attention(q.to(torch::kFloat32), k.to(torch::kFloat32), v.to(torch::kFloat32)).to(q.scalar_type());
+    out = at::scaled_dot_product_attention(q.to(torch::kFloat32), k.to(torch::kFloat32),
+                                           v.to(torch::kFloat32))
+              .to(q.scalar_type());
   } else {
     out = at::scaled_dot_product_attention(q, k, v);
   }
@@ -201,17 +224,20 @@ BasicTransformerBlockImpl::BasicTransformerBlockImpl(int64_t dim, int64_t heads,
                                                      int64_t cross_dim, bool upcast,
                                                      const std::shared_ptr<AttentionRecorder>& rec,
                                                      const std::string& name) {
-  norm1 = register_module("norm1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-5)));
+  norm1 =
+      register_module("norm1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-5)));
   AttentionOptions a;
   a.query_dim = dim;
   a.heads = heads;
   a.dim_head = dim_head;
   a.upcast = upcast;
   attn1 = register_module("attn1", Attention(a, rec, name + ".attn1"));
-  norm2 = register_module("norm2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-5)));
+  norm2 =
+      register_module("norm2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-5)));
   a.cross_attention_dim = cross_dim;
   attn2 = register_module("attn2", Attention(a, rec, name + ".attn2"));
-  norm3 = register_module("norm3", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-5)));
+  norm3 =
+      register_module("norm3", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-5)));
   ff = register_module("ff", FeedForward(dim));
 }
 
@@ -226,32 +252,37 @@ Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DOptions& o,
                                                const std::string& name)
     : opt(o) {
   const int64_t c = o.channels;
-  norm = register_module("norm", torch::nn::GroupNorm(torch::nn::GroupNormOptions(o.norm_groups, c).eps(1e-6)));
+  norm = register_module(
+      "norm", torch::nn::GroupNorm(torch::nn::GroupNormOptions(o.norm_groups, c).eps(1e-6)));
   if (o.use_linear_projection) {
     proj_in = torch::nn::AnyModule(register_module("proj_in", torch::nn::Linear(c, c)));
   } else {
-    proj_in = torch::nn::AnyModule(register_module("proj_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c, 1))));
+    proj_in = torch::nn::AnyModule(
+        register_module("proj_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c, 1))));
   }
   transformer_blocks = register_module("transformer_blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < o.layers; ++i) {
-    transformer_blocks->push_back(BasicTransformerBlock(c, o.heads, c / o.heads, o.cross_attention_dim,
-                                                        o.upcast_attention, rec,
-                                                        name + ".transformer_blocks." + std::to_string(i)));
+    transformer_blocks->push_back(
+        BasicTransformerBlock(c, o.heads, c / o.heads, o.cross_attention_dim, o.upcast_attention,
+                              rec, name + ".transformer_blocks." + std::to_string(i)));
   }
   if (o.use_linear_projection) {
     proj_out = torch::nn::AnyModule(register_module("proj_out", torch::nn::Linear(c, c)));
   } else {
-    proj_out = torch::nn::AnyModule(register_module("proj_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c, 1))));
+    proj_out = torch::nn::AnyModule(
+        register_module("proj_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c, 1))));
   }
 }
 
-torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
+torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x,
+                                              const torch::Tensor& context) {
   const int64_t b = x.size(0), c = x.size(1), hh = x.size(2), ww = x.size(3);
   auto h = norm(x);
   if (!opt.use_linear_projection) h = proj_in.forward(h);
   h = h.permute({0, 2, 3, 1}).reshape({b, hh * ww, c});
   if (opt.use_linear_projection) h = proj_in.forward(h);
-  for (const auto& blk : *transformer_blocks) h = blk->as<BasicTransformerBlock>()->forward(h, context);
+  for (const auto& blk : *transformer_blocks)
+    h = blk->as<BasicTransformerBlock>()->forward(h, context);
   if (opt.use_linear_projection) h = proj_out.forward(h);
   h = h.reshape({b, hh, ww, c}).permute({0, 3, 1, 2});
   // With channels_last input the permutes above are views, and the conv takes the

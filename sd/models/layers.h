@@ -76,7 +76,8 @@ struct AttentionOptions {
 
 // diffusers.models.attention_processor.Attention (to_q/to_k/to_v/to_out.0).
 struct AttentionImpl : torch::nn::Module {
-  AttentionImpl(const AttentionOptions& o, std::shared_ptr<AttentionRecorder> recorder, std::string name);
+  AttentionImpl(const AttentionOptions& o, std::shared_ptr<AttentionRecorder> recorder,
+                std::string name);
   // x: [B, N, C]; context: [B, M, Cc] or undefined for self-attention.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {});
   // Spatial form used by the VAE mid block: [B, C, H, W] with group_norm and residual.
@@ -136,8 +137,8 @@ struct Transformer2DOptions {
 
 // diffusers Transformer2DModel for continuous (latent) inputs.
 struct Transformer2DModelImpl : torch::nn::Module {
-  Transformer2DModelImpl(const Transformer2DOptions& o, const std::shared_ptr<AttentionRecorder>& rec,
-                         const std::string& name);
+  Transformer2DModelImpl(const Transformer2DOptions& o,
+                         const std::shared_ptr<AttentionRecorder>& rec, const std::string& name);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context);
   Transformer2DOptions opt;
   torch::nn::GroupNorm norm{nullptr};

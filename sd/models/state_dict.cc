@@ -20,9 +20,10 @@ absl::StatusOr<std::string> FindWeights(const std::string& dir) {
     fs::path index = fs::path(dir) / (std::string(stem) + ".safetensors.index.json");
     if (fs::exists(index)) return index.string();
   }
-  return absl::NotFoundError(absl::StrCat("no safetensors weights in ", dir,
-                                          " (expected diffusion_pytorch_model.safetensors, model.safetensors "
-                                          "or a sharded *.safetensors.index.json)"));
+  return absl::NotFoundError(
+      absl::StrCat("no safetensors weights in ", dir,
+                   " (expected diffusion_pytorch_model.safetensors, model.safetensors "
+                   "or a sharded *.safetensors.index.json)"));
 }
 
 safetensors::TensorMap StateDict(const torch::nn::Module& module) {
@@ -38,7 +39,8 @@ absl::Status LoadStateDict(torch::nn::Module& module, const safetensors::Checkpo
   // model name -> checkpoint name
   std::map<std::string, std::string> source;
   bool has_prefix = options.prefix.empty();
-  for (const auto& name : checkpoint.names()) has_prefix = has_prefix || name.rfind(options.prefix, 0) == 0;
+  for (const auto& name : checkpoint.names())
+    has_prefix = has_prefix || name.rfind(options.prefix, 0) == 0;
   for (const auto& name : checkpoint.names()) {
     std::string n = has_prefix ? name : options.prefix + name;
     for (const auto& [from, to] : options.renames) n = absl::StrReplaceAll(n, {{from, to}});
@@ -57,8 +59,8 @@ absl::Status LoadStateDict(torch::nn::Module& module, const safetensors::Checkpo
     used.insert(name);
     const auto shape = checkpoint.Shape(it->second);
     if (c10::IntArrayRef(shape) != target.sizes()) {
-      problems.push_back(absl::StrCat("tensor \"", name, "\" has shape ", Shape(shape), " in ", origin, " but ",
-                                      config, " implies ", Shape(target.sizes())));
+      problems.push_back(absl::StrCat("tensor \"", name, "\" has shape ", Shape(shape), " in ",
+                                      origin, " but ", config, " implies ", Shape(target.sizes())));
       return absl::OkStatus();
     }
     auto src = checkpoint.Fetch(it->second, options.copy);
@@ -74,7 +76,8 @@ absl::Status LoadStateDict(torch::nn::Module& module, const safetensors::Checkpo
   for (auto& b : module.named_buffers(true)) RETURN_IF_ERROR(assign(b.key(), b.value()));
   for (const auto& [name, original] : source) {
     if (!used.count(name) && !options.ignorable.count(name)) {
-      problems.push_back(absl::StrCat("unexpected tensor \"", original, "\" with shape ", Shape(checkpoint.Shape(original)),
+      problems.push_back(absl::StrCat("unexpected tensor \"", original, "\" with shape ",
+                                      Shape(checkpoint.Shape(original)),
                                       " (not in the architecture that ", config, " describes)"));
     }
   }
@@ -86,13 +89,15 @@ absl::Status LoadStateDict(torch::nn::Module& module, const safetensors::Checkpo
   return absl::InvalidArgumentError(msg);
 }
 
-absl::Status LoadStateDict(torch::nn::Module& module, safetensors::TensorMap tensors, const std::string& origin,
-                           const std::string& config, const LoadOptions& options) {
-  return LoadStateDict(module, safetensors::Checkpoint::FromTensors(std::move(tensors), origin), config, options);
+absl::Status LoadStateDict(torch::nn::Module& module, safetensors::TensorMap tensors,
+                           const std::string& origin, const std::string& config,
+                           const LoadOptions& options) {
+  return LoadStateDict(module, safetensors::Checkpoint::FromTensors(std::move(tensors), origin),
+                       config, options);
 }
 
-absl::Status LoadComponentWeights(torch::nn::Module& module, const std::string& dir, const std::string& config,
-                                  const LoadOptions& options) {
+absl::Status LoadComponentWeights(torch::nn::Module& module, const std::string& dir,
+                                  const std::string& config, const LoadOptions& options) {
   ASSIGN_OR_RETURN(std::string weights, FindWeights(dir));
   ASSIGN_OR_RETURN(safetensors::Checkpoint ckpt, safetensors::Checkpoint::Open(weights));
   return LoadStateDict(module, ckpt, config, options);

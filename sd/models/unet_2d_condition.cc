@@ -15,7 +15,8 @@ bool IsCrossAttn(const std::string& type) { return type.rfind("CrossAttn", 0) ==
 
 // Settings the C++ UNet does not implement are refused rather than ignored,
 // so an unusual checkpoint fails loudly instead of producing wrong images.
-absl::Status RequireDefault(const JsonConfig& c, const std::string& key, const nlohmann::json& expected) {
+absl::Status RequireDefault(const JsonConfig& c, const std::string& key,
+                            const nlohmann::json& expected) {
   if (!c.Has(key)) return absl::OkStatus();
   if (c.json()[key] == expected) return absl::OkStatus();
   return c.Error(key, absl::StrCat("is not supported (only ", expected.dump(), ")"));
@@ -32,24 +33,33 @@ absl::StatusOr<UNetConfig> UNetConfig::FromJson(const JsonConfig& c) {
   ASSIGN_OR_RETURN(u.up_block_types, c.StringList("up_block_types"));
   ASSIGN_OR_RETURN(u.block_out_channels, c.IntList("block_out_channels"));
   const size_t n = u.block_out_channels.size();
-  if (u.down_block_types.size() != n) return c.Error("down_block_types", absl::StrCat("must have ", n, " entries like block_out_channels"));
-  if (u.up_block_types.size() != n) return c.Error("up_block_types", absl::StrCat("must have ", n, " entries like block_out_channels"));
+  if (u.down_block_types.size() != n)
+    return c.Error("down_block_types",
+                   absl::StrCat("must have ", n, " entries like block_out_channels"));
+  if (u.up_block_types.size() != n)
+    return c.Error("up_block_types",
+                   absl::StrCat("must have ", n, " entries like block_out_channels"));
   for (const auto& t : u.down_block_types) {
-    if (t != "CrossAttnDownBlock2D" && t != "DownBlock2D") return c.Error("down_block_types", absl::StrCat("has unsupported block \"", t, "\""));
+    if (t != "CrossAttnDownBlock2D" && t != "DownBlock2D")
+      return c.Error("down_block_types", absl::StrCat("has unsupported block \"", t, "\""));
   }
   for (const auto& t : u.up_block_types) {
-    if (t != "CrossAttnUpBlock2D" && t != "UpBlock2D") return c.Error("up_block_types", absl::StrCat("has unsupported block \"", t, "\""));
+    if (t != "CrossAttnUpBlock2D" && t != "UpBlock2D")
+      return c.Error("up_block_types", absl::StrCat("has unsupported block \"", t, "\""));
   }
   ASSIGN_OR_RETURN(std::string mid, c.String("mid_block_type", "UNetMidBlock2DCrossAttn"));
   if (c.Has("mid_block_type") && c.json()["mid_block_type"].is_null()) mid = "";
-  if (!mid.empty() && mid != "UNetMidBlock2DCrossAttn") return c.Error("mid_block_type", "is not supported");
+  if (!mid.empty() && mid != "UNetMidBlock2DCrossAttn")
+    return c.Error("mid_block_type", "is not supported");
   u.mid_block = !mid.empty();
   ASSIGN_OR_RETURN(u.layers_per_block, c.Int("layers_per_block", 2));
   // diffusers names the head count "attention_head_dim" in SD1.x configs and uses
   // num_attention_heads only when set; mirror that resolution exactly.
-  const std::string heads_key = c.Has("num_attention_heads") ? "num_attention_heads" : "attention_head_dim";
+  const std::string heads_key =
+      c.Has("num_attention_heads") ? "num_attention_heads" : "attention_head_dim";
   ASSIGN_OR_RETURN(u.num_attention_heads, c.IntOrList(heads_key, n, 8));
-  ASSIGN_OR_RETURN(u.transformer_layers_per_block, c.IntOrList("transformer_layers_per_block", n, 1));
+  ASSIGN_OR_RETURN(u.transformer_layers_per_block,
+                   c.IntOrList("transformer_layers_per_block", n, 1));
   if (c.Has("cross_attention_dim") && !c.json()["cross_attention_dim"].is_number_integer()) {
     return c.Error("cross_attention_dim", "must be a single integer");
   }
@@ -65,9 +75,10 @@ absl::StatusOr<UNetConfig> UNetConfig::FromJson(const JsonConfig& c) {
   ASSIGN_OR_RETURN(u.center_input_sample, c.Bool("center_input_sample", false));
   ASSIGN_OR_RETURN(std::string act, c.String("act_fn", "silu"));
   if (act != "silu" && act != "swish") return c.Error("act_fn", "is not supported (only silu)");
-  for (const char* key : {"class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim",
-                          "num_class_embeds", "projection_class_embeddings_input_dim", "time_embedding_act_fn",
-                          "timestep_post_act"}) {
+  for (const char* key :
+       {"class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim",
+        "num_class_embeds", "projection_class_embeddings_input_dim", "time_embedding_act_fn",
+        "timestep_post_act"}) {
     RETURN_IF_ERROR(RequireDefault(c, key, nullptr));
   }
   RETURN_IF_ERROR(RequireDefault(c, "only_cross_attention", false));
@@ -79,8 +90,13 @@ absl::StatusOr<UNetConfig> UNetConfig::FromJson(const JsonConfig& c) {
   RETURN_IF_ERROR(RequireDefault(c, "time_embedding_type", "positional"));
   for (size_t i = 0; i < n; ++i) {
     const int64_t ch = u.block_out_channels[i];
-    if (ch % u.norm_num_groups != 0) return c.Error("block_out_channels", absl::StrCat("entry ", ch, " is not divisible by norm_num_groups ", u.norm_num_groups));
-    if (ch % u.num_attention_heads[i] != 0) return c.Error(heads_key, absl::StrCat("entry ", u.num_attention_heads[i], " does not divide block_out_channels ", ch));
+    if (ch % u.norm_num_groups != 0)
+      return c.Error(
+          "block_out_channels",
+          absl::StrCat("entry ", ch, " is not divisible by norm_num_groups ", u.norm_num_groups));
+    if (ch % u.num_attention_heads[i] != 0)
+      return c.Error(heads_key, absl::StrCat("entry ", u.num_attention_heads[i],
+                                             " does not divide block_out_channels ", ch));
   }
   return u;
 }
@@ -92,7 +108,8 @@ nlohmann::json UNetConfig::ToJson() const {
           {"sample_size", sample_size},
           {"down_block_types", down_block_types},
           {"up_block_types", up_block_types},
-          {"mid_block_type", mid_block ? nlohmann::json("UNetMidBlock2DCrossAttn") : nlohmann::json(nullptr)},
+          {"mid_block_type",
+           mid_block ? nlohmann::json("UNetMidBlock2DCrossAttn") : nlohmann::json(nullptr)},
           {"block_out_channels", block_out_channels},
           {"layers_per_block", layers_per_block},
           {"attention_head_dim", num_attention_heads},
@@ -115,10 +132,12 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
   const auto& ch = cfg.block_out_channels;
   const size_t n = ch.size();
   const int64_t temb_dim = ch[0] * 4;
-  conv_in = register_module("conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg.in_channels, ch[0], 3).padding(1)));
+  conv_in = register_module(
+      "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg.in_channels, ch[0], 3).padding(1)));
   auto time_embedding = std::make_shared<torch::nn::Module>();
   time_linear_1 = time_embedding->register_module("linear_1", torch::nn::Linear(ch[0], temb_dim));
-  time_linear_2 = time_embedding->register_module("linear_2", torch::nn::Linear(temb_dim, temb_dim));
+  time_linear_2 =
+      time_embedding->register_module("linear_2", torch::nn::Linear(temb_dim, temb_dim));
   register_module("time_embedding", time_embedding);
 
   auto transformer = [&](int64_t channels, int64_t heads, int64_t layers, const std::string& name) {
@@ -145,9 +164,11 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
     const bool cross = IsCrossAttn(cfg.down_block_types[i]);
     if (cross) blk->attentions = blk->register_module("attentions", torch::nn::ModuleList());
     for (int64_t j = 0; j < cfg.layers_per_block; ++j) {
-      blk->resnets->push_back(ResnetBlock2D(j == 0 ? in_ch : out_ch, out_ch, temb_dim, cfg.norm_num_groups, cfg.norm_eps));
+      blk->resnets->push_back(ResnetBlock2D(j == 0 ? in_ch : out_ch, out_ch, temb_dim,
+                                            cfg.norm_num_groups, cfg.norm_eps));
       if (cross) {
-        blk->attentions->push_back(transformer(out_ch, cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i],
+        blk->attentions->push_back(transformer(out_ch, cfg.num_attention_heads[i],
+                                               cfg.transformer_layers_per_block[i],
                                                absl::StrCat(prefix, ".attentions.", j)));
       }
     }
@@ -163,17 +184,21 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
     mid = UNetBlock();
     mid->resnets = mid->register_module("resnets", torch::nn::ModuleList());
     mid->attentions = mid->register_module("attentions", torch::nn::ModuleList());
-    mid->resnets->push_back(ResnetBlock2D(c, c, temb_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor));
-    mid->attentions->push_back(transformer(c, cfg.num_attention_heads.back(), cfg.transformer_layers_per_block.back(),
+    mid->resnets->push_back(ResnetBlock2D(c, c, temb_dim, cfg.norm_num_groups, cfg.norm_eps,
+                                          cfg.mid_block_scale_factor));
+    mid->attentions->push_back(transformer(c, cfg.num_attention_heads.back(),
+                                           cfg.transformer_layers_per_block.back(),
                                            "mid_block.attentions.0"));
-    mid->resnets->push_back(ResnetBlock2D(c, c, temb_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor));
+    mid->resnets->push_back(ResnetBlock2D(c, c, temb_dim, cfg.norm_num_groups, cfg.norm_eps,
+                                          cfg.mid_block_scale_factor));
     register_module("mid_block", mid);
   }
 
   up_blocks = register_module("up_blocks", torch::nn::ModuleList());
   std::vector<int64_t> rch(ch.rbegin(), ch.rend());
   std::vector<int64_t> rheads(cfg.num_attention_heads.rbegin(), cfg.num_attention_heads.rend());
-  std::vector<int64_t> rlayers(cfg.transformer_layers_per_block.rbegin(), cfg.transformer_layers_per_block.rend());
+  std::vector<int64_t> rlayers(cfg.transformer_layers_per_block.rbegin(),
+                               cfg.transformer_layers_per_block.rend());
   out_ch = rch[0];
   for (size_t i = 0; i < n; ++i) {
     const int64_t prev_out = out_ch;
@@ -189,9 +214,11 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
     for (int64_t j = 0; j < layers; ++j) {
       const int64_t skip = j == layers - 1 ? in_ch : out_ch;
       const int64_t res_in = j == 0 ? prev_out : out_ch;
-      blk->resnets->push_back(ResnetBlock2D(res_in + skip, out_ch, temb_dim, cfg.norm_num_groups, cfg.norm_eps));
+      blk->resnets->push_back(
+          ResnetBlock2D(res_in + skip, out_ch, temb_dim, cfg.norm_num_groups, cfg.norm_eps));
       if (cross) {
-        blk->attentions->push_back(transformer(out_ch, rheads[i], rlayers[i], absl::StrCat(prefix, ".attentions.", j)));
+        blk->attentions->push_back(
+            transformer(out_ch, rheads[i], rlayers[i], absl::StrCat(prefix, ".attentions.", j)));
       }
     }
     if (!final_block) {
@@ -201,11 +228,17 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
     up_blocks->push_back(blk);
   }
 
-  conv_norm_out = register_module("conv_norm_out", torch::nn::GroupNorm(torch::nn::GroupNormOptions(cfg.norm_num_groups, ch[0]).eps(cfg.norm_eps)));
-  conv_out = register_module("conv_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(ch[0], cfg.out_channels, 3).padding(1)));
+  conv_norm_out = register_module(
+      "conv_norm_out",
+      torch::nn::GroupNorm(
+          torch::nn::GroupNormOptions(cfg.norm_num_groups, ch[0]).eps(cfg.norm_eps)));
+  conv_out = register_module(
+      "conv_out",
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(ch[0], cfg.out_channels, 3).padding(1)));
 }
 
-torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in, const torch::Tensor& timestep,
+torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in,
+                                                const torch::Tensor& timestep,
                                                 const torch::Tensor& context) {
   if (recorder_->enabled) recorder_->Clear();
   auto sample = config_.center_input_sample ? 2 * sample_in - 1.0 : sample_in;
@@ -213,7 +246,8 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in, 
   auto t = timestep.to(sample.device());
   if (t.dim() == 0) t = t.unsqueeze(0);
   t = t.expand({b});
-  auto temb = TimestepEmbedding(t, config_.block_out_channels[0], config_.flip_sin_to_cos, config_.freq_shift)
+  auto temb = TimestepEmbedding(t, config_.block_out_channels[0], config_.flip_sin_to_cos,
+                                config_.freq_shift)
                   .to(sample.scalar_type());
   temb = time_linear_2(torch::silu(time_linear_1(temb)));
 

@@ -21,7 +21,8 @@ struct UNetConfig {
   bool mid_block = true;
   std::vector<int64_t> block_out_channels;
   int64_t layers_per_block = 2;
-  std::vector<int64_t> num_attention_heads;  // per down block (diffusers' attention_head_dim quirk resolved)
+  std::vector<int64_t>
+      num_attention_heads;  // per down block (diffusers' attention_head_dim quirk resolved)
   std::vector<int64_t> transformer_layers_per_block;
   int64_t cross_attention_dim = 768;
   int64_t norm_num_groups = 32;
@@ -43,7 +44,8 @@ struct UNetOutput {
 };
 
 struct UNetBlockImpl : torch::nn::Module {
-  torch::nn::ModuleList resnets{nullptr}, attentions{nullptr}, downsamplers{nullptr}, upsamplers{nullptr};
+  torch::nn::ModuleList resnets{nullptr}, attentions{nullptr}, downsamplers{nullptr},
+      upsamplers{nullptr};
 };
 TORCH_MODULE(UNetBlock);
 

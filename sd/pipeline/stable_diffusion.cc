@@ -15,7 +15,8 @@ absl::StatusOr<torch::Dtype> ParseDtypeName(const std::string& name) {
   if (name == "fp32" || name == "float32") return torch::kFloat32;
   if (name == "fp16" || name == "float16") return torch::kFloat16;
   if (name == "bf16" || name == "bfloat16") return torch::kBFloat16;
-  return absl::InvalidArgumentError(absl::StrCat("unknown dtype \"", name, "\" (fp32, fp16 or bf16)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown dtype \"", name, "\" (fp32, fp16 or bf16)"));
 }
 
 absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, torch::Device device,
@@ -23,7 +24,8 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, to
   namespace fs = std::filesystem;
   const fs::path root(dir);
   if (!fs::exists(root / "model_index.json")) {
-    return absl::NotFoundError(absl::StrCat(dir, " is not a diffusers model folder (no model_index.json)"));
+    return absl::NotFoundError(
+        absl::StrCat(dir, " is not a diffusers model folder (no model_index.json)"));
   }
   ASSIGN_OR_RETURN(JsonConfig index, JsonConfig::Load((root / "model_index.json").string()));
   const std::pair<const char*, std::vector<std::string>> expected[] = {
@@ -39,8 +41,9 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, to
     }
     const std::string cls = j[key][1].get<std::string>();
     if (std::find(classes.begin(), classes.end(), cls) == classes.end()) {
-      return index.Error(key, absl::StrCat("names class ", cls, ", which this build cannot load (expected ",
-                                           classes[0], ")"));
+      return index.Error(
+          key, absl::StrCat("names class ", cls, ", which this build cannot load (expected ",
+                            classes[0], ")"));
     }
   }
   StableDiffusion sd;
@@ -50,7 +53,8 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, to
   ASSIGN_OR_RETURN(sd.text_encoder, LoadCLIPTextModel((root / "text_encoder").string(), true));
   ASSIGN_OR_RETURN(sd.unet, LoadUNet((root / "unet").string(), true));
   ASSIGN_OR_RETURN(sd.vae, LoadVAE((root / "vae").string(), true));
-  ASSIGN_OR_RETURN(sd.scheduler_config, JsonConfig::Load((root / "scheduler" / "scheduler_config.json").string()));
+  ASSIGN_OR_RETURN(sd.scheduler_config,
+                   JsonConfig::Load((root / "scheduler" / "scheduler_config.json").string()));
   if (sd.unet->config().cross_attention_dim != sd.text_encoder->config().hidden_size) {
     return absl::InvalidArgumentError(absl::StrCat(
         dir, ": unet cross_attention_dim ", sd.unet->config().cross_attention_dim,
@@ -68,7 +72,8 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, to
     sd.unet->fuse_qkv_projections(true);
     sd.vae->set_channels_last(true);
   } catch (const c10::Error& e) {
-    return absl::FailedPreconditionError(absl::StrCat("cannot move the model to ", device.str(), ": ", e.what_without_backtrace()));
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot move the model to ", device.str(), ": ", e.what_without_backtrace()));
   }
   return sd;
 }
@@ -85,15 +90,18 @@ torch::Tensor StableDiffusion::EncodePrompts(const std::vector<std::string>& pro
 absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOptions& o) {
   if (o.prompts.empty()) return absl::InvalidArgumentError("no prompt given");
   if (!o.negative_prompts.empty() && o.negative_prompts.size() != o.prompts.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(o.negative_prompts.size(), " negative prompts for ", o.prompts.size(),
+    return absl::InvalidArgumentError(absl::StrCat(o.negative_prompts.size(),
+                                                   " negative prompts for ", o.prompts.size(),
                                                    " prompts; give one per prompt or none"));
   }
-  if (o.steps < 1 || o.steps > 1000) return absl::InvalidArgumentError(absl::StrCat("steps must be in [1, 1000], got ", o.steps));
+  if (o.steps < 1 || o.steps > 1000)
+    return absl::InvalidArgumentError(absl::StrCat("steps must be in [1, 1000], got ", o.steps));
   const int64_t f = sd.vae_scale_factor();
   const int64_t height = o.height > 0 ? o.height : sd.unet->config().sample_size * f;
   const int64_t width = o.width > 0 ? o.width : sd.unet->config().sample_size * f;
   if (height % 8 != 0 || width % 8 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("height and width must be multiples of 8, got ", height, "x", width));
+    return absl::InvalidArgumentError(
+        absl::StrCat("height and width must be multiples of 8, got ", height, "x", width));
   }
   ASSIGN_OR_RETURN(auto scheduler, MakeScheduler(o.scheduler, sd.scheduler_config));
   try {
@@ -103,8 +111,9 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
     auto cond = sd.EncodePrompts(o.prompts).repeat_interleave(o.images_per_prompt, 0);
     torch::Tensor context = cond;
     if (cfg) {
-      std::vector<std::string> neg = o.negative_prompts.empty() ? std::vector<std::string>(o.prompts.size(), "")
-                                                                : o.negative_prompts;
+      std::vector<std::string> neg = o.negative_prompts.empty()
+                                         ? std::vector<std::string>(o.prompts.size(), "")
+                                         : o.negative_prompts;
       auto uncond = sd.EncodePrompts(neg).repeat_interleave(o.images_per_prompt, 0);
       context = torch::cat({uncond, cond}, 0);
     }
@@ -113,8 +122,9 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
     torch::Tensor latents;
     if (o.latents.defined()) {
       if (o.latents.sizes().vec() != shape) {
-        return absl::InvalidArgumentError(absl::StrCat("initial latents have shape ", c10::str(o.latents.sizes()),
-                                                       " but this model and size need ", c10::str(c10::IntArrayRef(shape))));
+        return absl::InvalidArgumentError(
+            absl::StrCat("initial latents have shape ", c10::str(o.latents.sizes()),
+                         " but this model and size need ", c10::str(c10::IntArrayRef(shape))));
       }
       latents = o.latents.to(sd.device, sd.dtype);
     } else {
@@ -122,7 +132,8 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
       // in fp32. Drawn in fp32 for every dtype, so a seed gives the same picture in
       // fp16/bf16 too (drawing in bf16 would give a different stream).
       auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
-      latents = at::randn(shape, gen, torch::TensorOptions().dtype(torch::kFloat32)).to(sd.device, sd.dtype);
+      latents = at::randn(shape, gen, torch::TensorOptions().dtype(torch::kFloat32))
+                    .to(sd.device, sd.dtype);
     }
     latents = latents * scheduler->init_noise_sigma();
     const auto& ts = scheduler->timesteps();

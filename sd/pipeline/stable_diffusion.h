@@ -28,7 +28,8 @@ struct StableDiffusion {
 
   // Loads a diffusers folder (model_index.json, tokenizer/, text_encoder/, unet/,
   // vae/, scheduler/) onto `device` in `dtype`.
-  static absl::StatusOr<StableDiffusion> Load(const std::string& dir, torch::Device device = torch::kCPU,
+  static absl::StatusOr<StableDiffusion> Load(const std::string& dir,
+                                              torch::Device device = torch::kCPU,
                                               torch::Dtype dtype = torch::kFloat32);
   int64_t vae_scale_factor() const;
   // [B, 77, D] prompt embeddings (last_hidden_state).

@@ -45,6 +45,8 @@ class DDIMScheduler : public Scheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> MakeDDIM(const SchedulerConfig& c) { return std::make_unique<DDIMScheduler>(c); }
+std::unique_ptr<Scheduler> MakeDDIM(const SchedulerConfig& c) {
+  return std::make_unique<DDIMScheduler>(c);
+}
 
 }  // namespace sd

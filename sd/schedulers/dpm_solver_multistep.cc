@@ -20,11 +20,13 @@ class DPMSolverMultistepScheduler : public Scheduler {
       for (int64_t i = n; i >= 1; --i) t.push_back(NpRound(v[i]));
     } else if (config_.timestep_spacing == "leading") {
       const int64_t ratio = T / (n + 1);
-      for (int64_t i = n; i >= 1; --i) t.push_back(static_cast<double>(i * ratio + config_.steps_offset));
+      for (int64_t i = n; i >= 1; --i)
+        t.push_back(static_cast<double>(i * ratio + config_.steps_offset));
     } else {
       const double ratio = static_cast<double>(T) / static_cast<double>(n);
       const int64_t count = static_cast<int64_t>(std::ceil(static_cast<double>(T) / ratio));
-      for (int64_t i = 0; i < count; ++i) t.push_back(NpRound(static_cast<double>(T) + i * -ratio) - 1);
+      for (int64_t i = 0; i < count; ++i)
+        t.push_back(NpRound(static_cast<double>(T) + i * -ratio) - 1);
     }
     timesteps_ = t;
     num_inference_steps_ = static_cast<int64_t>(t.size());
@@ -37,8 +39,9 @@ class DPMSolverMultistepScheduler : public Scheduler {
 
   torch::Tensor Step(const torch::Tensor& out, size_t i, const torch::Tensor& sample_in) override {
     const size_t n = timesteps_.size();
-    const bool lower_final = i == n - 1 && (config_.euler_at_final || (config_.lower_order_final && n < 15) ||
-                                            config_.final_sigmas_type == "zero");
+    const bool lower_final =
+        i == n - 1 && (config_.euler_at_final || (config_.lower_order_final && n < 15) ||
+                       config_.final_sigmas_type == "zero");
     const torch::Tensor m = ConvertModelOutput(out, i, sample_in);
     for (int64_t k = 0; k + 1 < config_.solver_order; ++k) outputs_[k] = outputs_[k + 1];
     outputs_.back() = m;
@@ -64,7 +67,8 @@ class DPMSolverMultistepScheduler : public Scheduler {
   }
   bool PlusPlus() const { return config_.algorithm_type == "dpmsolver++"; }
 
-  torch::Tensor ConvertModelOutput(const torch::Tensor& out, size_t i, const torch::Tensor& sample) const {
+  torch::Tensor ConvertModelOutput(const torch::Tensor& out, size_t i,
+                                   const torch::Tensor& sample) const {
     const AlphaSigma s = At(sigmas_[i]);
     const auto& p = config_.prediction_type;
     if (PlusPlus()) {

@@ -18,15 +18,18 @@ class EulerDiscreteScheduler : public Scheduler {
     const int64_t T = config_.num_train_timesteps;
     std::vector<double> t;
     if (config_.timestep_spacing == "linspace") {
-      for (double v : NpLinspace(0, static_cast<double>(T - 1), n)) t.push_back(static_cast<float>(v));
+      for (double v : NpLinspace(0, static_cast<double>(T - 1), n))
+        t.push_back(static_cast<float>(v));
       std::reverse(t.begin(), t.end());
     } else if (config_.timestep_spacing == "leading") {
       const int64_t ratio = T / n;
-      for (int64_t i = n - 1; i >= 0; --i) t.push_back(static_cast<float>(i * ratio + config_.steps_offset));
+      for (int64_t i = n - 1; i >= 0; --i)
+        t.push_back(static_cast<float>(i * ratio + config_.steps_offset));
     } else {
       const double ratio = static_cast<double>(T) / static_cast<double>(n);
       const int64_t count = static_cast<int64_t>(std::ceil(static_cast<double>(T) / ratio));
-      for (int64_t i = 0; i < count; ++i) t.push_back(static_cast<float>(NpRound(static_cast<double>(T) + i * -ratio)) - 1.0f);
+      for (int64_t i = 0; i < count; ++i)
+        t.push_back(static_cast<float>(NpRound(static_cast<double>(T) + i * -ratio)) - 1.0f);
     }
     timesteps_ = t;
     sigmas_.clear();
@@ -36,7 +39,8 @@ class EulerDiscreteScheduler : public Scheduler {
 
   double init_noise_sigma() const override {
     const float max_sigma = *std::max_element(sigmas_.begin(), sigmas_.end());
-    if (config_.timestep_spacing == "linspace" || config_.timestep_spacing == "trailing") return max_sigma;
+    if (config_.timestep_spacing == "linspace" || config_.timestep_spacing == "trailing")
+      return max_sigma;
     return std::sqrt(max_sigma * max_sigma + 1.0f);
   }
 

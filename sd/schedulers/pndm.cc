@@ -26,7 +26,8 @@ class PNDMScheduler : public Scheduler {
     cur_sample_ = torch::Tensor();
   }
 
-  torch::Tensor Step(const torch::Tensor& eps_in, size_t i, const torch::Tensor& sample_in) override {
+  torch::Tensor Step(const torch::Tensor& eps_in, size_t i,
+                     const torch::Tensor& sample_in) override {
     int64_t t = static_cast<int64_t>(timesteps_[i]);
     const int64_t ratio = config_.num_train_timesteps / num_inference_steps_;
     int64_t prev = t - ratio;
@@ -57,11 +58,13 @@ class PNDMScheduler : public Scheduler {
   }
 
  private:
-  torch::Tensor PrevSample(const torch::Tensor& sample, int64_t t, int64_t prev, torch::Tensor eps) const {
+  torch::Tensor PrevSample(const torch::Tensor& sample, int64_t t, int64_t prev,
+                           torch::Tensor eps) const {
     const float a_t = AlphaProd(t);
     const float a_prev = prev >= 0 ? AlphaProd(prev) : final_alpha_cumprod_;
     const float b_t = 1.0f - a_t, b_prev = 1.0f - a_prev;
-    if (config_.prediction_type == "v_prediction") eps = std::sqrt(a_t) * eps + std::sqrt(b_t) * sample;
+    if (config_.prediction_type == "v_prediction")
+      eps = std::sqrt(a_t) * eps + std::sqrt(b_t) * sample;
     const float sample_coeff = std::sqrt(a_prev / a_t);
     const float denom = a_t * std::sqrt(b_prev) + std::sqrt(a_t * b_t * a_prev);
     return sample_coeff * sample - (a_prev - a_t) * eps / denom;
@@ -75,6 +78,8 @@ class PNDMScheduler : public Scheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> MakePNDM(const SchedulerConfig& c) { return std::make_unique<PNDMScheduler>(c); }
+std::unique_ptr<Scheduler> MakePNDM(const SchedulerConfig& c) {
+  return std::make_unique<PNDMScheduler>(c);
+}
 
 }  // namespace sd

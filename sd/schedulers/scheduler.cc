@@ -43,11 +43,13 @@ std::vector<double> SpacedTimesteps(const SchedulerConfig& c, int64_t n) {
     std::reverse(t.begin(), t.end());
   } else if (c.timestep_spacing == "leading") {
     const int64_t ratio = T / n;
-    for (int64_t i = n - 1; i >= 0; --i) t.push_back(static_cast<double>(i * ratio + c.steps_offset));
+    for (int64_t i = n - 1; i >= 0; --i)
+      t.push_back(static_cast<double>(i * ratio + c.steps_offset));
   } else {
     const double ratio = static_cast<double>(T) / static_cast<double>(n);
     const int64_t count = static_cast<int64_t>(std::ceil(static_cast<double>(T) / ratio));
-    for (int64_t i = 0; i < count; ++i) t.push_back(NpRound(static_cast<double>(T) + i * -ratio) - 1);
+    for (int64_t i = 0; i < count; ++i)
+      t.push_back(NpRound(static_cast<double>(T) + i * -ratio) - 1);
   }
   return t;
 }
@@ -84,14 +86,16 @@ Scheduler::Scheduler(const SchedulerConfig& c) : config_(c) {
   acp_.assign(alphas_cumprod_.data_ptr<float>(), alphas_cumprod_.data_ptr<float>() + n);
 }
 
-torch::Tensor Scheduler::AddNoise(const torch::Tensor& x0, const torch::Tensor& noise, const torch::Tensor& t) const {
+torch::Tensor Scheduler::AddNoise(const torch::Tensor& x0, const torch::Tensor& noise,
+                                  const torch::Tensor& t) const {
   auto ac = alphas_cumprod_.to(x0.device()).index({t.to(x0.device())}).to(x0.scalar_type());
   auto a = ac.sqrt().view({-1, 1, 1, 1});
   auto s = (1 - ac).sqrt().view({-1, 1, 1, 1});
   return a * x0 + s * noise;
 }
 
-torch::Tensor Scheduler::Velocity(const torch::Tensor& x0, const torch::Tensor& noise, const torch::Tensor& t) const {
+torch::Tensor Scheduler::Velocity(const torch::Tensor& x0, const torch::Tensor& noise,
+                                  const torch::Tensor& t) const {
   auto ac = alphas_cumprod_.to(x0.device()).index({t.to(x0.device())}).to(x0.scalar_type());
   auto a = ac.sqrt().view({-1, 1, 1, 1});
   auto s = (1 - ac).sqrt().view({-1, 1, 1, 1});
@@ -100,17 +104,23 @@ torch::Tensor Scheduler::Velocity(const torch::Tensor& x0, const torch::Tensor& 
 
 std::vector<std::string> SchedulerNames() { return {"ddim", "euler", "dpm++2m", "pndm"}; }
 
-absl::StatusOr<std::unique_ptr<Scheduler>> MakeScheduler(const std::string& name, const JsonConfig& j) {
+absl::StatusOr<std::unique_ptr<Scheduler>> MakeScheduler(const std::string& name,
+                                                         const JsonConfig& j) {
   SchedulerConfig c;
   std::string kind = name;
   if (kind == "dpmsolver++" || kind == "dpm" || kind == "dpm++") kind = "dpm++2m";
   if (kind == "default") {
     ASSIGN_OR_RETURN(std::string cls, j.String("_class_name", "PNDMScheduler"));
-    if (cls == "DDIMScheduler") kind = "ddim";
-    else if (cls == "EulerDiscreteScheduler") kind = "euler";
-    else if (cls == "DPMSolverMultistepScheduler") kind = "dpm++2m";
-    else if (cls == "PNDMScheduler") kind = "pndm";
-    else return j.Error("_class_name", "names a scheduler this build does not implement");
+    if (cls == "DDIMScheduler")
+      kind = "ddim";
+    else if (cls == "EulerDiscreteScheduler")
+      kind = "euler";
+    else if (cls == "DPMSolverMultistepScheduler")
+      kind = "dpm++2m";
+    else if (cls == "PNDMScheduler")
+      kind = "pndm";
+    else
+      return j.Error("_class_name", "names a scheduler this build does not implement");
   }
   // Class defaults, then the config's keys on top.
   if (kind == "ddim") {
@@ -121,8 +131,9 @@ absl::StatusOr<std::unique_ptr<Scheduler>> MakeScheduler(const std::string& name
   } else if (kind == "euler" || kind == "dpm++2m") {
     c.timestep_spacing = "linspace";
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("unknown scheduler \"", name, "\"; choose one of: ",
-                                                   absl::StrJoin(SchedulerNames(), ", ")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown scheduler \"", name,
+                     "\"; choose one of: ", absl::StrJoin(SchedulerNames(), ", ")));
   }
   ASSIGN_OR_RETURN(c.num_train_timesteps, j.Int("num_train_timesteps", c.num_train_timesteps));
   ASSIGN_OR_RETURN(c.beta_start, j.Double("beta_start", c.beta_start));
@@ -138,7 +149,8 @@ absl::StatusOr<std::unique_ptr<Scheduler>> MakeScheduler(const std::string& name
   ASSIGN_OR_RETURN(c.clip_sample, j.Bool("clip_sample", c.clip_sample));
   ASSIGN_OR_RETURN(c.clip_sample_range, j.Double("clip_sample_range", c.clip_sample_range));
   ASSIGN_OR_RETURN(c.skip_prk_steps, j.Bool("skip_prk_steps", c.skip_prk_steps));
-  ASSIGN_OR_RETURN(c.rescale_betas_zero_snr, j.Bool("rescale_betas_zero_snr", c.rescale_betas_zero_snr));
+  ASSIGN_OR_RETURN(c.rescale_betas_zero_snr,
+                   j.Bool("rescale_betas_zero_snr", c.rescale_betas_zero_snr));
   ASSIGN_OR_RETURN(c.interpolation_type, j.String("interpolation_type", c.interpolation_type));
   ASSIGN_OR_RETURN(c.final_sigmas_type, j.String("final_sigmas_type", c.final_sigmas_type));
   ASSIGN_OR_RETURN(c.solver_order, j.Int("solver_order", c.solver_order));
@@ -147,31 +159,41 @@ absl::StatusOr<std::unique_ptr<Scheduler>> MakeScheduler(const std::string& name
   ASSIGN_OR_RETURN(c.lower_order_final, j.Bool("lower_order_final", c.lower_order_final));
   ASSIGN_OR_RETURN(c.euler_at_final, j.Bool("euler_at_final", c.euler_at_final));
 
-  if (c.beta_schedule != "linear" && c.beta_schedule != "scaled_linear" && c.beta_schedule != "squaredcos_cap_v2") {
+  if (c.beta_schedule != "linear" && c.beta_schedule != "scaled_linear" &&
+      c.beta_schedule != "squaredcos_cap_v2") {
     return j.Error("beta_schedule", "must be linear, scaled_linear or squaredcos_cap_v2");
   }
-  if (c.prediction_type != "epsilon" && c.prediction_type != "v_prediction" && c.prediction_type != "sample") {
+  if (c.prediction_type != "epsilon" && c.prediction_type != "v_prediction" &&
+      c.prediction_type != "sample") {
     return j.Error("prediction_type", "must be epsilon, v_prediction or sample");
   }
-  if (c.timestep_spacing != "leading" && c.timestep_spacing != "trailing" && c.timestep_spacing != "linspace") {
+  if (c.timestep_spacing != "leading" && c.timestep_spacing != "trailing" &&
+      c.timestep_spacing != "linspace") {
     return j.Error("timestep_spacing", "must be leading, trailing or linspace");
   }
   if (c.num_train_timesteps < 2) return j.Error("num_train_timesteps", "must be at least 2");
-  for (const char* key : {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                          "use_flow_sigmas", "thresholding"}) {
+  for (const char* key : {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                          "use_lu_lambdas", "use_flow_sigmas", "thresholding"}) {
     ASSIGN_OR_RETURN(bool on, j.Bool(key, false));
     if (on) return j.Error(key, "is not supported");
   }
-  if (kind == "euler" && c.interpolation_type != "linear") return j.Error("interpolation_type", "must be linear");
-  if (c.final_sigmas_type != "zero" && c.final_sigmas_type != "sigma_min") return j.Error("final_sigmas_type", "must be zero or sigma_min");
+  if (kind == "euler" && c.interpolation_type != "linear")
+    return j.Error("interpolation_type", "must be linear");
+  if (c.final_sigmas_type != "zero" && c.final_sigmas_type != "sigma_min")
+    return j.Error("final_sigmas_type", "must be zero or sigma_min");
   if (kind == "dpm++2m") {
-    if (c.solver_order != 1 && c.solver_order != 2) return j.Error("solver_order", "must be 1 or 2");
-    if (c.algorithm_type != "dpmsolver++" && c.algorithm_type != "dpmsolver") return j.Error("algorithm_type", "must be dpmsolver++ or dpmsolver");
-    if (c.solver_type != "midpoint" && c.solver_type != "heun") return j.Error("solver_type", "must be midpoint or heun");
+    if (c.solver_order != 1 && c.solver_order != 2)
+      return j.Error("solver_order", "must be 1 or 2");
+    if (c.algorithm_type != "dpmsolver++" && c.algorithm_type != "dpmsolver")
+      return j.Error("algorithm_type", "must be dpmsolver++ or dpmsolver");
+    if (c.solver_type != "midpoint" && c.solver_type != "heun")
+      return j.Error("solver_type", "must be midpoint or heun");
   }
   if (kind == "pndm") {
-    if (!c.skip_prk_steps) return j.Error("skip_prk_steps", "must be true (the Runge-Kutta warm-up is not implemented)");
-    if (c.prediction_type == "sample") return j.Error("prediction_type", "must be epsilon or v_prediction for PNDM");
+    if (!c.skip_prk_steps)
+      return j.Error("skip_prk_steps", "must be true (the Runge-Kutta warm-up is not implemented)");
+    if (c.prediction_type == "sample")
+      return j.Error("prediction_type", "must be epsilon or v_prediction for PNDM");
   }
   if (kind == "ddim") return MakeDDIM(c);
   if (kind == "euler") return MakeEulerDiscrete(c);

@@ -47,14 +47,19 @@ class Scheduler {
   virtual void SetTimesteps(int64_t num_inference_steps) = 0;
   const std::vector<double>& timesteps() const { return timesteps_; }
   virtual double init_noise_sigma() const { return 1.0; }
-  virtual torch::Tensor ScaleModelInput(const torch::Tensor& sample, size_t step_index) { return sample; }
+  virtual torch::Tensor ScaleModelInput(const torch::Tensor& sample, size_t step_index) {
+    return sample;
+  }
   // One denoising update for the step_index-th entry of timesteps().
-  virtual torch::Tensor Step(const torch::Tensor& model_output, size_t step_index, const torch::Tensor& sample) = 0;
+  virtual torch::Tensor Step(const torch::Tensor& model_output, size_t step_index,
+                             const torch::Tensor& sample) = 0;
 
   // Forward process q(x_t | x_0), for training: timesteps is an int64 tensor [B].
-  torch::Tensor AddNoise(const torch::Tensor& x0, const torch::Tensor& noise, const torch::Tensor& timesteps) const;
+  torch::Tensor AddNoise(const torch::Tensor& x0, const torch::Tensor& noise,
+                         const torch::Tensor& timesteps) const;
   // v-prediction target.
-  torch::Tensor Velocity(const torch::Tensor& x0, const torch::Tensor& noise, const torch::Tensor& timesteps) const;
+  torch::Tensor Velocity(const torch::Tensor& x0, const torch::Tensor& noise,
+                         const torch::Tensor& timesteps) const;
 
   const SchedulerConfig& config() const { return config_; }
   const torch::Tensor& alphas_cumprod() const { return alphas_cumprod_; }  // float32 [T]
@@ -69,7 +74,8 @@ class Scheduler {
 };
 
 // name: ddim, euler, dpm++2m (alias dpmsolver++), pndm.
-absl::StatusOr<std::unique_ptr<Scheduler>> MakeScheduler(const std::string& name, const JsonConfig& config);
+absl::StatusOr<std::unique_ptr<Scheduler>> MakeScheduler(const std::string& name,
+                                                         const JsonConfig& config);
 std::vector<std::string> SchedulerNames();
 
 // numpy-compatible helpers (np.linspace, np.round half-to-even, np.interp).

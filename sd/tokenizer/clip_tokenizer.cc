@@ -49,7 +49,8 @@ bool IsSpace(UChar32 c) { return u_isUWhiteSpace(c) != 0; }
 std::vector<UChar32> Normalize(std::string_view text) {
   UErrorCode err = U_ZERO_ERROR;
   const icu::Normalizer2* nfc = icu::Normalizer2::getNFCInstance(err);
-  icu::UnicodeString src = icu::UnicodeString::fromUTF8(icu::StringPiece(text.data(), static_cast<int32_t>(text.size())));
+  icu::UnicodeString src = icu::UnicodeString::fromUTF8(
+      icu::StringPiece(text.data(), static_cast<int32_t>(text.size())));
   icu::UnicodeString norm = U_SUCCESS(err) ? nfc->normalize(src, err) : src;
   if (U_FAILURE(err)) norm = src;
   std::vector<UChar32> out;
@@ -82,7 +83,8 @@ std::string ToUtf8(const std::vector<UChar32>& cps, size_t begin, size_t end) {
 
 absl::StatusOr<std::string> TokenString(const nlohmann::json& j) {
   if (j.is_string()) return j.get<std::string>();
-  if (j.is_object() && j.contains("content") && j["content"].is_string()) return j["content"].get<std::string>();
+  if (j.is_object() && j.contains("content") && j["content"].is_string())
+    return j["content"].get<std::string>();
   return absl::InvalidArgumentError("special token must be a string or {\"content\": ...}");
 }
 
@@ -94,9 +96,12 @@ absl::StatusOr<CLIPTokenizer> CLIPTokenizer::FromVocabAndMerges(const std::strin
   CLIPTokenizer t;
   t.byte_to_unicode_ = BytesToUnicode();
   nlohmann::json v = nlohmann::json::parse(vocab_json, nullptr, false);
-  if (v.is_discarded() || !v.is_object()) return absl::InvalidArgumentError(absl::StrCat(origin, ": vocab is not a JSON object"));
+  if (v.is_discarded() || !v.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": vocab is not a JSON object"));
   for (auto it = v.begin(); it != v.end(); ++it) {
-    if (!it.value().is_number_integer()) return absl::InvalidArgumentError(absl::StrCat(origin, ": vocab entry \"", it.key(), "\" is not an integer id"));
+    if (!it.value().is_number_integer())
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ": vocab entry \"", it.key(), "\" is not an integer id"));
     t.vocab_[it.key()] = it.value().get<int64_t>();
   }
   int64_t rank = 0;
@@ -107,17 +112,21 @@ absl::StatusOr<CLIPTokenizer> CLIPTokenizer::FromVocabAndMerges(const std::strin
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.empty() || (line_no == 1 && line.rfind("#version", 0) == 0)) continue;
     std::vector<absl::string_view> parts = absl::StrSplit(line, ' ');
-    if (parts.size() != 2) return absl::InvalidArgumentError(absl::StrCat(origin, " line ", line_no, ": a merge needs exactly two symbols: \"", line, "\""));
+    if (parts.size() != 2)
+      return absl::InvalidArgumentError(absl::StrCat(
+          origin, " line ", line_no, ": a merge needs exactly two symbols: \"", line, "\""));
     t.merge_ranks_.emplace(std::string(line), rank++);
   }
   return t;
 }
 
-absl::Status CLIPTokenizer::SetSpecialTokens(const std::string& bos, const std::string& eos, const std::string& pad,
-                                             const std::string& origin) {
+absl::Status CLIPTokenizer::SetSpecialTokens(const std::string& bos, const std::string& eos,
+                                             const std::string& pad, const std::string& origin) {
   auto id = [&](const std::string& tok) -> absl::StatusOr<int64_t> {
     auto it = vocab_.find(tok);
-    if (it == vocab_.end()) return absl::InvalidArgumentError(absl::StrCat(origin, ": special token \"", tok, "\" is not in the vocabulary"));
+    if (it == vocab_.end())
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ": special token \"", tok, "\" is not in the vocabulary"));
     return it->second;
   };
   ASSIGN_OR_RETURN(bos_id_, id(bos));
@@ -142,8 +151,10 @@ absl::StatusOr<CLIPTokenizer> CLIPTokenizer::Load(const std::string& dir) {
     origin = (d / "tokenizer.json").string();
     ASSIGN_OR_RETURN(std::string text, ReadFile(origin));
     nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-    if (j.is_discarded() || !j.contains("model") || !j["model"].contains("vocab") || !j["model"].contains("merges")) {
-      return absl::InvalidArgumentError(absl::StrCat(origin, ": expected a BPE model with vocab and merges"));
+    if (j.is_discarded() || !j.contains("model") || !j["model"].contains("vocab") ||
+        !j["model"].contains("merges")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ": expected a BPE model with vocab and merges"));
     }
     std::string merges;
     for (const auto& m : j["model"]["merges"]) {
@@ -152,7 +163,8 @@ absl::StatusOr<CLIPTokenizer> CLIPTokenizer::Load(const std::string& dir) {
       } else if (m.is_array() && m.size() == 2) {
         absl::StrAppend(&merges, m[0].get<std::string>(), " ", m[1].get<std::string>(), "\n");
       } else {
-        return absl::InvalidArgumentError(absl::StrCat(origin, ": malformed merge entry ", m.dump()));
+        return absl::InvalidArgumentError(
+            absl::StrCat(origin, ": malformed merge entry ", m.dump()));
       }
     }
     ASSIGN_OR_RETURN(t, FromVocabAndMerges(j["model"]["vocab"].dump(), merges, origin));
@@ -165,11 +177,14 @@ absl::StatusOr<CLIPTokenizer> CLIPTokenizer::Load(const std::string& dir) {
     if (!fs::exists(p)) continue;
     ASSIGN_OR_RETURN(std::string text, ReadFile(p.string()));
     nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(p.string(), ": invalid JSON"));
+    if (j.is_discarded() || !j.is_object())
+      return absl::InvalidArgumentError(absl::StrCat(p.string(), ": invalid JSON"));
     auto read = [&](const char* key, std::string& into) -> absl::Status {
       if (!j.contains(key) || j[key].is_null()) return absl::OkStatus();
       auto s = TokenString(j[key]);
-      if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat(p.string(), ": key \"", key, "\": ", s.status().message()));
+      if (!s.ok())
+        return absl::InvalidArgumentError(
+            absl::StrCat(p.string(), ": key \"", key, "\": ", s.status().message()));
       into = *s;
       return absl::OkStatus();
     };

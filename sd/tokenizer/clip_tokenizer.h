@@ -37,8 +37,8 @@ class CLIPTokenizer {
   size_t vocab_size() const { return vocab_.size(); }
 
  private:
-  absl::Status SetSpecialTokens(const std::string& bos, const std::string& eos, const std::string& pad,
-                                const std::string& origin);
+  absl::Status SetSpecialTokens(const std::string& bos, const std::string& eos,
+                                const std::string& pad, const std::string& origin);
   void EncodeSegment(std::string_view text, std::vector<int64_t>& out) const;
   void Bpe(const std::string& word_bytes, std::vector<int64_t>& out) const;
 

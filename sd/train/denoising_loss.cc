@@ -2,8 +2,9 @@
 
 namespace sd {
 
-torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& scheduler, const torch::Tensor& latents,
-                            const torch::Tensor& noise, const torch::Tensor& timesteps,
+torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& scheduler,
+                            const torch::Tensor& latents, const torch::Tensor& noise,
+                            const torch::Tensor& timesteps,
                             const torch::Tensor& encoder_hidden_states) {
   auto noisy = scheduler.AddNoise(latents, noise, timesteps);
   const auto& pt = scheduler.config().prediction_type;

@@ -9,8 +9,9 @@
 namespace sd {
 
 // latents: clean (scaled) latents [B, C, h, w]; noise same shape; timesteps int64 [B].
-torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& scheduler, const torch::Tensor& latents,
-                            const torch::Tensor& noise, const torch::Tensor& timesteps,
+torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& scheduler,
+                            const torch::Tensor& latents, const torch::Tensor& noise,
+                            const torch::Tensor& timesteps,
                             const torch::Tensor& encoder_hidden_states);
 
 }  // namespace sd

@@ -16,7 +16,8 @@ namespace sd {
 namespace {
 
 absl::Status ErrnoError(std::string_view what, const std::string& path) {
-  return absl::InternalError(absl::StrCat(std::string(what), " ", path, ": ", std::strerror(errno)));
+  return absl::InternalError(
+      absl::StrCat(std::string(what), " ", path, ": ", std::strerror(errno)));
 }
 
 std::string TempNameFor(const std::string& path) {
@@ -77,8 +78,8 @@ absl::Status AtomicFileWriter::Commit() {
   if (::rename(tmp_.c_str(), path_.c_str()) != 0) return ErrnoError("rename failed to", path_);
   tmp_.clear();
   // The rename is only durable once the directory entry is on disk.
-  std::string dir = std::filesystem::path(path_).parent_path().string();
-  if (dir.empty()) dir = ".";
+  const std::string parent = std::filesystem::path(path_).parent_path().string();
+  const std::string dir = parent.empty() ? std::string(".") : parent;
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     ::fsync(dfd);

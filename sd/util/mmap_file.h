@@ -8,8 +8,8 @@
 namespace sd {
 
 // A private (copy-on-write) memory map: a tensor that is later trained in place
-// writes to its own pages and never to the checkpoint. Tensors created zero-copy from a checkpoint hold a
-// shared_ptr to it, so the mapping lives exactly as long as any tensor using it.
+// writes to its own pages and never to the checkpoint. Tensors created zero-copy from a checkpoint
+// hold a shared_ptr to it, so the mapping lives exactly as long as any tensor using it.
 class MappedFile {
  public:
   static absl::StatusOr<std::shared_ptr<MappedFile>> Open(const std::string& path);

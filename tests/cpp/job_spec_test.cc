@@ -31,7 +31,8 @@ TEST(JobSpecTest, DefaultsAreThoseOfTheSeedPipeline) {
 }
 
 TEST(JobSpecTest, PerStageWorkers) {
-  auto s = ParseJobSpec("model: /m\nworkers: 3\nstages:\n  - finetune: {workers: 2, max_restarts: 5}\n", "job.yaml");
+  auto s = ParseJobSpec(
+      "model: /m\nworkers: 3\nstages:\n  - finetune: {workers: 2, max_restarts: 5}\n", "job.yaml");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->stages[0].workers, 2);
   EXPECT_EQ(s->stages[0].max_restarts, 5);
@@ -50,16 +51,19 @@ TEST(JobSpecTest, WrongTypeNamesLineAndKey) {
 TEST(JobSpecTest, OutOfRange) {
   EXPECT_EQ(Err("model: /m\nstages: [finetune]\npruning:\n  unet_ratio: 1.5\n"),
             "job.yaml:4: key \"pruning.unet_ratio\" is 1.5, out of range [0, 1)");
-  EXPECT_NE(Err("model: /m\nstages: [finetune]\ndistillation:\n  progressive_stages: [50, 60]\n").find("strictly decreasing"),
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\ndistillation:\n  progressive_stages: [50, 60]\n")
+                .find("strictly decreasing"),
             std::string::npos);
 }
 
 TEST(JobSpecTest, UnimplementedStageIsRefusedNotSkipped) {
   EXPECT_EQ(Err("model: /m\nstages: [prune]\n"),
-            "job.yaml:2: stage \"prune\" is not implemented in this build (implemented: finetune); remove it from "
+            "job.yaml:2: stage \"prune\" is not implemented in this build (implemented: finetune); "
+            "remove it from "
             "\"stages\"");
   EXPECT_NE(Err("model: /m\n").find("is not implemented"), std::string::npos);
-  EXPECT_EQ(Err("model: /m\nstages: [finetuen]\n"), "job.yaml:2: unknown stage \"finetuen\" (did you mean \"finetune\"?)");
+  EXPECT_EQ(Err("model: /m\nstages: [finetuen]\n"),
+            "job.yaml:2: unknown stage \"finetuen\" (did you mean \"finetune\"?)");
 }
 
 TEST(JobSpecTest, MissingModelAndBadYaml) {

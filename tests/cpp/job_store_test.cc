@@ -9,7 +9,8 @@ namespace sd::coord {
 namespace {
 
 TEST(JobStoreTest, CoordinatorRestartKeepsJobsAndResumesRunningStages) {
-  const std::string path = std::filesystem::temp_directory_path() / ("jobs_" + std::to_string(::getpid()) + ".db");
+  const std::string path =
+      std::filesystem::temp_directory_path() / ("jobs_" + std::to_string(::getpid()) + ".db");
   std::filesystem::remove(path);
   const std::string yaml = "model: /m\nstages: [finetune]\n";
   std::string running, queued;

@@ -16,8 +16,9 @@ namespace fs = std::filesystem;
 class SafetensorsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("st_test_" + std::to_string(::getpid()) + "_" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    dir_ = fs::temp_directory_path() /
+           ("st_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
   }
@@ -91,7 +92,8 @@ TEST_F(SafetensorsTest, ShardedRoundTripWithIndex) {
 
 TEST_F(SafetensorsTest, IndexPointingAtWrongShardIsAnError) {
   ASSERT_TRUE(Save(Path("s1.safetensors"), {{"a", torch::ones({2})}}).ok());
-  ASSERT_TRUE(WriteFileAtomic(Path("x.index.json"), R"({"weight_map": {"b": "s1.safetensors"}})").ok());
+  ASSERT_TRUE(
+      WriteFileAtomic(Path("x.index.json"), R"({"weight_map": {"b": "s1.safetensors"}})").ok());
   auto r = Load(Path("x.index.json"));
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("\"b\""), std::string::npos) << r.status();
@@ -99,7 +101,8 @@ TEST_F(SafetensorsTest, IndexPointingAtWrongShardIsAnError) {
 
 TEST_F(SafetensorsTest, ShortFile) {
   ASSERT_TRUE(WriteFileAtomic(Path("short"), "abc").ok());
-  EXPECT_NE(ErrorOf(Path("short")).find("shorter than the 8-byte header length"), std::string::npos);
+  EXPECT_NE(ErrorOf(Path("short")).find("shorter than the 8-byte header length"),
+            std::string::npos);
 }
 
 TEST_F(SafetensorsTest, HeaderLengthPastEnd) {
@@ -113,30 +116,35 @@ TEST_F(SafetensorsTest, HeaderNotJson) {
 }
 
 TEST_F(SafetensorsTest, UnknownDtype) {
-  auto p = WriteRaw("dtype", R"({"w":{"dtype":"F7","shape":[1],"data_offsets":[0,4]}})", std::string(4, '\0'));
+  auto p = WriteRaw("dtype", R"({"w":{"dtype":"F7","shape":[1],"data_offsets":[0,4]}})",
+                    std::string(4, '\0'));
   std::string e = ErrorOf(p);
   EXPECT_NE(e.find("tensor \"w\""), std::string::npos) << e;
   EXPECT_NE(e.find("unknown dtype \"F7\""), std::string::npos) << e;
 }
 
 TEST_F(SafetensorsTest, OffsetsOutOfRangeMeansTruncated) {
-  auto p = WriteRaw("trunc", R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", std::string(8, '\0'));
+  auto p = WriteRaw("trunc", R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})",
+                    std::string(8, '\0'));
   std::string e = ErrorOf(p);
   EXPECT_NE(e.find("run past the 8 bytes of data"), std::string::npos) << e;
 }
 
 TEST_F(SafetensorsTest, OverlappingOffsets) {
-  auto p = WriteRaw("overlap",
-                    R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
-                    std::string(12, '\0'));
+  auto p = WriteRaw(
+      "overlap",
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+      std::string(12, '\0'));
   std::string e = ErrorOf(p);
   EXPECT_NE(e.find("overlapping"), std::string::npos) << e;
 }
 
 TEST_F(SafetensorsTest, ShapeDisagreesWithByteCount) {
-  auto p = WriteRaw("size", R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0'));
+  auto p = WriteRaw("size", R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})",
+                    std::string(8, '\0'));
   std::string e = ErrorOf(p);
-  EXPECT_NE(e.find("shape [3] of F32 needs 12 bytes but data_offsets span 8"), std::string::npos) << e;
+  EXPECT_NE(e.find("shape [3] of F32 needs 12 bytes but data_offsets span 8"), std::string::npos)
+      << e;
 }
 
 TEST_F(SafetensorsTest, NegativeDimension) {
@@ -153,7 +161,8 @@ TEST_F(SafetensorsTest, TruncatedRealFileIsDetected) {
 
 TEST_F(SafetensorsTest, FailedSaveKeepsTheOldFile) {
   ASSERT_TRUE(Save(Path("keep.safetensors"), {{"w", torch::ones({4})}}).ok());
-  // complex128 cannot be stored: the save fails and must leave the old file intact, with no temp left over.
+  // complex128 cannot be stored: the save fails and must leave the old file intact, with no temp
+  // left over.
   auto s = Save(Path("keep.safetensors"), {{"w", torch::ones({4}, torch::kComplexDouble)}});
   EXPECT_FALSE(s.ok());
   auto loaded = Load(Path("keep.safetensors"));

@@ -24,7 +24,8 @@ using sd::safetensors::TensorMap;
 
 absl::StatusOr<torch::Tensor> Need(const TensorMap& m, const std::string& name) {
   auto it = m.find(name);
-  if (it == m.end()) return absl::InvalidArgumentError(absl::StrCat("inputs lack tensor \"", name, "\""));
+  if (it == m.end())
+    return absl::InvalidArgumentError(absl::StrCat("inputs lack tensor \"", name, "\""));
   return it->second;
 }
 
@@ -33,7 +34,8 @@ absl::Status Tokenize(const sdctl::Args& a) {
   ASSIGN_OR_RETURN(std::string text, sd::ReadFile(a.Get("inputs")));
   nlohmann::json prompts = nlohmann::json::parse(text);
   nlohmann::json out = nlohmann::json::array();
-  for (const auto& p : prompts) out.push_back(tok.EncodePadded(p.get<std::string>(), tok.model_max_length()));
+  for (const auto& p : prompts)
+    out.push_back(tok.EncodePadded(p.get<std::string>(), tok.model_max_length()));
   return sd::WriteFileAtomic(a.Get("out"), out.dump());
 }
 
@@ -44,7 +46,8 @@ absl::Status TextEncoder(const sdctl::Args& a) {
   torch::NoGradGuard g;
   auto r = model->forward(ids.to(torch::kLong));
   TensorMap out{{"last_hidden_state", r.last_hidden_state}, {"pooler_output", r.pooler_output}};
-  for (size_t i = 0; i < r.hidden_states.size(); ++i) out[absl::StrCat("hidden_states.", i)] = r.hidden_states[i];
+  for (size_t i = 0; i < r.hidden_states.size(); ++i)
+    out[absl::StrCat("hidden_states.", i)] = r.hidden_states[i];
   return sd::safetensors::Save(a.Get("out"), out);
 }
 
@@ -61,7 +64,8 @@ absl::Status UNet(const sdctl::Args& a) {
     unet->fuse_qkv_projections(true);
   }
   TensorMap out{{"sample", unet->forward(sample, t, ctx)}};
-  for (size_t i = 0; i < unet->recorder().maps.size(); ++i) out["attn." + unet->recorder().names[i]] = unet->recorder().maps[i];
+  for (size_t i = 0; i < unet->recorder().maps.size(); ++i)
+    out["attn." + unet->recorder().names[i]] = unet->recorder().maps[i];
   return sd::safetensors::Save(a.Get("out"), out);
 }
 
@@ -72,8 +76,9 @@ absl::Status Vae(const sdctl::Args& a) {
   ASSIGN_OR_RETURN(auto latents, Need(in, "latents"));
   torch::NoGradGuard g;
   auto post = vae->encode(images);
-  return sd::safetensors::Save(a.Get("out"), {{"mean", post.mean}, {"logvar", post.logvar},
-                                              {"decoded", vae->decode(latents)}});
+  return sd::safetensors::Save(
+      a.Get("out"),
+      {{"mean", post.mean}, {"logvar", post.logvar}, {"decoded", vae->decode(latents)}});
 }
 
 absl::Status TrainStep(const sdctl::Args& a) {
@@ -127,25 +132,34 @@ absl::Status TrainTextEncoder(const sdctl::Args& a) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::cerr << "usage: sd_probe tokenize|text-encoder|unet|vae|train-step --model DIR --inputs FILE --out FILE\n";
+    std::cerr << "usage: sd_probe tokenize|text-encoder|unet|vae|train-step --model DIR --inputs "
+                 "FILE --out FILE\n";
     return 2;
   }
   const std::string cmd = argv[1];
-  auto args = sdctl::Args::Parse(argc - 2, argv + 2, {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads"},
-                                 {}, {"attention-maps", "optimized"});
+  auto args = sdctl::Args::Parse(
+      argc - 2, argv + 2, {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads"},
+      {}, {"attention-maps", "optimized"});
   if (!args.ok()) {
     std::cerr << args.status().message() << "\n";
     return 2;
   }
   if (args->Has("threads")) torch::set_num_threads(std::stoi(args->Get("threads")));
   absl::Status s;
-  if (cmd == "tokenize") s = Tokenize(*args);
-  else if (cmd == "text-encoder") s = TextEncoder(*args);
-  else if (cmd == "unet") s = UNet(*args);
-  else if (cmd == "vae") s = Vae(*args);
-  else if (cmd == "train-step") s = TrainStep(*args);
-  else if (cmd == "train-text-encoder") s = TrainTextEncoder(*args);
-  else s = absl::InvalidArgumentError("unknown command " + cmd);
+  if (cmd == "tokenize")
+    s = Tokenize(*args);
+  else if (cmd == "text-encoder")
+    s = TextEncoder(*args);
+  else if (cmd == "unet")
+    s = UNet(*args);
+  else if (cmd == "vae")
+    s = Vae(*args);
+  else if (cmd == "train-step")
+    s = TrainStep(*args);
+  else if (cmd == "train-text-encoder")
+    s = TrainTextEncoder(*args);
+  else
+    s = absl::InvalidArgumentError("unknown command " + cmd);
   if (!s.ok()) {
     std::cerr << "sd_probe " << cmd << ": " << s.message() << "\n";
     return 1;

@@ -8,9 +8,7 @@ namespace {
 
 class DDIMScheduler : public Scheduler {
  public:
-  explicit DDIMScheduler(const SchedulerConfig& c) : Scheduler(c) {
-    final_alpha_cumprod_ = c.set_alpha_to_one ? 1.0f : acp_[0];
-  }
+  explicit DDIMScheduler(const SchedulerConfig& c) : Scheduler(c) {}
 
   void SetTimesteps(int64_t n) override {
     num_inference_steps_ = n;
@@ -21,7 +19,7 @@ class DDIMScheduler : public Scheduler {
     const int64_t t = static_cast<int64_t>(timesteps_[i]);
     const int64_t prev = t - config_.num_train_timesteps / num_inference_steps_;
     const float a_t = AlphaProd(t);
-    const float a_prev = prev >= 0 ? AlphaProd(prev) : final_alpha_cumprod_;
+    const float a_prev = AlphaProdPrev(prev);
     const float b_t = 1.0f - a_t;
     torch::Tensor x0, pred_eps;
     if (config_.prediction_type == "epsilon") {
@@ -40,7 +38,6 @@ class DDIMScheduler : public Scheduler {
   }
 
  private:
-  float final_alpha_cumprod_;
 };
 
 }  // namespace

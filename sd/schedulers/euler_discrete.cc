@@ -15,22 +15,10 @@ class EulerDiscreteScheduler : public Scheduler {
 
   void SetTimesteps(int64_t n) override {
     num_inference_steps_ = n;
-    const int64_t T = config_.num_train_timesteps;
+    // Euler keeps diffusers' float32 timesteps (fractional with linspace spacing).
     std::vector<double> t;
-    if (config_.timestep_spacing == "linspace") {
-      for (double v : NpLinspace(0, static_cast<double>(T - 1), n))
-        t.push_back(static_cast<float>(v));
-      std::reverse(t.begin(), t.end());
-    } else if (config_.timestep_spacing == "leading") {
-      const int64_t ratio = T / n;
-      for (int64_t i = n - 1; i >= 0; --i)
-        t.push_back(static_cast<float>(i * ratio + config_.steps_offset));
-    } else {
-      const double ratio = static_cast<double>(T) / static_cast<double>(n);
-      const int64_t count = static_cast<int64_t>(std::ceil(static_cast<double>(T) / ratio));
-      for (int64_t i = 0; i < count; ++i)
-        t.push_back(static_cast<float>(NpRound(static_cast<double>(T) + i * -ratio)) - 1.0f);
-    }
+    for (double v : SpacedTimesteps(config_, n, /*round_linspace=*/false))
+      t.push_back(static_cast<float>(v));
     timesteps_ = t;
     sigmas_.clear();
     for (double ts : t) sigmas_.push_back(static_cast<float>(NpInterp(ts, train_sigmas_)));

@@ -8,9 +8,7 @@ namespace {
 
 class PNDMScheduler : public Scheduler {
  public:
-  explicit PNDMScheduler(const SchedulerConfig& c) : Scheduler(c) {
-    final_alpha_cumprod_ = c.set_alpha_to_one ? 1.0f : acp_[0];
-  }
+  explicit PNDMScheduler(const SchedulerConfig& c) : Scheduler(c) {}
 
   void SetTimesteps(int64_t n) override {
     num_inference_steps_ = n;
@@ -61,7 +59,7 @@ class PNDMScheduler : public Scheduler {
   torch::Tensor PrevSample(const torch::Tensor& sample, int64_t t, int64_t prev,
                            torch::Tensor eps) const {
     const float a_t = AlphaProd(t);
-    const float a_prev = prev >= 0 ? AlphaProd(prev) : final_alpha_cumprod_;
+    const float a_prev = AlphaProdPrev(prev);
     const float b_t = 1.0f - a_t, b_prev = 1.0f - a_prev;
     if (config_.prediction_type == "v_prediction")
       eps = std::sqrt(a_t) * eps + std::sqrt(b_t) * sample;
@@ -69,8 +67,6 @@ class PNDMScheduler : public Scheduler {
     const float denom = a_t * std::sqrt(b_prev) + std::sqrt(a_t * b_t * a_prev);
     return sample_coeff * sample - (a_prev - a_t) * eps / denom;
   }
-
-  float final_alpha_cumprod_;
   std::vector<torch::Tensor> ets_;
   int64_t counter_ = 0;
   torch::Tensor cur_sample_;

@@ -34,12 +34,13 @@ double NpInterp(double x, const std::vector<float>& fp) {
   return slope * (x - static_cast<double>(i)) + fp[i];
 }
 
-// Timestep grids shared by DDIM and (reversed) PNDM: diffusers' three spacings.
-std::vector<double> SpacedTimesteps(const SchedulerConfig& c, int64_t n) {
+std::vector<double> SpacedTimesteps(const SchedulerConfig& c, int64_t n, bool round_linspace) {
   std::vector<double> t;
   const int64_t T = c.num_train_timesteps;
   if (c.timestep_spacing == "linspace") {
-    for (double v : NpLinspace(0, static_cast<double>(T - 1), n)) t.push_back(NpRound(v));
+    for (double v : NpLinspace(0, static_cast<double>(T - 1), n)) {
+      t.push_back(round_linspace ? NpRound(v) : v);
+    }
     std::reverse(t.begin(), t.end());
   } else if (c.timestep_spacing == "leading") {
     const int64_t ratio = T / n;
@@ -84,21 +85,24 @@ Scheduler::Scheduler(const SchedulerConfig& c) : config_(c) {
   alphas_cumprod_ = torch::cumprod(1.0 - betas, 0);
   if (c.rescale_betas_zero_snr) alphas_cumprod_[-1] = std::pow(2.0, -24);
   acp_.assign(alphas_cumprod_.data_ptr<float>(), alphas_cumprod_.data_ptr<float>() + n);
+  final_alpha_cumprod_ = c.set_alpha_to_one ? 1.0f : acp_[0];
+}
+
+std::pair<torch::Tensor, torch::Tensor> Scheduler::SignalNoiseScales(const torch::Tensor& x0,
+                                                                     const torch::Tensor& t) const {
+  auto ac = alphas_cumprod_.to(x0.device()).index({t.to(x0.device())}).to(x0.scalar_type());
+  return {ac.sqrt().view({-1, 1, 1, 1}), (1 - ac).sqrt().view({-1, 1, 1, 1})};
 }
 
 torch::Tensor Scheduler::AddNoise(const torch::Tensor& x0, const torch::Tensor& noise,
                                   const torch::Tensor& t) const {
-  auto ac = alphas_cumprod_.to(x0.device()).index({t.to(x0.device())}).to(x0.scalar_type());
-  auto a = ac.sqrt().view({-1, 1, 1, 1});
-  auto s = (1 - ac).sqrt().view({-1, 1, 1, 1});
+  auto [a, s] = SignalNoiseScales(x0, t);
   return a * x0 + s * noise;
 }
 
 torch::Tensor Scheduler::Velocity(const torch::Tensor& x0, const torch::Tensor& noise,
                                   const torch::Tensor& t) const {
-  auto ac = alphas_cumprod_.to(x0.device()).index({t.to(x0.device())}).to(x0.scalar_type());
-  auto a = ac.sqrt().view({-1, 1, 1, 1});
-  auto s = (1 - ac).sqrt().view({-1, 1, 1, 1});
+  auto [a, s] = SignalNoiseScales(x0, t);
   return a * noise - s * x0;
 }
 

@@ -66,9 +66,14 @@ class Scheduler {
 
  protected:
   float AlphaProd(int64_t t) const { return acp_[t]; }
+  // alpha_cumprod "before" timestep 0 (DDIM/PNDM's set_alpha_to_one).
+  float AlphaProdPrev(int64_t t) const { return t >= 0 ? acp_[t] : final_alpha_cumprod_; }
+  std::pair<torch::Tensor, torch::Tensor> SignalNoiseScales(const torch::Tensor& x0,
+                                                            const torch::Tensor& t) const;
   SchedulerConfig config_;
   torch::Tensor alphas_cumprod_;
   std::vector<float> acp_;
+  float final_alpha_cumprod_ = 1.0f;
   std::vector<double> timesteps_;
   int64_t num_inference_steps_ = 0;
 };
@@ -82,8 +87,10 @@ std::vector<std::string> SchedulerNames();
 std::vector<double> NpLinspace(double start, double stop, int64_t num);
 double NpRound(double x);
 double NpInterp(double x, const std::vector<float>& fp);
-// DDIM/PNDM timestep grid (descending) for diffusers' leading/trailing/linspace spacing.
-std::vector<double> SpacedTimesteps(const SchedulerConfig& c, int64_t num_inference_steps);
+// Descending timestep grid for diffusers' leading/trailing/linspace spacing. DDIM and
+// PNDM round the linspace grid to integers; Euler keeps it fractional.
+std::vector<double> SpacedTimesteps(const SchedulerConfig& c, int64_t num_inference_steps,
+                                    bool round_linspace = true);
 
 std::unique_ptr<Scheduler> MakeDDIM(const SchedulerConfig& c);
 std::unique_ptr<Scheduler> MakeEulerDiscrete(const SchedulerConfig& c);

@@ -1,3 +1,6 @@
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -81,12 +84,17 @@ absl::Status Run(int argc, char** argv) {
   auto t1 = std::chrono::steady_clock::now();
   std::fprintf(stderr, "loaded %s in %.1fs\n", args.Get("model").c_str(),
                std::chrono::duration<double>(t1 - t0).count());
-  o.on_step = [t1](int64_t step, int64_t steps) {
+  const bool tty = ::isatty(STDERR_FILENO) != 0;
+  o.on_step = [t1, tty](int64_t step, int64_t steps) {
+    // A live line on a terminal; in logs, a line per 10% so they stay readable.
+    if (!tty && step != steps && step % std::max<int64_t>(1, steps / 10) != 0) return;
     double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-    std::fprintf(stderr, "\rstep %lld/%lld  %.2f it/s  eta %.0fs   ", static_cast<long long>(step),
-                 static_cast<long long>(steps), step / el, (steps - step) * el / step);
-    if (step == steps) std::fprintf(stderr, "\n");
+    std::fprintf(stderr, "%sstep %lld/%lld  %.2f it/s  eta %.0fs%s", tty ? "\r" : "",
+                 static_cast<long long>(step), static_cast<long long>(steps), step / el,
+                 (steps - step) * el / step, tty ? "   " : "\n");
+    if (tty && step == steps) std::fprintf(stderr, "\n");
   };
+
   ASSIGN_OR_RETURN(torch::Tensor images, sd::Generate(model, o));
   if (total == 1 && args.Has("out")) {
     RETURN_IF_ERROR(sd::WritePng(args.Get("out"), images[0]));

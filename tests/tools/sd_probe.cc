@@ -18,6 +18,8 @@
 #include "sd/train/denoising_loss.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
+#include "stages/stage.h"
+#include "common/job_spec.h"
 
 namespace {
 using sd::safetensors::TensorMap;
@@ -128,6 +130,24 @@ absl::Status TrainTextEncoder(const sdctl::Args& a) {
   return sd::safetensors::Save(a.Get("out"), out);
 }
 
+// Runs one stage of a job in this process (rank 0 of 1), optionally stopping
+// before a given step to simulate a crash.
+absl::Status RunStage(const sdctl::Args& a) {
+  ASSIGN_OR_RETURN(sd::JobSpec job, sd::LoadJobSpec(a.Get("job")));
+  ASSIGN_OR_RETURN(auto stage, sd::stages::MakeStage(a.Get("stage", "finetune")));
+  sd::stages::StageContext ctx;
+  ctx.job = job;
+  ctx.checkpoint_dir = a.Get("checkpoint-dir");
+  ctx.output_dir = a.Get("out");
+  ASSIGN_OR_RETURN(int64_t stop_at, a.Int("stop-at", -1));
+  ctx.should_stop = [stop_at](int64_t step) { return step == stop_at; };
+  ctx.report = [](const sd::stages::StageProgress& p) {
+    std::cout << "step " << p.step << "/" << p.total_steps << " loss " << p.loss << (p.checkpointed ? " ckpt" : "")
+              << std::endl;
+  };
+  return stage->Run(ctx);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -138,7 +158,7 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   auto args = sdctl::Args::Parse(
-      argc - 2, argv + 2, {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads"},
+      argc - 2, argv + 2, {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads", "job", "stage", "checkpoint-dir", "stop-at"},
       {}, {"attention-maps", "optimized"});
   if (!args.ok()) {
     std::cerr << args.status().message() << "\n";
@@ -158,6 +178,8 @@ int main(int argc, char** argv) {
     s = TrainStep(*args);
   else if (cmd == "train-text-encoder")
     s = TrainTextEncoder(*args);
+  else if (cmd == "stage")
+    s = RunStage(*args);
   else
     s = absl::InvalidArgumentError("unknown command " + cmd);
   if (!s.ok()) {

@@ -19,6 +19,7 @@
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
 #include "stages/stage.h"
+#include "worker/data_parallel.h"
 #include "common/job_spec.h"
 
 namespace {
@@ -140,6 +141,13 @@ absl::Status RunStage(const sdctl::Args& a) {
   ctx.checkpoint_dir = a.Get("checkpoint-dir");
   ctx.output_dir = a.Get("out");
   ASSIGN_OR_RETURN(int64_t stop_at, a.Int("stop-at", -1));
+  ASSIGN_OR_RETURN(ctx.rank, a.Int("rank", 0));
+  ASSIGN_OR_RETURN(ctx.world_size, a.Int("world-size", 1));
+  std::unique_ptr<sd::worker::DataParallelGroup> group;
+  if (ctx.world_size > 1) {
+    ASSIGN_OR_RETURN(group, sd::worker::DataParallelGroup::Join(a.Get("rendezvous"), ctx.rank, ctx.world_size));
+    ctx.all_reduce_mean = [&group](std::vector<torch::Tensor>& g) { group->AllReduceMean(g); };
+  }
   ctx.should_stop = [stop_at](int64_t step) { return step == stop_at; };
   ctx.report = [](const sd::stages::StageProgress& p) {
     std::cout << "step " << p.step << "/" << p.total_steps << " loss " << p.loss << (p.checkpointed ? " ckpt" : "")
@@ -158,7 +166,7 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   auto args = sdctl::Args::Parse(
-      argc - 2, argv + 2, {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads", "job", "stage", "checkpoint-dir", "stop-at"},
+      argc - 2, argv + 2, {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads", "job", "stage", "checkpoint-dir", "stop-at", "rank", "world-size", "rendezvous"},
       {}, {"attention-maps", "optimized"});
   if (!args.ok()) {
     std::cerr << args.status().message() << "\n";

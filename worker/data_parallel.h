@@ -1,0 +1,40 @@
+#pragma once
+// A c10d process group for one data-parallel stage: TCPStore rendezvous (rank 0
+// serves it at the address the coordinator hands out), Gloo on CPU. Gradients
+// are averaged in flat buckets so a many-tensor model needs few collectives.
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace c10d {
+class Store;
+class Backend;
+}  // namespace c10d
+
+namespace sd::worker {
+
+class DataParallelGroup {
+ public:
+  // address: "host:port". Blocks until all `world_size` ranks have joined.
+  static absl::StatusOr<std::unique_ptr<DataParallelGroup>> Join(const std::string& address, int64_t rank,
+                                                                 int64_t world_size, double timeout_s = 120);
+  ~DataParallelGroup();
+
+  // grads[i] /= world_size after summing across ranks; undefined tensors are skipped.
+  void AllReduceMean(std::vector<torch::Tensor>& grads, size_t bucket_bytes = 25u << 20);
+  void Barrier();
+  int64_t rank() const { return rank_; }
+  int64_t world_size() const { return world_size_; }
+
+ private:
+  DataParallelGroup() = default;
+  c10::intrusive_ptr<c10d::Store> store_;
+  c10::intrusive_ptr<c10d::Backend> pg_;
+  int64_t rank_ = 0, world_size_ = 1;
+};
+
+}  // namespace sd::worker

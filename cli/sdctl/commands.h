@@ -1,4 +1,7 @@
 #pragma once
+#include <string>
 namespace sdctl {
 int GenerateCommand(int argc, char** argv);
+// submit, status, list, cancel, workers, logs
+int JobsCommand(const std::string& cmd, int argc, char** argv);
 }  // namespace sdctl

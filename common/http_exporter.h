@@ -1,0 +1,31 @@
+#pragma once
+// Serves a metrics Registry at http://host:port/metrics on a background thread.
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "common/metrics.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace sd::metrics {
+
+class HttpExporter {
+ public:
+  // port 0 picks a free port; port() tells which.
+  static absl::StatusOr<std::unique_ptr<HttpExporter>> Start(Registry* registry,
+                                                             const std::string& host, int port);
+  ~HttpExporter();
+  int port() const { return port_; }
+
+ private:
+  HttpExporter() = default;
+  std::unique_ptr<httplib::Server> server_;
+  std::thread thread_;
+  int port_ = 0;
+};
+
+}  // namespace sd::metrics

@@ -1,0 +1,114 @@
+#include "worker/coordinator_client.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "sd/v1/workers.grpc.pb.h"
+
+namespace sd::worker {
+namespace {
+
+absl::Status FromGrpc(const grpc::Status& s, const char* what) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      absl::StrCat(what, ": ", s.error_message()));
+}
+
+void Deadline(grpc::ClientContext& ctx, int seconds) {
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
+}
+
+}  // namespace
+
+struct CoordinatorClient::Impl {
+  std::string id;
+  std::unique_ptr<sd::v1::WorkerService::Stub> stub;
+};
+
+CoordinatorClient::CoordinatorClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CoordinatorClient::~CoordinatorClient() = default;
+
+std::unique_ptr<CoordinatorClient> CoordinatorClient::Connect(const std::string& address,
+                                                              const std::string& worker_id) {
+  auto impl = std::make_unique<Impl>();
+  impl->id = worker_id;
+  impl->stub = sd::v1::WorkerService::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  return std::unique_ptr<CoordinatorClient>(new CoordinatorClient(std::move(impl)));
+}
+
+absl::StatusOr<double> CoordinatorClient::Register(const std::string& device, int64_t device_count,
+                                                   int64_t cpu_cores) {
+  sd::v1::RegisterRequest req;
+  req.set_worker_id(impl_->id);
+  req.mutable_resources()->set_device(device);
+  req.mutable_resources()->set_device_count(static_cast<int32_t>(device_count));
+  req.mutable_resources()->set_cpu_cores(static_cast<int32_t>(cpu_cores));
+  sd::v1::RegisterResponse resp;
+  grpc::ClientContext ctx;
+  Deadline(ctx, 5);
+  auto s = FromGrpc(impl_->stub->Register(&ctx, req, &resp), "register");
+  if (!s.ok()) return s;
+  return resp.heartbeat_interval_s();
+}
+
+absl::StatusOr<std::string> CoordinatorClient::Heartbeat() {
+  sd::v1::HeartbeatRequest req;
+  req.set_worker_id(impl_->id);
+  sd::v1::HeartbeatResponse resp;
+  grpc::ClientContext ctx;
+  Deadline(ctx, 5);
+  auto s = FromGrpc(impl_->stub->Heartbeat(&ctx, req, &resp), "heartbeat");
+  if (!s.ok()) return s;
+  return resp.abort_task_id();
+}
+
+absl::StatusOr<std::optional<TaskSpec>> CoordinatorClient::Poll() {
+  sd::v1::PollTaskRequest req;
+  req.set_worker_id(impl_->id);
+  sd::v1::PollTaskResponse resp;
+  grpc::ClientContext ctx;
+  Deadline(ctx, 5);
+  auto s = FromGrpc(impl_->stub->PollTask(&ctx, req, &resp), "poll");
+  if (!s.ok()) return s;
+  if (!resp.has_task()) return std::optional<TaskSpec>();
+  const auto& t = resp.task();
+  TaskSpec spec{t.task_id(),        t.job_id(),     t.stage(),   t.rendezvous(), t.job_yaml(),
+                t.checkpoint_dir(), t.output_dir(), t.backend(), t.rank(),       t.world_size()};
+  return std::optional<TaskSpec>(spec);
+}
+
+absl::StatusOr<bool> CoordinatorClient::Progress(const std::string& task_id, int64_t step,
+                                                 int64_t total, double loss, double step_time_s,
+                                                 double samples_per_s) {
+  sd::v1::ProgressRequest req;
+  req.set_worker_id(impl_->id);
+  req.set_task_id(task_id);
+  req.set_step(step);
+  req.set_total_steps(total);
+  req.set_loss(loss);
+  req.set_step_time_s(step_time_s);
+  req.set_samples_per_s(samples_per_s);
+  sd::v1::ProgressResponse resp;
+  grpc::ClientContext ctx;
+  Deadline(ctx, 5);
+  auto s = FromGrpc(impl_->stub->ReportProgress(&ctx, req, &resp), "progress");
+  if (!s.ok()) return s;
+  return resp.abort();
+}
+
+absl::Status CoordinatorClient::Finish(const std::string& task_id, const absl::Status& result) {
+  sd::v1::FinishRequest req;
+  req.set_worker_id(impl_->id);
+  req.set_task_id(task_id);
+  req.set_ok(result.ok());
+  req.set_error(std::string(result.message()));
+  sd::v1::FinishResponse resp;
+  grpc::ClientContext ctx;
+  Deadline(ctx, 10);
+  return FromGrpc(impl_->stub->Finish(&ctx, req, &resp), "finish");
+}
+
+}  // namespace sd::worker

@@ -1,0 +1,41 @@
+#pragma once
+// The worker's side of the sd.v1 WorkerService, behind plain types: this header
+// includes no protobuf, so it can sit beside LibTorch (whose wheel ships its own,
+// older protobuf headers).
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace sd::worker {
+
+struct TaskSpec {
+  std::string task_id, job_id, stage, rendezvous, job_yaml, checkpoint_dir, output_dir, backend;
+  int64_t rank = 0, world_size = 1;
+};
+
+class CoordinatorClient {
+ public:
+  static std::unique_ptr<CoordinatorClient> Connect(const std::string& address,
+                                                    const std::string& worker_id);
+  ~CoordinatorClient();
+  // Returns the heartbeat interval the coordinator asks for.
+  absl::StatusOr<double> Register(const std::string& device, int64_t device_count,
+                                  int64_t cpu_cores);
+  // Returns the id of a task to abort, or "". NotFound: register again.
+  absl::StatusOr<std::string> Heartbeat();
+  absl::StatusOr<std::optional<TaskSpec>> Poll();
+  // Returns true when the coordinator wants the task aborted.
+  absl::StatusOr<bool> Progress(const std::string& task_id, int64_t step, int64_t total,
+                                double loss, double step_time_s, double samples_per_s);
+  absl::Status Finish(const std::string& task_id, const absl::Status& result);
+
+ private:
+  struct Impl;
+  explicit CoordinatorClient(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sd::worker

@@ -1,0 +1,139 @@
+// worker: registers with the coordinator, heartbeats, runs the stage tasks it is
+// given (joining the stage's c10d group), reports progress, finishes or fails.
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <iostream>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "cli/sdctl/args.h"
+#include "common/job_spec.h"
+#include "sd/util/status_macros.h"
+#include "stages/stage.h"
+#include "worker/coordinator_client.h"
+#include "worker/data_parallel.h"
+
+namespace {
+
+class Worker {
+ public:
+  explicit Worker(std::unique_ptr<sd::worker::CoordinatorClient> client)
+      : client_(std::move(client)) {}
+
+  absl::Status Register() {
+    const bool cuda = torch::cuda::is_available();
+    auto interval = client_->Register(cuda ? "cuda" : "cpu", cuda ? torch::cuda::device_count() : 1,
+                                      std::thread::hardware_concurrency());
+    if (!interval.ok()) return interval.status();
+    interval_ = *interval;
+    return absl::OkStatus();
+  }
+
+  void HeartbeatLoop() {
+    while (true) {
+      auto abort = client_->Heartbeat();
+      if (abort.ok() && !abort->empty()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (*abort == current_task_) abort_ = true;
+      } else if (!abort.ok() && abort.status().code() == absl::StatusCode::kNotFound) {
+        Register().IgnoreError();  // the coordinator restarted or expired us
+      }
+      std::this_thread::sleep_for(std::chrono::duration<double>(interval_));
+    }
+  }
+
+  absl::Status RunTask(const sd::worker::TaskSpec& task) {
+    ASSIGN_OR_RETURN(sd::JobSpec job, sd::ParseJobSpec(task.job_yaml, task.job_id));
+    ASSIGN_OR_RETURN(auto stage, sd::stages::MakeStage(task.stage));
+    sd::stages::StageContext ctx;
+    ctx.job = job;
+    ctx.rank = task.rank;
+    ctx.world_size = task.world_size;
+    ctx.checkpoint_dir = task.checkpoint_dir;
+    ctx.output_dir = task.output_dir;
+    std::unique_ptr<sd::worker::DataParallelGroup> group;
+    if (ctx.world_size > 1) {
+      ASSIGN_OR_RETURN(
+          group, sd::worker::DataParallelGroup::Join(task.rendezvous, ctx.rank, ctx.world_size));
+      ctx.all_reduce_mean = [&group](std::vector<torch::Tensor>& g) { group->AllReduceMean(g); };
+    }
+    ctx.should_stop = [this](int64_t) { return abort_.load(); };
+    ctx.report = [&](const sd::stages::StageProgress& p) {
+      auto abort = client_->Progress(task.task_id, p.step, p.total_steps, p.loss, p.step_time_s,
+                                     p.samples_per_s);
+      if (abort.ok() && *abort) abort_ = true;
+    };
+    return stage->Run(ctx);
+  }
+
+  void Loop() {
+    std::thread(&Worker::HeartbeatLoop, this).detach();
+    while (true) {
+      auto task = client_->Poll();
+      if (!task.ok() || !task->has_value()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        continue;
+      }
+      const sd::worker::TaskSpec& t = **task;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        current_task_ = t.task_id;
+        abort_ = false;
+      }
+      std::cout << "running " << t.task_id << " as rank " << t.rank << "/" << t.world_size
+                << std::endl;
+      absl::Status result;
+      try {
+        result = RunTask(t);
+      } catch (const std::exception& e) {
+        result = absl::InternalError(e.what());
+      }
+      std::cout << t.task_id << ": " << (result.ok() ? "done" : result.ToString()) << std::endl;
+      client_->Finish(t.task_id, result).IgnoreError();
+      std::lock_guard<std::mutex> lock(mu_);
+      current_task_.clear();
+    }
+  }
+
+ private:
+  std::unique_ptr<sd::worker::CoordinatorClient> client_;
+  double interval_ = 1;
+  std::atomic<bool> abort_{false};
+  std::mutex mu_;
+  std::string current_task_;
+};
+
+absl::Status Run(int argc, char** argv) {
+  ASSIGN_OR_RETURN(sdctl::Args a, sdctl::Args::Parse(argc, argv, {"coordinator", "id", "threads"}));
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  const std::string id = a.Get("id", absl::StrCat(host, "-", ::getpid()));
+  ASSIGN_OR_RETURN(int64_t threads, a.Int("threads", 0));
+  if (threads > 0) torch::set_num_threads(static_cast<int>(threads));
+  Worker w(sd::worker::CoordinatorClient::Connect(a.Get("coordinator", "127.0.0.1:50051"), id));
+  absl::Status reg;
+  for (int i = 0; i < 150; ++i) {  // the coordinator may still be starting
+    reg = w.Register();
+    if (reg.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  RETURN_IF_ERROR(reg);
+  std::cout << "worker " << id << " registered" << std::endl;
+  w.Loop();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::Status s = Run(argc - 1, argv + 1);
+  if (!s.ok()) {
+    std::cerr << "worker: " << s.message() << "\n";
+    return 1;
+  }
+  return 0;
+}

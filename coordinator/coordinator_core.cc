@@ -107,7 +107,7 @@ absl::StatusOr<bool> CoordinatorCore::Progress(const std::string& worker, const 
   RETURN_IF_ERROR(sched_.Progress(task, worker, step, loss));
   const TaskRecord* t = sched_.task(task);
   const JobRecord* j = sched_.job(t->job_id);
-  const metrics::Labels labels{{"job", t->job_id}, {"stage", j->stages[t->stage].spec.name}};
+  const metrics::Labels labels{{"job_id", t->job_id}, {"stage", j->stages[t->stage].spec.name}};
   metrics_->GaugeSet("sd_stage_step", "Latest training step of a running stage.", labels,
                      static_cast<double>(step));
   metrics_->GaugeSet("sd_stage_loss", "Latest training loss of a running stage.", labels, loss);

@@ -14,13 +14,13 @@ TEST(MetricsTest, RendersTheTextFormat) {
   Registry r;
   r.CounterAdd("sd_jobs_submitted_total", "Jobs submitted.", {});
   r.CounterAdd("sd_jobs_submitted_total", "Jobs submitted.", {}, 2);
-  r.GaugeSet("sd_stage_step", "Latest step.", {{"job", "job-000001"}, {"stage", "finetune"}}, 42);
+  r.GaugeSet("sd_stage_step", "Latest step.", {{"job_id", "job-000001"}, {"stage", "finetune"}}, 42);
   r.HistogramObserve("sd_step_seconds", "Step time.", {{"worker", "w\"1"}}, 0.3, {0.1, 0.5, 1});
   const std::string text = r.Render();
   EXPECT_NE(text.find("# TYPE sd_jobs_submitted_total counter\nsd_jobs_submitted_total 3\n"),
             std::string::npos)
       << text;
-  EXPECT_NE(text.find("sd_stage_step{job=\"job-000001\",stage=\"finetune\"} 42\n"),
+  EXPECT_NE(text.find("sd_stage_step{job_id=\"job-000001\",stage=\"finetune\"} 42\n"),
             std::string::npos)
       << text;
   EXPECT_NE(text.find("sd_step_seconds_bucket{worker=\"w\\\"1\",le=\"0.1\"} 0\n"),

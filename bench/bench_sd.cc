@@ -122,7 +122,12 @@ absl::Status Run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::Status s = Run(argc, argv);
+  absl::Status s;
+  try {
+    s = Run(argc, argv);
+  } catch (const std::exception& e) {
+    s = absl::InternalError(e.what());
+  }
   if (!s.ok()) {
     std::cerr << "bench_sd: " << s.message() << "\n";
     return 1;

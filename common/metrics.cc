@@ -136,7 +136,8 @@ std::string Registry::Render() const {
     const char* type = f.type == Type::kCounter ? "counter"
                        : f.type == Type::kGauge ? "gauge"
                                                 : "histogram";
-    out += "# HELP " + name + " " + EscapeHelp(f.help) + "\n# TYPE " + name + " " + type + "\n";
+    out.append("# HELP ").append(name).append(" ").append(EscapeHelp(f.help));
+    out.append("\n# TYPE ").append(name).append(" ").append(type).append("\n");
     for (const auto& [labels, s] : f.series) {
       if (f.type != Type::kHistogram) {
         out += name + LabelString(labels) + " " + Num(s.value) + "\n";

@@ -51,7 +51,7 @@ std::string Scheduler::Submit(const JobSpec& spec, double now, const std::string
   job.spec = spec;
   for (const auto& st : spec.stages) job.stages.push_back(StageRecord{st});
   Event(job, now, absl::StrCat("submitted with ", job.stages.size(), " stage(s)"));
-  const std::string id = job.id;
+  std::string id = job.id;
   jobs_[id] = std::move(job);
   job_order_.push_back(id);
   return id;

@@ -40,7 +40,8 @@ void MappedFile::ReleasePages(size_t offset, size_t len) const {
   const uintptr_t begin = reinterpret_cast<uintptr_t>(data_) + offset;
   const uintptr_t first = (begin + page - 1) / page * page;
   const uintptr_t last = (begin + len) / page * page;
-  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  // Page arithmetic needs integers; the round trip through uintptr_t is intended.
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);  // NOLINT(performance-no-int-to-ptr)
 }
 
 MappedFile::~MappedFile() {

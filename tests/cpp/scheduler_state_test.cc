@@ -115,6 +115,7 @@ TEST(SchedulerStateTest, CancelAbortsRunningTaskAndIsFinal) {
 TEST(SchedulerStateTest, TwentyJobsOnTwoWorkersNeverOverlap) {
   Scheduler s({});
   std::vector<std::string> jobs;
+  jobs.reserve(20);
   for (int i = 0; i < 20; ++i) jobs.push_back(s.Submit(Spec(1), 0));
   s.RegisterWorker("w1", "cpu", 1, 0);
   s.RegisterWorker("w2", "cpu", 1, 0);

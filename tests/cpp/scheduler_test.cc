@@ -5,7 +5,7 @@
 namespace sd {
 namespace {
 
-JsonConfig Sd15(nlohmann::json extra = nlohmann::json::object()) {
+JsonConfig Sd15(const nlohmann::json& extra = nlohmann::json::object()) {
   nlohmann::json j = {{"_class_name", "PNDMScheduler"},
                       {"beta_start", 0.00085},
                       {"beta_end", 0.012},

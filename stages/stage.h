@@ -19,6 +19,8 @@ struct StageProgress {
   double step_time_s = 0;
   double samples_per_s = 0;
   bool checkpointed = false;
+  double checkpoint_seconds = 0;  // when checkpointed
+  int64_t checkpoint_bytes = 0;
 };
 
 struct StageContext {

@@ -199,8 +199,11 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     pr.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     pr.samples_per_s = static_cast<double>(global_batch) / pr.step_time_s;
     if ((step + 1) % job.checkpoint_interval == 0 || step + 1 == total) {
+      const auto c0 = std::chrono::steady_clock::now();
       RETURN_IF_ERROR(save(step + 1));
-      pr.checkpointed = true;
+      pr.checkpointed = ctx.rank == 0;
+      pr.checkpoint_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
+      for (const auto& p : params) pr.checkpoint_bytes += 3 * p.numel() * p.element_size();  // weights + 2 Adam moments
     }
     ctx.report(pr);
   }

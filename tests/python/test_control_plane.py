@@ -37,9 +37,10 @@ class Cluster:
              "--rendezvous-base-port", str(free_port())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def start_worker(self, wid):
+    def start_worker(self, wid, metrics_port=0):
         self.procs[wid] = subprocess.Popen(
-            [os.path.join(BIN, "worker"), "--coordinator", self.addr, "--id", wid, "--threads", "1"],
+            [os.path.join(BIN, "worker"), "--coordinator", self.addr, "--id", wid, "--threads", "1",
+             "--metrics-port", str(metrics_port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def sdctl(self, *args, check=True):
@@ -98,7 +99,8 @@ def result_unet(cluster, job):
 
 def test_job_on_two_workers_with_metrics_scraped_by_prometheus(cluster, tiny_sd, tmp_path):
     cluster.start_coordinator()
-    cluster.start_worker("w1")
+    worker_metrics = free_port()
+    cluster.start_worker("w1", worker_metrics)
     cluster.start_worker("w2")
     job = cluster.sdctl("submit", write_job(tmp_path, tiny_sd[0])).stdout.strip()
     out = cluster.wait_state(job, {"SUCCEEDED", "FAILED"})
@@ -116,13 +118,16 @@ def test_job_on_two_workers_with_metrics_scraped_by_prometheus(cluster, tiny_sd,
     assert f'sd_stage_step{{job_id="{job}",stage="finetune"}} 6' in text
     if shutil.which("promtool") is None or shutil.which("prometheus") is None:
         pytest.skip("prometheus/promtool not installed")
-    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
+    worker_text = urllib.request.urlopen(f"http://127.0.0.1:{worker_metrics}/metrics").read().decode()
+    assert f'sd_worker_step{{job_id="{job}",stage="finetune",worker="w1"}} 6' in worker_text
+    for t in (text, worker_text):
+        check = subprocess.run(["promtool", "check", "metrics"], input=t, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
     # A real Prometheus scrapes the coordinator; PromQL returns the job's step.
     prom_port = free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: sdcompress\n    static_configs:\n"
-                   f"      - targets: ['127.0.0.1:{cluster.metrics_port}']\n")
+                   f"      - targets: ['127.0.0.1:{cluster.metrics_port}', '127.0.0.1:{worker_metrics}']\n")
     prom = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -130,18 +135,21 @@ def test_job_on_two_workers_with_metrics_scraped_by_prometheus(cluster, tiny_sd,
         import json
         import urllib.parse
 
-        q = urllib.parse.quote(f"sd_stage_step{{job_id=\"{job}\"}}")
-        deadline = time.time() + 60
-        value = None
-        while time.time() < deadline and value is None:
-            time.sleep(1)
-            try:
-                r = json.load(urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/query?query={q}"))
-                if r["data"]["result"]:
-                    value = float(r["data"]["result"][0]["value"][1])
-            except OSError:
-                pass
-        assert value == 6
+        def query(promql):
+            q = urllib.parse.quote(promql)
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                time.sleep(1)
+                try:
+                    r = json.load(urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/query?query={q}"))
+                    if r["data"]["result"]:
+                        return float(r["data"]["result"][0]["value"][1])
+                except OSError:
+                    pass
+            return None
+
+        assert query(f'sd_stage_step{{job_id="{job}"}}') == 6  # from the coordinator
+        assert query(f'sd_worker_step{{job_id="{job}",worker="w1"}}') == 6  # from the worker
     finally:
         prom.kill()
         prom.wait()

@@ -197,12 +197,17 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
         p.Range(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, 0, 1, false, true));
   }
   if (const YAML::Node f = root["finetune"]) {
-    RETURN_IF_ERROR(p.Keys(f, "finetune", {"steps", "lr", "ema", "lr_warmup_steps", "max_grad_norm"}));
+    RETURN_IF_ERROR(
+        p.Keys(f, "finetune", {"steps", "lr", "ema", "lr_warmup_steps", "max_grad_norm"}));
     RETURN_IF_ERROR(p.Get(f, "ema", "finetune.ema", s.finetune_ema, "true or false"));
-    RETURN_IF_ERROR(p.Get(f, "lr_warmup_steps", "finetune.lr_warmup_steps", s.lr_warmup_steps, "an integer"));
-    RETURN_IF_ERROR(p.Range(f, "lr_warmup_steps", "finetune.lr_warmup_steps", s.lr_warmup_steps, -1, 1e9));
-    RETURN_IF_ERROR(p.Get(f, "max_grad_norm", "finetune.max_grad_norm", s.max_grad_norm, "a number"));
-    RETURN_IF_ERROR(p.Range(f, "max_grad_norm", "finetune.max_grad_norm", s.max_grad_norm, 0, 1e9, true));
+    RETURN_IF_ERROR(
+        p.Get(f, "lr_warmup_steps", "finetune.lr_warmup_steps", s.lr_warmup_steps, "an integer"));
+    RETURN_IF_ERROR(
+        p.Range(f, "lr_warmup_steps", "finetune.lr_warmup_steps", s.lr_warmup_steps, -1, 1e9));
+    RETURN_IF_ERROR(
+        p.Get(f, "max_grad_norm", "finetune.max_grad_norm", s.max_grad_norm, "a number"));
+    RETURN_IF_ERROR(
+        p.Range(f, "max_grad_norm", "finetune.max_grad_norm", s.max_grad_norm, 0, 1e9, true));
     RETURN_IF_ERROR(p.Get(f, "steps", "finetune.steps", s.finetune_steps, "an integer"));
     RETURN_IF_ERROR(p.Range(f, "steps", "finetune.steps", s.finetune_steps, 1, 1e9));
     RETURN_IF_ERROR(p.Get(f, "lr", "finetune.lr", s.finetune_lr, "a number"));

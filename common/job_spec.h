@@ -42,8 +42,8 @@ struct JobSpec {
   // Fine-tuning (FINETUNE_STEPS, FINETUNE_LR)
   int64_t finetune_steps = 200;
   double finetune_lr = 5e-6;
-  bool finetune_ema = false;          // keep an EMA of the weights (decay = ema_decay)
-  int64_t lr_warmup_steps = -1;       // -1: min(500, steps / 10)
+  bool finetune_ema = false;     // keep an EMA of the weights (decay = ema_decay)
+  int64_t lr_warmup_steps = -1;  // -1: min(500, steps / 10)
   double max_grad_norm = 1.0;
   // Optimization and quantization (TOME_RATIO, INT8_CALIBRATION_SAMPLES)
   double tome_ratio = 0.5;

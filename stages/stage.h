@@ -34,7 +34,8 @@ struct StageContext {
   // Polled between steps; true stops the stage cleanly (abort or test interruption).
   std::function<bool(int64_t step)> should_stop = [](int64_t) { return false; };
   // Data-parallel gradient averaging across ranks; the identity for one worker.
-  std::function<void(std::vector<torch::Tensor>& grads)> all_reduce_mean = [](std::vector<torch::Tensor>&) {};
+  std::function<void(std::vector<torch::Tensor>& grads)> all_reduce_mean =
+      [](std::vector<torch::Tensor>&) {};
 };
 
 class Stage {

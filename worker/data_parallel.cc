@@ -8,12 +8,13 @@
 
 namespace sd::worker {
 
-absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Join(const std::string& address, int64_t rank,
-                                                                           int64_t world_size, double timeout_s) {
+absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Join(
+    const std::string& address, int64_t rank, int64_t world_size, double timeout_s) {
   const auto colon = address.rfind(':');
   int port = 0;
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port)) {
-    return absl::InvalidArgumentError(absl::StrCat("rendezvous address must be host:port, got \"", address, "\""));
+    return absl::InvalidArgumentError(
+        absl::StrCat("rendezvous address must be host:port, got \"", address, "\""));
   }
   const std::string host = address.substr(0, colon);
   std::unique_ptr<DataParallelGroup> g(new DataParallelGroup());
@@ -32,8 +33,8 @@ absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Join(const
     g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, static_cast<int>(rank),
                                                          static_cast<int>(world_size), pg_opts);
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("rendezvous at ", address, " as rank ", rank, "/", world_size,
-                                               " failed: ", e.what()));
+    return absl::UnavailableError(absl::StrCat("rendezvous at ", address, " as rank ", rank, "/",
+                                               world_size, " failed: ", e.what()));
   }
   return g;
 }

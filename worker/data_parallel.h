@@ -20,8 +20,9 @@ namespace sd::worker {
 class DataParallelGroup {
  public:
   // address: "host:port". Blocks until all `world_size` ranks have joined.
-  static absl::StatusOr<std::unique_ptr<DataParallelGroup>> Join(const std::string& address, int64_t rank,
-                                                                 int64_t world_size, double timeout_s = 120);
+  static absl::StatusOr<std::unique_ptr<DataParallelGroup>> Join(const std::string& address,
+                                                                 int64_t rank, int64_t world_size,
+                                                                 double timeout_s = 120);
   ~DataParallelGroup();
 
   // grads[i] /= world_size after summing across ranks; undefined tensors are skipped.

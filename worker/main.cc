@@ -12,11 +12,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/sdctl/args.h"
+#include "common/http_exporter.h"
 #include "common/job_spec.h"
+#include "common/metrics.h"
 #include "sd/util/status_macros.h"
 #include "stages/stage.h"
-#include "common/http_exporter.h"
-#include "common/metrics.h"
 #include "worker/coordinator_client.h"
 #include "worker/data_parallel.h"
 
@@ -24,7 +24,8 @@ namespace {
 
 class Worker {
  public:
-  Worker(std::unique_ptr<sd::worker::CoordinatorClient> client, sd::metrics::Registry* metrics, std::string id)
+  Worker(std::unique_ptr<sd::worker::CoordinatorClient> client, sd::metrics::Registry* metrics,
+         std::string id)
       : client_(std::move(client)), metrics_(metrics), id_(std::move(id)) {}
 
   absl::Status Register() {
@@ -67,22 +68,25 @@ class Worker {
     ctx.should_stop = [this](int64_t) { return abort_.load(); };
     ctx.report = [&](const sd::stages::StageProgress& p) {
       const sd::metrics::Labels l{{"worker", id_}, {"job_id", task.job_id}, {"stage", task.stage}};
-      metrics_->GaugeSet("sd_worker_step", "Latest step this worker finished.", l, static_cast<double>(p.step));
+      metrics_->GaugeSet("sd_worker_step", "Latest step this worker finished.", l,
+                         static_cast<double>(p.step));
       metrics_->GaugeSet("sd_worker_loss", "Latest local loss.", l, p.loss);
-      metrics_->GaugeSet("sd_worker_samples_per_second", "Global samples per second seen by this rank.", l,
-                         p.samples_per_s);
-      metrics_->HistogramObserve("sd_worker_step_seconds", "Step time on this worker.", {{"stage", task.stage}},
-                                 p.step_time_s);
+      metrics_->GaugeSet("sd_worker_samples_per_second",
+                         "Global samples per second seen by this rank.", l, p.samples_per_s);
+      metrics_->HistogramObserve("sd_worker_step_seconds", "Step time on this worker.",
+                                 {{"stage", task.stage}}, p.step_time_s);
       if (p.checkpointed) {
-        metrics_->CounterAdd("sd_checkpoints_written_total", "Checkpoints written by this worker.", {{"stage", task.stage}});
-        metrics_->HistogramObserve("sd_checkpoint_seconds", "Checkpoint write time.", {{"stage", task.stage}},
-                                   p.checkpoint_seconds);
-        metrics_->GaugeSet("sd_checkpoint_bytes", "Size of the latest checkpoint.", {{"stage", task.stage}},
-                           static_cast<double>(p.checkpoint_bytes));
+        metrics_->CounterAdd("sd_checkpoints_written_total", "Checkpoints written by this worker.",
+                             {{"stage", task.stage}});
+        metrics_->HistogramObserve("sd_checkpoint_seconds", "Checkpoint write time.",
+                                   {{"stage", task.stage}}, p.checkpoint_seconds);
+        metrics_->GaugeSet("sd_checkpoint_bytes", "Size of the latest checkpoint.",
+                           {{"stage", task.stage}}, static_cast<double>(p.checkpoint_bytes));
       }
       if (torch::cuda::is_available()) {
         auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(0);
-        metrics_->GaugeSet("sd_gpu_memory_allocated_bytes", "GPU memory allocated by LibTorch.", {{"worker", id_}},
+        metrics_->GaugeSet("sd_gpu_memory_allocated_bytes", "GPU memory allocated by LibTorch.",
+                           {{"worker", id_}},
                            static_cast<double>(stats.allocated_bytes[0].current));
       }
       auto abort = client_->Progress(task.task_id, p.step, p.total_steps, p.loss, p.step_time_s,
@@ -132,8 +136,9 @@ class Worker {
 };
 
 absl::Status Run(int argc, char** argv) {
-  ASSIGN_OR_RETURN(sdctl::Args a,
-                   sdctl::Args::Parse(argc, argv, {"coordinator", "id", "threads", "metrics-port", "metrics-host"}));
+  ASSIGN_OR_RETURN(sdctl::Args a, sdctl::Args::Parse(argc, argv,
+                                                     {"coordinator", "id", "threads",
+                                                      "metrics-port", "metrics-host"}));
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
   const std::string id = a.Get("id", absl::StrCat(host, "-", ::getpid()));
@@ -141,11 +146,13 @@ absl::Status Run(int argc, char** argv) {
   if (threads > 0) torch::set_num_threads(static_cast<int>(threads));
   sd::metrics::Registry registry;
   ASSIGN_OR_RETURN(int64_t metrics_port, a.Int("metrics-port", 0));
-  ASSIGN_OR_RETURN(auto exporter, sd::metrics::HttpExporter::Start(&registry, a.Get("metrics-host", "127.0.0.1"),
-                                                                   static_cast<int>(metrics_port)));
+  ASSIGN_OR_RETURN(auto exporter,
+                   sd::metrics::HttpExporter::Start(&registry, a.Get("metrics-host", "127.0.0.1"),
+                                                    static_cast<int>(metrics_port)));
   registry.GaugeSet("sd_worker_up", "1 while the worker process runs.", {{"worker", id}}, 1);
   std::cout << "worker " << id << " metrics on :" << exporter->port() << std::endl;
-  Worker w(sd::worker::CoordinatorClient::Connect(a.Get("coordinator", "127.0.0.1:50051"), id), &registry, id);
+  Worker w(sd::worker::CoordinatorClient::Connect(a.Get("coordinator", "127.0.0.1:50051"), id),
+           &registry, id);
   absl::Status reg;
   for (int i = 0; i < 150; ++i) {  // the coordinator may still be starting
     reg = w.Register();

@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   if (cmd == "generate") return sdctl::GenerateCommand(argc - 2, argv + 2);
+  if (cmd == "run") return sdctl::RunCommand(argc - 2, argv + 2);
   if (cmd == "submit" || cmd == "status" || cmd == "list" || cmd == "cancel" || cmd == "workers" ||
       cmd == "logs") {
     return sdctl::JobsCommand(cmd, argc - 2, argv + 2);

@@ -27,7 +27,8 @@ namespace {
 
 at::Generator SampleGenerator(int64_t seed, int64_t step, int64_t index) {
   // splitmix-style mixing: independent streams per (seed, step, sample).
-  uint64_t x = static_cast<uint64_t>(seed) * 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(step) * 0xBF58476D1CE4E5B9ull ^
+  uint64_t x = static_cast<uint64_t>(seed) * 0x9E3779B97F4A7C15ull ^
+               static_cast<uint64_t>(step) * 0xBF58476D1CE4E5B9ull ^
                static_cast<uint64_t>(index) * 0x94D049BB133111EBull;
   x ^= x >> 31;
   return at::make_generator<at::CPUGeneratorImpl>(x);
@@ -45,16 +46,21 @@ absl::Status CopyComponent(const fs::path& from, const fs::path& to) {
   std::error_code ec;
   fs::create_directories(to, ec);
   fs::copy(from, to, fs::copy_options::recursive | fs::copy_options::overwrite_existing, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot copy ", from.string(), " to ", to.string(), ": ", ec.message()));
+  if (ec)
+    return absl::InternalError(
+        absl::StrCat("cannot copy ", from.string(), " to ", to.string(), ": ", ec.message()));
   return absl::OkStatus();
 }
 
 }  // namespace
 
 absl::Status FinetuneStage::Validate(const JobSpec& job) const {
-  if (job.dataset.empty()) return absl::InvalidArgumentError("finetune needs \"dataset\" (an image folder with metadata.jsonl)");
+  if (job.dataset.empty())
+    return absl::InvalidArgumentError(
+        "finetune needs \"dataset\" (an image folder with metadata.jsonl)");
   if (!fs::exists(fs::path(job.model) / "model_index.json")) {
-    return absl::InvalidArgumentError(absl::StrCat("model ", job.model, " is not a diffusers folder (no model_index.json)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("model ", job.model, " is not a diffusers folder (no model_index.json)"));
   }
   return absl::OkStatus();
 }
@@ -64,12 +70,15 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   RETURN_IF_ERROR(Validate(job));
   const fs::path model(job.model);
   ASSIGN_OR_RETURN(CLIPTokenizer tokenizer, CLIPTokenizer::Load((model / "tokenizer").string()));
-  ASSIGN_OR_RETURN(CLIPTextModel text_encoder, LoadCLIPTextModel((model / "text_encoder").string(), true));
+  ASSIGN_OR_RETURN(CLIPTextModel text_encoder,
+                   LoadCLIPTextModel((model / "text_encoder").string(), true));
   ASSIGN_OR_RETURN(AutoencoderKL vae, LoadVAE((model / "vae").string(), true));
   ASSIGN_OR_RETURN(UNet2DConditionModel unet, LoadUNet((model / "unet").string(), true));
-  ASSIGN_OR_RETURN(JsonConfig sched_json, JsonConfig::Load((model / "scheduler" / "scheduler_config.json").string()));
+  ASSIGN_OR_RETURN(JsonConfig sched_json,
+                   JsonConfig::Load((model / "scheduler" / "scheduler_config.json").string()));
   ASSIGN_OR_RETURN(auto scheduler, MakeScheduler("ddim", sched_json));
-  const int64_t resolution = unet->config().sample_size * (int64_t{1} << (vae->config().block_out_channels.size() - 1));
+  const int64_t resolution =
+      unet->config().sample_size * (int64_t{1} << (vae->config().block_out_channels.size() - 1));
   ASSIGN_OR_RETURN(ImageFolderDataset data, ImageFolderDataset::Open(job.dataset, resolution));
 
   text_encoder->to(ctx.device);
@@ -114,7 +123,8 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   }
 
   const int64_t total = job.finetune_steps;
-  const int64_t warmup = job.lr_warmup_steps >= 0 ? job.lr_warmup_steps : std::min<int64_t>(500, total / 10);
+  const int64_t warmup =
+      job.lr_warmup_steps >= 0 ? job.lr_warmup_steps : std::min<int64_t>(500, total / 10);
   const int64_t local_batch = job.batch_size;
   const int64_t global_batch = local_batch * ctx.world_size;
   const int64_t n = static_cast<int64_t>(data.size());
@@ -140,19 +150,24 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     c.tensors["unet"] = std::move(w);
     c.tensors["optimizer"] = std::move(o);
     if (!ema.empty()) c.tensors["ema"] = std::move(e);
-    c.state = {{"step", step}, {"adam_step", adam_step}, {"seed", job.seed}, {"data_cursor", step * global_batch}};
+    c.state = {{"step", step},
+               {"adam_step", adam_step},
+               {"seed", job.seed},
+               {"data_cursor", step * global_batch}};
     return WriteCheckpoint(ctx.checkpoint_dir, c);
   };
 
   for (int64_t step = start; step < total; ++step) {
-    if (ctx.should_stop(step)) return absl::AbortedError(absl::StrCat("finetune stopped at step ", step));
+    if (ctx.should_stop(step))
+      return absl::AbortedError(absl::StrCat("finetune stopped at step ", step));
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<torch::Tensor> pixels, noises;
     std::vector<int64_t> timesteps;
     std::vector<std::string> captions;
     for (int64_t j = 0; j < local_batch; ++j) {
       const int64_t g = step * global_batch + ctx.rank * local_batch + j;
-      ASSIGN_OR_RETURN(CaptionedImage item, data.Get(static_cast<size_t>(DataIndex(job.seed, g, n))));
+      ASSIGN_OR_RETURN(CaptionedImage item,
+                       data.Get(static_cast<size_t>(DataIndex(job.seed, g, n))));
       pixels.push_back(item.pixels);
       captions.push_back(item.caption);
       auto gen = SampleGenerator(job.seed, step, g);
@@ -175,7 +190,8 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
         lat.push_back(post.mean[j] + post.std()[j] * eps_post);
       }
       latents = torch::stack(lat) * vae->config().scaling_factor;
-      context = text_encoder->forward(tokenizer.Tokenize(captions).to(ctx.device)).last_hidden_state;
+      context =
+          text_encoder->forward(tokenizer.Tokenize(captions).to(ctx.device)).last_hidden_state;
     }
     auto t = torch::tensor(timesteps, torch::kLong).to(ctx.device);
     auto loss = DenoisingLoss(unet, *scheduler, latents, torch::stack(noises), t, context);
@@ -185,12 +201,16 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     for (auto& p : params) grads.push_back(p.grad());
     ctx.all_reduce_mean(grads);
     torch::nn::utils::clip_grad_norm_(params, job.max_grad_norm);
-    const double lr = warmup > 0 ? job.finetune_lr * std::min(1.0, static_cast<double>(step + 1) / warmup) : job.finetune_lr;
-    for (auto& group : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    const double lr = warmup > 0
+                          ? job.finetune_lr * std::min(1.0, static_cast<double>(step + 1) / warmup)
+                          : job.finetune_lr;
+    for (auto& group : opt.param_groups())
+      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
     opt.step();
     if (!ema.empty()) {
       torch::NoGradGuard ng;
-      for (size_t i = 0; i < params.size(); ++i) ema[i].mul_(job.ema_decay).add_(params[i].detach(), 1.0 - job.ema_decay);
+      for (size_t i = 0; i < params.size(); ++i)
+        ema[i].mul_(job.ema_decay).add_(params[i].detach(), 1.0 - job.ema_decay);
     }
     StageProgress pr;
     pr.step = step + 1;
@@ -202,8 +222,10 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
       const auto c0 = std::chrono::steady_clock::now();
       RETURN_IF_ERROR(save(step + 1));
       pr.checkpointed = ctx.rank == 0;
-      pr.checkpoint_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
-      for (const auto& p : params) pr.checkpoint_bytes += 3 * p.numel() * p.element_size();  // weights + 2 Adam moments
+      pr.checkpoint_seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
+      for (const auto& p : params)
+        pr.checkpoint_bytes += 3 * p.numel() * p.element_size();  // weights + 2 Adam moments
     }
     ctx.report(pr);
   }
@@ -211,14 +233,19 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   if (ctx.rank != 0) return absl::OkStatus();
   // The result: the teacher's folder with the fine-tuned (or EMA) UNet.
   const fs::path out(ctx.output_dir);
-  for (const char* c : {"tokenizer", "text_encoder", "vae", "scheduler"}) RETURN_IF_ERROR(CopyComponent(model / c, out / c));
+  for (const char* c : {"tokenizer", "text_encoder", "vae", "scheduler"})
+    RETURN_IF_ERROR(CopyComponent(model / c, out / c));
   std::error_code ec;
-  fs::copy_file(model / "model_index.json", out / "model_index.json", fs::copy_options::overwrite_existing, ec);
+  fs::copy_file(model / "model_index.json", out / "model_index.json",
+                fs::copy_options::overwrite_existing, ec);
   fs::create_directories(out / "unet");
   safetensors::TensorMap final_weights;
-  for (size_t i = 0; i < params.size(); ++i) final_weights[names[i]] = (ema.empty() ? params[i] : ema[i]).detach().cpu();
-  RETURN_IF_ERROR(WriteFileAtomic((out / "unet" / "config.json").string(), unet->config().ToJson().dump(2)));
-  return safetensors::Save((out / "unet" / "diffusion_pytorch_model.safetensors").string(), final_weights);
+  for (size_t i = 0; i < params.size(); ++i)
+    final_weights[names[i]] = (ema.empty() ? params[i] : ema[i]).detach().cpu();
+  RETURN_IF_ERROR(
+      WriteFileAtomic((out / "unet" / "config.json").string(), unet->config().ToJson().dump(2)));
+  return safetensors::Save((out / "unet" / "diffusion_pytorch_model.safetensors").string(),
+                           final_weights);
 }
 
 }  // namespace sd::stages

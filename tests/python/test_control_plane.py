@@ -231,3 +231,26 @@ def test_twenty_jobs_on_two_workers(cluster, tiny_sd, tmp_path):
     # No task ever ran twice concurrently: each job's log shows exactly one start.
     for j in jobs:
         assert cluster.sdctl("logs", j).stdout.count("started on") == 1, j
+
+
+def test_sdctl_run_embedded(tiny_sd, tmp_path):
+    """sdctl run: embedded coordinator + local workers, progress, teardown, exit status."""
+    path = write_job(tmp_path, tiny_sd[0], steps=4, workers=2)
+    with open(path, "a") as f:
+        f.write(f"output: {tmp_path / 'out'}\n")
+    r = subprocess.run([os.path.join(BIN, "sdctl"), "run", path], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "SUCCEEDED" in r.stdout
+    assert "[##############################] finetune 4/4" in r.stderr
+    job = r.stdout.split()[0]
+    assert os.path.exists(tmp_path / "out" / "runs" / job / "finetune" / "unet" / "diffusion_pytorch_model.safetensors")
+    # Nothing is left running.
+    assert subprocess.run(["pgrep", "-f", "--", f"--storage {tmp_path / 'out' / 'runs'}"]).returncode == 1
+    assert subprocess.run(["pgrep", "-f", "--", "--id local-"]).returncode == 1
+    # A job that cannot succeed (its dataset is missing) fails after its restarts: exit status 1.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(path).read().replace(str(tmp_path / "data"), str(tmp_path / "nowhere"))
+                   .replace("max_restarts: 3", "max_restarts: 1"))
+    r = subprocess.run([os.path.join(BIN, "sdctl"), "run", str(bad)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert "FAILED" in r.stdout and "no metadata.jsonl" in r.stderr

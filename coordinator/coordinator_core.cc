@@ -73,9 +73,9 @@ std::vector<WorkerRecord> CoordinatorCore::ListWorkers() const {
 }
 
 void CoordinatorCore::Register(const std::string& worker, const std::string& device,
-                               int64_t devices, double now) {
+                               int64_t devices, int64_t memory_bytes, double now) {
   std::lock_guard<std::mutex> lock(mu_);
-  sched_.RegisterWorker(worker, device, devices, now);
+  sched_.RegisterWorker(worker, device, devices, now, memory_bytes);
   to_start_.erase(worker);
   to_abort_.erase(worker);
 }

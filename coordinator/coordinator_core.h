@@ -33,7 +33,8 @@ class CoordinatorCore {
   std::vector<JobRecord> ListJobs() const;
   std::vector<WorkerRecord> ListWorkers() const;
 
-  void Register(const std::string& worker, const std::string& device, int64_t devices, double now);
+  void Register(const std::string& worker, const std::string& device, int64_t devices,
+                int64_t memory_bytes, double now);
   // Returns the task to abort, if any.
   absl::StatusOr<std::string> Heartbeat(const std::string& worker, double now);
   std::optional<PendingTask> Poll(const std::string& worker);

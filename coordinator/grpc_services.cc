@@ -86,6 +86,7 @@ grpc::Status JobServiceImpl::ListWorkers(grpc::ServerContext*, const sd::v1::Lis
     o->set_worker_id(w.id);
     o->set_device(w.device);
     o->set_device_count(static_cast<int32_t>(w.device_count));
+    o->set_memory_bytes(w.memory_bytes);
     o->set_task_id(w.task);
     o->set_heartbeat_age_s(now - w.last_heartbeat);
     o->set_alive(w.alive);
@@ -98,7 +99,7 @@ grpc::Status WorkerServiceImpl::Register(grpc::ServerContext*, const sd::v1::Reg
   if (req->worker_id().empty())
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "worker_id is empty");
   core_->Register(req->worker_id(), req->resources().device(), req->resources().device_count(),
-                  now_());
+                  req->resources().memory_bytes(), now_());
   resp->set_heartbeat_interval_s(heartbeat_interval_s_);
   return grpc::Status::OK;
 }

@@ -88,11 +88,12 @@ const JobRecord* Scheduler::job(const std::string& id) const {
 }
 
 void Scheduler::RegisterWorker(const std::string& id, const std::string& device,
-                               int64_t device_count, double now) {
+                               int64_t device_count, double now, int64_t memory_bytes) {
   WorkerRecord& w = workers_[id];
   w.id = id;
   w.device = device;
   w.device_count = device_count;
+  w.memory_bytes = memory_bytes;
   w.last_heartbeat = now;
   w.alive = true;
 }

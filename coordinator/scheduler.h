@@ -22,6 +22,7 @@ struct WorkerRecord {
   std::string id;
   std::string device;  // "cpu" or "cuda"
   int64_t device_count = 0;
+  int64_t memory_bytes = 0;
   double last_heartbeat = 0;
   std::string task;  // task it runs, empty when idle
   bool alive = true;
@@ -81,7 +82,7 @@ class Scheduler {
   absl::Status Cancel(const std::string& job_id, double now, std::vector<Action>* actions);
 
   void RegisterWorker(const std::string& id, const std::string& device, int64_t device_count,
-                      double now);
+                      double now, int64_t memory_bytes = 0);
   absl::Status Heartbeat(const std::string& id, double now);
 
   absl::Status Progress(const std::string& task, const std::string& worker, int64_t step,

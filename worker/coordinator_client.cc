@@ -1,6 +1,7 @@
 #include "worker/coordinator_client.h"
 
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
 
 #include <chrono>
 
@@ -22,6 +23,44 @@ void Deadline(grpc::ClientContext& ctx, int seconds) {
 
 }  // namespace
 
+struct AgentServer::Impl final : public sd::v1::WorkerAgent::Service {
+  std::function<WorkerDescription()> describe;
+  std::unique_ptr<grpc::Server> server;
+  grpc::Status Describe(grpc::ServerContext*, const sd::v1::DescribeRequest*,
+                        sd::v1::DescribeResponse* resp) override {
+    const WorkerDescription d = describe();
+    resp->set_worker_id(d.worker_id);
+    resp->set_task_id(d.task_id);
+    auto* r = resp->mutable_resources();
+    r->set_device(d.device);
+    r->set_device_count(static_cast<int32_t>(d.device_count));
+    r->set_memory_bytes(d.memory_bytes);
+    r->set_cpu_cores(static_cast<int32_t>(d.cpu_cores));
+    return grpc::Status::OK;
+  }
+};
+
+absl::StatusOr<std::unique_ptr<AgentServer>> AgentServer::Start(
+    const std::string& host, int port, std::function<WorkerDescription()> describe) {
+  std::unique_ptr<AgentServer> a(new AgentServer());
+  a->impl_ = std::make_unique<Impl>();
+  a->impl_->describe = std::move(describe);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(absl::StrCat(host, ":", port), grpc::InsecureServerCredentials(),
+                           &a->port_);
+  builder.RegisterService(a->impl_.get());
+  a->impl_->server = builder.BuildAndStart();
+  if (!a->impl_->server || a->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("worker cannot serve gRPC on ", host, ":", port));
+  }
+  return a;
+}
+
+AgentServer::~AgentServer() {
+  if (impl_ && impl_->server) impl_->server->Shutdown();
+}
+
 struct CoordinatorClient::Impl {
   std::string id;
   std::unique_ptr<sd::v1::WorkerService::Stub> stub;
@@ -40,12 +79,15 @@ std::unique_ptr<CoordinatorClient> CoordinatorClient::Connect(const std::string&
 }
 
 absl::StatusOr<double> CoordinatorClient::Register(const std::string& device, int64_t device_count,
-                                                   int64_t cpu_cores) {
+                                                   int64_t cpu_cores, int64_t memory_bytes,
+                                                   const std::string& metrics_address) {
   sd::v1::RegisterRequest req;
   req.set_worker_id(impl_->id);
   req.mutable_resources()->set_device(device);
   req.mutable_resources()->set_device_count(static_cast<int32_t>(device_count));
   req.mutable_resources()->set_cpu_cores(static_cast<int32_t>(cpu_cores));
+  req.mutable_resources()->set_memory_bytes(memory_bytes);
+  req.set_metrics_address(metrics_address);
   sd::v1::RegisterResponse resp;
   grpc::ClientContext ctx;
   Deadline(ctx, 5);

@@ -3,6 +3,7 @@
 // includes no protobuf, so it can sit beside LibTorch (whose wheel ships its own,
 // older protobuf headers).
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -16,6 +17,27 @@ struct TaskSpec {
   int64_t rank = 0, world_size = 1;
 };
 
+// The worker's own small gRPC server: grpc.health.v1 plus sd.v1.WorkerAgent.
+// `describe` is called per request and fills (resources, current task).
+struct WorkerDescription {
+  std::string worker_id, device, task_id;
+  int64_t device_count = 0, memory_bytes = 0, cpu_cores = 0;
+};
+class AgentServer {
+ public:
+  // port 0 picks a free port.
+  static absl::StatusOr<std::unique_ptr<AgentServer>> Start(
+      const std::string& host, int port, std::function<WorkerDescription()> describe);
+  ~AgentServer();
+  int port() const { return port_; }
+
+ private:
+  struct Impl;
+  AgentServer() = default;
+  std::unique_ptr<Impl> impl_;
+  int port_ = 0;
+};
+
 class CoordinatorClient {
  public:
   static std::unique_ptr<CoordinatorClient> Connect(const std::string& address,
@@ -23,7 +45,8 @@ class CoordinatorClient {
   ~CoordinatorClient();
   // Returns the heartbeat interval the coordinator asks for.
   absl::StatusOr<double> Register(const std::string& device, int64_t device_count,
-                                  int64_t cpu_cores);
+                                  int64_t cpu_cores, int64_t memory_bytes,
+                                  const std::string& metrics_address);
   // Returns the id of a task to abort, or "". NotFound: register again.
   absl::StatusOr<std::string> Heartbeat();
   absl::StatusOr<std::optional<TaskSpec>> Poll();

@@ -1,6 +1,7 @@
 // worker: registers with the coordinator, heartbeats, runs the stage tasks it is
 // given (joining the stage's c10d group), reports progress, finishes or fails.
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <cuda_runtime_api.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -22,16 +23,37 @@
 
 namespace {
 
+// Device memory of GPU 0 on CUDA machines, else physical RAM.
+int64_t MemoryBytes() {
+  if (torch::cuda::is_available()) {
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) == cudaSuccess) return static_cast<int64_t>(total);
+  }
+  return static_cast<int64_t>(::sysconf(_SC_PHYS_PAGES)) * ::sysconf(_SC_PAGESIZE);
+}
+
 class Worker {
  public:
   Worker(std::unique_ptr<sd::worker::CoordinatorClient> client, sd::metrics::Registry* metrics,
-         std::string id)
-      : client_(std::move(client)), metrics_(metrics), id_(std::move(id)) {}
+         std::string id, std::string metrics_address)
+      : client_(std::move(client)),
+        metrics_(metrics),
+        id_(std::move(id)),
+        metrics_address_(std::move(metrics_address)) {}
+
+  sd::worker::WorkerDescription Describe() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const bool cuda = torch::cuda::is_available();
+    return {id_,           cuda ? "cuda" : "cpu",
+            current_task_, cuda ? torch::cuda::device_count() : 1,
+            MemoryBytes(), static_cast<int64_t>(std::thread::hardware_concurrency())};
+  }
 
   absl::Status Register() {
     const bool cuda = torch::cuda::is_available();
-    auto interval = client_->Register(cuda ? "cuda" : "cpu", cuda ? torch::cuda::device_count() : 1,
-                                      std::thread::hardware_concurrency());
+    auto interval =
+        client_->Register(cuda ? "cuda" : "cpu", cuda ? torch::cuda::device_count() : 1,
+                          std::thread::hardware_concurrency(), MemoryBytes(), metrics_address_);
     if (!interval.ok()) return interval.status();
     interval_ = *interval;
     return absl::OkStatus();
@@ -129,6 +151,7 @@ class Worker {
   std::unique_ptr<sd::worker::CoordinatorClient> client_;
   sd::metrics::Registry* metrics_;
   std::string id_;
+  std::string metrics_address_;
   double interval_ = 1;
   std::atomic<bool> abort_{false};
   std::mutex mu_;
@@ -136,9 +159,10 @@ class Worker {
 };
 
 absl::Status Run(int argc, char** argv) {
-  ASSIGN_OR_RETURN(sdctl::Args a, sdctl::Args::Parse(argc, argv,
-                                                     {"coordinator", "id", "threads",
-                                                      "metrics-port", "metrics-host"}));
+  ASSIGN_OR_RETURN(sdctl::Args a,
+                   sdctl::Args::Parse(argc, argv,
+                                      {"coordinator", "id", "threads", "metrics-port",
+                                       "metrics-host", "grpc-port"}));
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
   const std::string id = a.Get("id", absl::StrCat(host, "-", ::getpid()));
@@ -151,8 +175,14 @@ absl::Status Run(int argc, char** argv) {
                                                     static_cast<int>(metrics_port)));
   registry.GaugeSet("sd_worker_up", "1 while the worker process runs.", {{"worker", id}}, 1);
   std::cout << "worker " << id << " metrics on :" << exporter->port() << std::endl;
+  const std::string listen_host = a.Get("metrics-host", "127.0.0.1");
   Worker w(sd::worker::CoordinatorClient::Connect(a.Get("coordinator", "127.0.0.1:50051"), id),
-           &registry, id);
+           &registry, id, absl::StrCat(listen_host, ":", exporter->port()));
+  ASSIGN_OR_RETURN(int64_t grpc_port, a.Int("grpc-port", 0));
+  ASSIGN_OR_RETURN(auto agent,
+                   sd::worker::AgentServer::Start(listen_host, static_cast<int>(grpc_port),
+                                                  [&w] { return w.Describe(); }));
+  std::cout << "worker " << id << " gRPC (health, WorkerAgent) on :" << agent->port() << std::endl;
   absl::Status reg;
   for (int i = 0; i < 150; ++i) {  // the coordinator may still be starting
     reg = w.Register();

@@ -107,8 +107,8 @@ absl::StatusOr<std::vector<WorkerView>> JobClient::Workers() {
   if (!s.ok()) return s;
   std::vector<WorkerView> out;
   for (const auto& w : resp.workers()) {
-    out.push_back(
-        {w.worker_id(), w.device(), w.task_id(), w.device_count(), w.heartbeat_age_s(), w.alive()});
+    out.push_back({w.worker_id(), w.device(), w.task_id(), w.device_count(), w.memory_bytes(),
+                   w.heartbeat_age_s(), w.alive()});
   }
   return out;
 }

@@ -22,6 +22,7 @@ struct JobView {
 struct WorkerView {
   std::string id, device, task;
   int64_t device_count = 0;
+  int64_t memory_bytes = 0;
   double heartbeat_age_s = 0;
   bool alive = false;
 };

@@ -66,10 +66,10 @@ int JobsCommand(const std::string& cmd, int argc, char** argv) {
     } else if (cmd == "workers") {
       ASSIGN_OR_RETURN(auto ws, client->Workers());
       for (const auto& w : ws) {
-        std::cout << absl::StrFormat("%-24s %-5s x%lld  %-6s heartbeat %.1fs ago  %s\n", w.id,
-                                     w.device, static_cast<long long>(w.device_count),
-                                     w.alive ? "alive" : "lost", w.heartbeat_age_s,
-                                     w.task.empty() ? "idle" : w.task);
+        std::cout << absl::StrFormat(
+            "%-24s %-5s x%lld  %6.1f GiB  %-6s heartbeat %.1fs ago  %s\n", w.id, w.device,
+            static_cast<long long>(w.device_count), static_cast<double>(w.memory_bytes) / (1 << 30),
+            w.alive ? "alive" : "lost", w.heartbeat_age_s, w.task.empty() ? "idle" : w.task);
       }
     } else if (cmd == "logs") {
       const bool follow = a.Has("f") || a.Has("follow");

@@ -37,10 +37,10 @@ class Cluster:
              "--rendezvous-base-port", str(free_port())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def start_worker(self, wid, metrics_port=0):
+    def start_worker(self, wid, metrics_port=0, grpc_port=0):
         self.procs[wid] = subprocess.Popen(
             [os.path.join(BIN, "worker"), "--coordinator", self.addr, "--id", wid, "--threads", "1",
-             "--metrics-port", str(metrics_port)],
+             "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def sdctl(self, *args, check=True):
@@ -254,3 +254,20 @@ def test_sdctl_run_embedded(tiny_sd, tmp_path):
     r = subprocess.run([os.path.join(BIN, "sdctl"), "run", str(bad)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert "FAILED" in r.stdout and "no metadata.jsonl" in r.stderr
+
+
+def test_every_daemon_serves_grpc_health(cluster):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cluster.start_coordinator()
+    worker_grpc = free_port()
+    cluster.start_worker("w1", grpc_port=worker_grpc)
+    deadline = time.time() + 30
+    while "w1" not in cluster.sdctl("workers", check=False).stdout and time.time() < deadline:
+        time.sleep(0.2)
+    assert "GiB" in cluster.sdctl("workers").stdout  # registration carries memory
+    for addr in (cluster.addr, f"127.0.0.1:{worker_grpc}"):
+        with grpc.insecure_channel(addr) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING, addr

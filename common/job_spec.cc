@@ -198,7 +198,8 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   }
   if (const YAML::Node f = root["finetune"]) {
     RETURN_IF_ERROR(
-        p.Keys(f, "finetune", {"steps", "lr", "ema", "lr_warmup_steps", "max_grad_norm"}));
+        p.Keys(f, "finetune",
+               {"steps", "lr", "ema", "lr_warmup_steps", "max_grad_norm", "mixed_precision"}));
     RETURN_IF_ERROR(p.Get(f, "ema", "finetune.ema", s.finetune_ema, "true or false"));
     RETURN_IF_ERROR(
         p.Get(f, "lr_warmup_steps", "finetune.lr_warmup_steps", s.lr_warmup_steps, "an integer"));
@@ -208,6 +209,12 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
         p.Get(f, "max_grad_norm", "finetune.max_grad_norm", s.max_grad_norm, "a number"));
     RETURN_IF_ERROR(
         p.Range(f, "max_grad_norm", "finetune.max_grad_norm", s.max_grad_norm, 0, 1e9, true));
+    RETURN_IF_ERROR(
+        p.Get(f, "mixed_precision", "finetune.mixed_precision", s.mixed_precision, "no or bf16"));
+    if (s.mixed_precision != "no" && s.mixed_precision != "bf16") {
+      return p.Error(f["mixed_precision"], "finetune.mixed_precision",
+                     "must be no or bf16 (fp16 would need loss scaling, not implemented)");
+    }
     RETURN_IF_ERROR(p.Get(f, "steps", "finetune.steps", s.finetune_steps, "an integer"));
     RETURN_IF_ERROR(p.Range(f, "steps", "finetune.steps", s.finetune_steps, 1, 1e9));
     RETURN_IF_ERROR(p.Get(f, "lr", "finetune.lr", s.finetune_lr, "a number"));

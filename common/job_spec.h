@@ -45,6 +45,7 @@ struct JobSpec {
   bool finetune_ema = false;     // keep an EMA of the weights (decay = ema_decay)
   int64_t lr_warmup_steps = -1;  // -1: min(500, steps / 10)
   double max_grad_norm = 1.0;
+  std::string mixed_precision = "no";  // "no" or "bf16" (autocast on CUDA; fp32 master weights)
   // Optimization and quantization (TOME_RATIO, INT8_CALIBRATION_SAMPLES)
   double tome_ratio = 0.5;
   int64_t int8_calibration_samples = 100;

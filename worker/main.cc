@@ -81,6 +81,11 @@ class Worker {
     ctx.world_size = task.world_size;
     ctx.checkpoint_dir = task.checkpoint_dir;
     ctx.output_dir = task.output_dir;
+    if (torch::cuda::is_available()) {
+      // One GPU per rank on multi-GPU hosts; Gloo all-reduces CUDA tensors too.
+      ctx.device =
+          torch::Device(torch::kCUDA, static_cast<int>(task.rank % torch::cuda::device_count()));
+    }
     std::unique_ptr<sd::worker::DataParallelGroup> group;
     if (ctx.world_size > 1) {
       ASSIGN_OR_RETURN(

@@ -1,6 +1,7 @@
 #include "stages/finetune/finetune_stage.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
 
 #include <chrono>
 #include <filesystem>
@@ -194,7 +195,17 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
           text_encoder->forward(tokenizer.Tokenize(captions).to(ctx.device)).last_hidden_state;
     }
     auto t = torch::tensor(timesteps, torch::kLong).to(ctx.device);
+    // bf16 autocast on CUDA: matmuls/convs in bf16, weights, optimizer and loss in fp32.
+    const bool autocast = job.mixed_precision == "bf16" && ctx.device.is_cuda();
+    if (autocast) {
+      at::autocast::set_autocast_enabled(at::kCUDA, true);
+      at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    }
     auto loss = DenoisingLoss(unet, *scheduler, latents, torch::stack(noises), t, context);
+    if (autocast) {
+      at::autocast::set_autocast_enabled(at::kCUDA, false);
+      at::autocast::clear_cache();
+    }
     opt.zero_grad();
     loss.backward();
     std::vector<torch::Tensor> grads;

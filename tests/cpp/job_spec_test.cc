@@ -66,6 +66,16 @@ TEST(JobSpecTest, UnimplementedStageIsRefusedNotSkipped) {
             "job.yaml:2: unknown stage \"finetuen\" (did you mean \"finetune\"?)");
 }
 
+TEST(JobSpecTest, MixedPrecisionIsNoOrBf16) {
+  auto s = ParseJobSpec("model: /m\nstages: [finetune]\nfinetune:\n  mixed_precision: bf16\n",
+                        "job.yaml");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->mixed_precision, "bf16");
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  mixed_precision: fp16\n")
+                .find("job.yaml:4: key \"finetune.mixed_precision\" must be no or bf16"),
+            std::string::npos);
+}
+
 TEST(JobSpecTest, MissingModelAndBadYaml) {
   EXPECT_NE(Err("stages: [finetune]\n").find("key \"model\" is required"), std::string::npos);
   EXPECT_NE(Err("model: [unclosed\n").find("invalid YAML"), std::string::npos);

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/sdctl/args.h"
+#include "common/job_spec.h"
 #include "sd/io/safetensors.h"
 #include "sd/models/autoencoder_kl.h"
 #include "sd/models/clip_text_model.h"
@@ -20,7 +21,6 @@
 #include "sd/util/status_macros.h"
 #include "stages/stage.h"
 #include "worker/data_parallel.h"
-#include "common/job_spec.h"
 
 namespace {
 using sd::safetensors::TensorMap;
@@ -140,18 +140,20 @@ absl::Status RunStage(const sdctl::Args& a) {
   ctx.job = job;
   ctx.checkpoint_dir = a.Get("checkpoint-dir");
   ctx.output_dir = a.Get("out");
+  ctx.device = torch::Device(a.Get("device", "cpu"));
   ASSIGN_OR_RETURN(int64_t stop_at, a.Int("stop-at", -1));
   ASSIGN_OR_RETURN(ctx.rank, a.Int("rank", 0));
   ASSIGN_OR_RETURN(ctx.world_size, a.Int("world-size", 1));
   std::unique_ptr<sd::worker::DataParallelGroup> group;
   if (ctx.world_size > 1) {
-    ASSIGN_OR_RETURN(group, sd::worker::DataParallelGroup::Join(a.Get("rendezvous"), ctx.rank, ctx.world_size));
+    ASSIGN_OR_RETURN(
+        group, sd::worker::DataParallelGroup::Join(a.Get("rendezvous"), ctx.rank, ctx.world_size));
     ctx.all_reduce_mean = [&group](std::vector<torch::Tensor>& g) { group->AllReduceMean(g); };
   }
   ctx.should_stop = [stop_at](int64_t step) { return step == stop_at; };
   ctx.report = [](const sd::stages::StageProgress& p) {
-    std::cout << "step " << p.step << "/" << p.total_steps << " loss " << p.loss << (p.checkpointed ? " ckpt" : "")
-              << std::endl;
+    std::cout << "step " << p.step << "/" << p.total_steps << " loss " << p.loss
+              << (p.checkpointed ? " ckpt" : "") << std::endl;
   };
   return stage->Run(ctx);
 }
@@ -166,7 +168,9 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   auto args = sdctl::Args::Parse(
-      argc - 2, argv + 2, {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads", "job", "stage", "checkpoint-dir", "stop-at", "rank", "world-size", "rendezvous"},
+      argc - 2, argv + 2,
+      {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads", "job", "stage",
+       "checkpoint-dir", "stop-at", "rank", "world-size", "rendezvous", "device"},
       {}, {"attention-maps", "optimized"});
   if (!args.ok()) {
     std::cerr << args.status().message() << "\n";

@@ -18,6 +18,7 @@ absl::Status CoordinatorCore::Recover(double now) {
   std::lock_guard<std::mutex> lock(mu_);
   ASSIGN_OR_RETURN(auto jobs, store_->LoadAll());
   std::vector<std::string> ids;
+  ids.reserve(jobs.size());
   for (const auto& j : jobs) ids.push_back(j.id);
   sched_.Restore(std::move(jobs), now);
   for (const auto& id : ids) PersistLocked(id);

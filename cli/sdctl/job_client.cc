@@ -17,19 +17,17 @@ absl::Status FromGrpc(const grpc::Status& s, const std::string& address) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
-const char* JobStateName(int s) {
-  static const char* kNames[] = {"UNSPECIFIED", "QUEUED", "RUNNING",
-                                 "SUCCEEDED",   "FAILED", "CANCELLED"};
-  return s >= 0 && s < 6 ? kNames[s] : "?";
+// "JOB_STATE_RUNNING" -> "RUNNING", from the generated enum descriptors.
+std::string StateName(const std::string& full, const std::string& prefix) {
+  return full.rfind(prefix, 0) == 0 ? full.substr(prefix.size()) : full;
 }
 
 JobView View(const sd::v1::Job& j) {
-  JobView v{j.job_id(), j.name(), JobStateName(j.state()), {}};
+  JobView v{j.job_id(), j.name(), StateName(sd::v1::JobState_Name(j.state()), "JOB_STATE_"), {}};
   for (const auto& s : j.stages()) {
     StageView st;
     st.name = s.name();
-    st.state =
-        std::string(JobStateName(s.state())) == "QUEUED" ? "PENDING" : JobStateName(s.state());
+    st.state = StateName(sd::v1::StageState_Name(s.state()), "STAGE_STATE_");
     st.step = s.step();
     st.total_steps = s.total_steps();
     st.restarts = s.restarts();

@@ -183,12 +183,12 @@ void CoordinatorCore::UpdateGaugesLocked(double now) {
 
 void CoordinatorCore::Tick(double now) {
   std::lock_guard<std::mutex> lock(mu_);
-  std::map<std::string, std::string> before;
-  for (const auto& [id, j] : sched_.jobs()) before[id] = absl::StrCat(j.events.size());
+  std::map<std::string, size_t> before;
+  for (const auto& [id, j] : sched_.jobs()) before[id] = j.events.size();
   auto actions = sched_.Tick(now);
   ApplyLocked(actions);
   for (const auto& [id, j] : sched_.jobs()) {
-    if (before[id] != absl::StrCat(j.events.size())) PersistLocked(id);
+    if (before[id] != j.events.size()) PersistLocked(id);
   }
   UpdateGaugesLocked(now);
 }

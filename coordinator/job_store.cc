@@ -104,14 +104,16 @@ absl::Status JobStore::Save(const JobRecord& job) {
     s.Real(7, st.loss);
     if (!s.ok() || sqlite3_step(s.get()) != SQLITE_DONE) return fail("saving stage");
   }
-  for (size_t i = 0; i < job.events.size(); ++i) {
+  for (size_t i = events_stored_[job.id]; i < job.events.size(); ++i) {
     Stmt s(db_, "INSERT OR IGNORE INTO events (job_id, seq, text) VALUES (?1, ?2, ?3)");
     s.Text(1, job.id);
     s.Int(2, static_cast<int64_t>(i));
     s.Text(3, job.events[i]);
     if (!s.ok() || sqlite3_step(s.get()) != SQLITE_DONE) return fail("saving event");
   }
-  return Exec("COMMIT");
+  RETURN_IF_ERROR(Exec("COMMIT"));
+  events_stored_[job.id] = job.events.size();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<JobRecord>> JobStore::LoadAll() const {
@@ -143,6 +145,7 @@ absl::StatusOr<std::vector<JobRecord>> JobStore::LoadAll() const {
     Stmt ev(db_, "SELECT text FROM events WHERE job_id = ?1 ORDER BY seq");
     ev.Text(1, j.id);
     while (sqlite3_step(ev.get()) == SQLITE_ROW) j.events.push_back(Col(ev.get(), 0));
+    events_stored_[j.id] = j.events.size();
     out.push_back(std::move(j));
   }
   return out;

@@ -3,6 +3,7 @@
 // one transaction per change, so a crash loses nothing that was acknowledged.
 #include <sqlite3.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,6 +29,9 @@ class JobStore {
   explicit JobStore(sqlite3* db) : db_(db) {}
   absl::Status Exec(const std::string& sql) const;
   sqlite3* db_;
+  // Events already on disk per job: Save (called on every progress report) only
+  // appends the new ones instead of rewriting the whole log.
+  mutable std::map<std::string, size_t> events_stored_;
 };
 
 }  // namespace sd::coord

@@ -35,13 +35,25 @@ at::Generator SampleGenerator(int64_t seed, int64_t step, int64_t index) {
   return at::make_generator<at::CPUGeneratorImpl>(x);
 }
 
-// Epoch-wise shuffled order of the dataset, the same on every rank.
-int64_t DataIndex(int64_t seed, int64_t global_sample, int64_t n) {
-  const int64_t epoch = global_sample / n;
-  auto gen = SampleGenerator(seed, -1 - epoch, 0);
-  auto perm = torch::randperm(n, gen, torch::kLong);
-  return perm[global_sample % n].item<int64_t>();
-}
+// Epoch-wise shuffled order of the dataset, the same on every rank. The
+// permutation is drawn once per epoch, not once per sample.
+class DataOrder {
+ public:
+  DataOrder(int64_t seed, int64_t n) : seed_(seed), n_(n) {}
+  int64_t Index(int64_t global_sample) {
+    const int64_t epoch = global_sample / n_;
+    if (epoch != epoch_) {
+      auto gen = SampleGenerator(seed_, -1 - epoch, 0);
+      perm_ = torch::randperm(n_, gen, torch::kLong);
+      epoch_ = epoch;
+    }
+    return perm_[global_sample % n_].item<int64_t>();
+  }
+
+ private:
+  int64_t seed_, n_, epoch_ = -1;
+  torch::Tensor perm_;
+};
 
 absl::Status CopyComponent(const fs::path& from, const fs::path& to) {
   std::error_code ec;
@@ -158,6 +170,7 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     return WriteCheckpoint(ctx.checkpoint_dir, c);
   };
 
+  DataOrder order(job.seed, n);
   for (int64_t step = start; step < total; ++step) {
     if (ctx.should_stop(step))
       return absl::AbortedError(absl::StrCat("finetune stopped at step ", step));
@@ -165,15 +178,16 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     std::vector<torch::Tensor> pixels, noises;
     std::vector<int64_t> timesteps;
     std::vector<std::string> captions;
+    // One stream per sample: timestep now, posterior sample and noise once the
+    // latent shape is known.
+    std::vector<at::Generator> gens;
     for (int64_t j = 0; j < local_batch; ++j) {
       const int64_t g = step * global_batch + ctx.rank * local_batch + j;
-      ASSIGN_OR_RETURN(CaptionedImage item,
-                       data.Get(static_cast<size_t>(DataIndex(job.seed, g, n))));
+      ASSIGN_OR_RETURN(CaptionedImage item, data.Get(static_cast<size_t>(order.Index(g))));
       pixels.push_back(item.pixels);
       captions.push_back(item.caption);
-      auto gen = SampleGenerator(job.seed, step, g);
-      timesteps.push_back(torch::randint(0, T, {1}, gen, torch::kLong).item<int64_t>());
-      noises.push_back(torch::Tensor());  // drawn below, once the latent shape is known
+      gens.push_back(SampleGenerator(job.seed, step, g));
+      timesteps.push_back(torch::randint(0, T, {1}, gens.back(), torch::kLong).item<int64_t>());
     }
     torch::Tensor latents, context;
     {
@@ -182,13 +196,11 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
       auto post = vae->encode(images);
       // Sample the posterior with the per-sample stream, like latent_dist.sample().
       std::vector<torch::Tensor> lat;
+      const auto std = post.std();
       for (int64_t j = 0; j < local_batch; ++j) {
-        const int64_t g = step * global_batch + ctx.rank * local_batch + j;
-        auto gen = SampleGenerator(job.seed, step, g);
-        torch::randint(0, T, {1}, gen, torch::kLong);  // skip the timestep draw
-        auto eps_post = at::randn(post.mean[j].sizes(), gen, torch::kFloat32).to(ctx.device);
-        noises[j] = at::randn(post.mean[j].sizes(), gen, torch::kFloat32).to(ctx.device);
-        lat.push_back(post.mean[j] + post.std()[j] * eps_post);
+        auto eps_post = at::randn(post.mean[j].sizes(), gens[j], torch::kFloat32).to(ctx.device);
+        noises.push_back(at::randn(post.mean[j].sizes(), gens[j], torch::kFloat32).to(ctx.device));
+        lat.push_back(post.mean[j] + std[j] * eps_post);
       }
       latents = torch::stack(lat) * vae->config().scaling_factor;
       context =

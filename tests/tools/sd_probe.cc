@@ -96,8 +96,7 @@ absl::Status TrainStep(const sdctl::Args& a) {
   ASSIGN_OR_RETURN(double lr, a.Double("lr", 1e-3));
   ASSIGN_OR_RETURN(int64_t steps, a.Int("steps", 1));
   unet->train();
-  // Parameters alias the read-only checkpoint mapping; train on private copies.
-  for (auto& p : unet->parameters()) p.set_data(p.data().clone());
+  // Parameters alias the copy-on-write checkpoint mapping: training in place is safe.
   torch::optim::AdamW opt(unet->parameters(), torch::optim::AdamWOptions(lr).weight_decay(1e-2));
   double loss_value = 0;
   for (int64_t s = 0; s < steps; ++s) {
@@ -120,7 +119,6 @@ absl::Status TrainTextEncoder(const sdctl::Args& a) {
   ASSIGN_OR_RETURN(auto target, Need(in, "target"));
   ASSIGN_OR_RETURN(double lr, a.Double("lr", 1e-4));
   model->train();
-  for (auto& p : model->parameters()) p.set_data(p.data().clone());
   torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(lr).weight_decay(1e-2));
   opt.zero_grad();
   auto loss = torch::mse_loss(model->forward(ids.to(torch::kLong)).last_hidden_state, target);

@@ -97,7 +97,9 @@ class Parser {
 }  // namespace
 
 const std::vector<std::string>& AllStageNames() {
-  static const std::vector<std::string> kAll = {"progressive_distillation",
+  static const std::vector<std::string> kAll = {"init",
+                                                "train_vae",
+                                                "progressive_distillation",
                                                 "clip_distillation",
                                                 "cfg_distillation",
                                                 "prune",
@@ -110,8 +112,14 @@ const std::vector<std::string>& AllStageNames() {
 }
 
 const std::vector<std::string>& ImplementedStageNames() {
-  static const std::vector<std::string> kImplemented = {"finetune"};
+  static const std::vector<std::string> kImplemented = {"init", "train_vae", "finetune"};
   return kImplemented;
+}
+
+const std::vector<std::string>& DefaultStageNames() {
+  static const std::vector<std::string> kDefault(AllStageNames().begin() + 2,
+                                                 AllStageNames().end());
+  return kDefault;
 }
 
 absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string& origin) {
@@ -126,10 +134,11 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   JobSpec s;
   if (!root || root.IsNull())
     return absl::InvalidArgumentError(absl::StrCat(origin, ": empty job file"));
-  RETURN_IF_ERROR(p.Keys(root, "",
-                         {"name", "model", "dataset", "output", "seed", "checkpoint_interval",
-                          "batch_size", "workers", "max_restarts", "stages", "distillation",
-                          "pruning", "finetune", "optimization", "quantization"}));
+  RETURN_IF_ERROR(
+      p.Keys(root, "",
+             {"name", "model", "dataset", "output", "seed", "checkpoint_interval", "batch_size",
+              "workers", "max_restarts", "stages", "data", "init", "train_vae", "distillation",
+              "pruning", "finetune", "optimization", "quantization"}));
   RETURN_IF_ERROR(p.Get(root, "name", "name", s.name, "a string"));
   RETURN_IF_ERROR(p.Get(root, "model", "model", s.model, "a path"));
   RETURN_IF_ERROR(p.Get(root, "dataset", "dataset", s.dataset, "a path"));
@@ -148,6 +157,30 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   RETURN_IF_ERROR(p.Range(root, "max_restarts", "max_restarts", max_restarts, 0, 1000));
   if (s.model.empty()) return p.Error(root, "model", "is required (a diffusers SD1.5 folder)");
 
+  if (const YAML::Node d = root["data"]) {
+    RETURN_IF_ERROR(p.Keys(d, "data", {"center_crop", "random_flip", "caption_dropout"}));
+    RETURN_IF_ERROR(p.Get(d, "center_crop", "data.center_crop", s.center_crop, "true or false"));
+    RETURN_IF_ERROR(p.Get(d, "random_flip", "data.random_flip", s.random_flip, "true or false"));
+    RETURN_IF_ERROR(
+        p.Get(d, "caption_dropout", "data.caption_dropout", s.caption_dropout, "a number"));
+    RETURN_IF_ERROR(p.Range(d, "caption_dropout", "data.caption_dropout", s.caption_dropout, 0, 1,
+                            false, true));
+  }
+  if (const YAML::Node d = root["init"]) {
+    RETURN_IF_ERROR(p.Keys(d, "init", {"clip_bpe"}));
+    RETURN_IF_ERROR(p.Get(d, "clip_bpe", "init.clip_bpe", s.clip_bpe, "a path or auto"));
+  }
+  if (const YAML::Node d = root["train_vae"]) {
+    RETURN_IF_ERROR(p.Keys(d, "train_vae", {"steps", "lr", "batch_size", "kl_weight"}));
+    RETURN_IF_ERROR(p.Get(d, "steps", "train_vae.steps", s.vae_steps, "an integer"));
+    RETURN_IF_ERROR(p.Range(d, "steps", "train_vae.steps", s.vae_steps, 1, 1e9));
+    RETURN_IF_ERROR(p.Get(d, "lr", "train_vae.lr", s.vae_lr, "a number"));
+    RETURN_IF_ERROR(p.Range(d, "lr", "train_vae.lr", s.vae_lr, 0, 1, true));
+    RETURN_IF_ERROR(p.Get(d, "batch_size", "train_vae.batch_size", s.vae_batch_size, "an integer"));
+    RETURN_IF_ERROR(p.Range(d, "batch_size", "train_vae.batch_size", s.vae_batch_size, 0, 4096));
+    RETURN_IF_ERROR(p.Get(d, "kl_weight", "train_vae.kl_weight", s.vae_kl_weight, "a number"));
+    RETURN_IF_ERROR(p.Range(d, "kl_weight", "train_vae.kl_weight", s.vae_kl_weight, 0, 1));
+  }
   if (const YAML::Node d = root["distillation"]) {
     RETURN_IF_ERROR(
         p.Keys(d, "distillation",
@@ -197,9 +230,13 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
         p.Range(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, 0, 1, false, true));
   }
   if (const YAML::Node f = root["finetune"]) {
-    RETURN_IF_ERROR(
-        p.Keys(f, "finetune",
-               {"steps", "lr", "ema", "lr_warmup_steps", "max_grad_norm", "mixed_precision"}));
+    RETURN_IF_ERROR(p.Keys(f, "finetune",
+                           {"steps", "lr", "ema", "ema_decay", "lr_warmup_steps", "max_grad_norm",
+                            "mixed_precision"}));
+    RETURN_IF_ERROR(p.Get(f, "ema_decay", "finetune.ema_decay", s.finetune_ema_decay, "a number"));
+    if (f["ema_decay"])
+      RETURN_IF_ERROR(
+          p.Range(f, "ema_decay", "finetune.ema_decay", s.finetune_ema_decay, 0, 1, false, true));
     RETURN_IF_ERROR(p.Get(f, "ema", "finetune.ema", s.finetune_ema, "true or false"));
     RETURN_IF_ERROR(
         p.Get(f, "lr_warmup_steps", "finetune.lr_warmup_steps", s.lr_warmup_steps, "an integer"));
@@ -249,7 +286,7 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
       }
     }
   } else {
-    for (const auto& n : AllStageNames()) listed.emplace_back(n, root);
+    for (const auto& n : DefaultStageNames()) listed.emplace_back(n, root);
   }
   std::set<std::string> seen;
   for (const auto& [name, node] : listed) {
@@ -288,6 +325,13 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
     return std::find(all.begin(), all.end(), a.name) < std::find(all.begin(), all.end(), b.name);
   });
   return s;
+}
+
+int64_t StageTotalSteps(const JobSpec& job, const std::string& stage) {
+  if (stage == "init") return 1;
+  if (stage == "train_vae") return job.vae_steps;
+  if (stage == "finetune") return job.finetune_steps;
+  return 0;
 }
 
 absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {

@@ -14,6 +14,9 @@ namespace sd {
 // refuses any this build does not implement rather than skipping it.
 const std::vector<std::string>& AllStageNames();
 const std::vector<std::string>& ImplementedStageNames();
+// What a job without a "stages" list runs: the compression pipeline (not the
+// teacher-building stages init and train_vae).
+const std::vector<std::string>& DefaultStageNames();
 
 struct StageSpec {
   std::string name;
@@ -29,6 +32,16 @@ struct JobSpec {
   int64_t seed = 0;
   int64_t checkpoint_interval = 100;  // steps between checkpoints
   int64_t batch_size = 1;             // per worker
+  // Data pipeline (data:)
+  bool center_crop = true;       // false: random crop
+  bool random_flip = false;      // off by default: captions may say "left"/"right"
+  double caption_dropout = 0.0;  // empty-caption probability, for classifier-free guidance
+  // Building a teacher from scratch (init:, train_vae:)
+  std::string clip_bpe = "auto";  // CLIP merges file for a tokenizer/ that has no vocab
+  int64_t vae_steps = 2000;
+  double vae_lr = 1e-4;
+  int64_t vae_batch_size = 0;  // 0: batch_size
+  double vae_kl_weight = 1e-6;
   // Distillation (STEPS, CLIP_DISTILL_STEPS, LR, EMA_DECAY, PROGRESSIVE_STAGES)
   int64_t steps = 800;
   int64_t clip_distill_steps = 400;
@@ -42,8 +55,9 @@ struct JobSpec {
   // Fine-tuning (FINETUNE_STEPS, FINETUNE_LR)
   int64_t finetune_steps = 200;
   double finetune_lr = 5e-6;
-  bool finetune_ema = false;     // keep an EMA of the weights (decay = ema_decay)
-  int64_t lr_warmup_steps = -1;  // -1: min(500, steps / 10)
+  bool finetune_ema = false;       // keep an EMA of the weights
+  double finetune_ema_decay = -1;  // -1: ema_decay
+  int64_t lr_warmup_steps = -1;    // -1: min(500, steps / 10)
   double max_grad_norm = 1.0;
   std::string mixed_precision = "no";  // "no" or "bf16" (autocast on CUDA; fp32 master weights)
   // Optimization and quantization (TOME_RATIO, INT8_CALIBRATION_SAMPLES)
@@ -57,5 +71,8 @@ struct JobSpec {
 // nearest known key for a misspelt one. `origin` is the file name used in messages.
 absl::StatusOr<JobSpec> ParseJobSpec(const std::string& yaml_text, const std::string& origin);
 absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path);
+
+// The number of steps `stage` runs under this job (for progress); 0 when unknown.
+int64_t StageTotalSteps(const JobSpec& job, const std::string& stage);
 
 }  // namespace sd

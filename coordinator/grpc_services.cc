@@ -20,7 +20,7 @@ void ToProto(const JobRecord& j, sd::v1::Job* out) {
     s->set_name(st.spec.name);
     s->set_state(static_cast<sd::v1::StageState>(static_cast<int>(st.state) + 1));
     s->set_step(st.step);
-    s->set_total_steps(st.spec.name == "finetune" ? j.spec.finetune_steps : 0);
+    s->set_total_steps(StageTotalSteps(j.spec, st.spec.name));
     s->set_loss(st.loss);
     s->set_restarts(st.restarts);
     s->set_world_size(static_cast<int32_t>(st.spec.workers));
@@ -126,6 +126,7 @@ grpc::Status WorkerServiceImpl::PollTask(grpc::ServerContext*, const sd::v1::Pol
   task->set_job_yaml(t->job_yaml);
   task->set_checkpoint_dir(t->checkpoint_dir);
   task->set_output_dir(t->output_dir);
+  task->set_input_model(t->input_model);
   task->set_backend("gloo");
   return grpc::Status::OK;
 }

@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 APT_PACKAGES=(build-essential cmake ninja-build ccache pkg-config python3-venv
-  libabsl-dev nlohmann-json3-dev libpng-dev zlib1g-dev libicu-dev libgtest-dev libgmock-dev
+  libabsl-dev nlohmann-json3-dev libpng-dev libjpeg-dev zlib1g-dev libicu-dev libgtest-dev libgmock-dev
   libyaml-cpp-dev libsqlite3-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libgloo-dev libcpp-httplib-dev prometheus)
 missing=()

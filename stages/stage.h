@@ -29,6 +29,7 @@ struct StageContext {
   int64_t world_size = 1;
   std::string checkpoint_dir;  // shared storage for this stage's checkpoints
   std::string output_dir;      // the stage's result (a diffusers model folder)
+  std::string input_model;     // the model to start from: the previous stage's output, or job.model
   torch::Device device = torch::kCPU;
   std::function<void(const StageProgress&)> report = [](const StageProgress&) {};
   // Polled between steps; true stops the stage cleanly (abort or test interruption).

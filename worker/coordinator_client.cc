@@ -118,7 +118,8 @@ absl::StatusOr<std::optional<TaskSpec>> CoordinatorClient::Poll() {
   if (!resp.has_task()) return std::optional<TaskSpec>();
   const auto& t = resp.task();
   TaskSpec spec{t.task_id(),        t.job_id(),     t.stage(),   t.rendezvous(), t.job_yaml(),
-                t.checkpoint_dir(), t.output_dir(), t.backend(), t.rank(),       t.world_size()};
+                t.checkpoint_dir(), t.output_dir(), t.backend(), t.input_model(), t.rank(),
+                t.world_size()};
   return std::optional<TaskSpec>(spec);
 }
 

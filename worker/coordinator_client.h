@@ -13,7 +13,8 @@
 namespace sd::worker {
 
 struct TaskSpec {
-  std::string task_id, job_id, stage, rendezvous, job_yaml, checkpoint_dir, output_dir, backend;
+  std::string task_id, job_id, stage, rendezvous, job_yaml, checkpoint_dir, output_dir, backend,
+      input_model;
   int64_t rank = 0, world_size = 1;
 };
 

@@ -81,6 +81,7 @@ class Worker {
     ctx.world_size = task.world_size;
     ctx.checkpoint_dir = task.checkpoint_dir;
     ctx.output_dir = task.output_dir;
+    ctx.input_model = task.input_model.empty() ? job.model : task.input_model;
     if (torch::cuda::is_available()) {
       // One GPU per rank on multi-GPU hosts; Gloo all-reduces CUDA tensors too.
       ctx.device =

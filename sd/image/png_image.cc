@@ -50,6 +50,20 @@ absl::Status WritePng(const std::string& path, const torch::Tensor& image) {
   return WriteFileAtomic(path, bytes);
 }
 
+namespace {
+absl::StatusOr<torch::Tensor> FinishRead(png_image& img, const std::string& origin) {
+  img.format = PNG_FORMAT_RGB;
+  auto t = torch::empty({static_cast<int64_t>(img.height), static_cast<int64_t>(img.width), 3},
+                        torch::kUInt8);
+  if (!png_image_finish_read(&img, nullptr, t.data_ptr<uint8_t>(), 0, nullptr)) {
+    std::string msg = img.message;
+    png_image_free(&img);
+    return absl::DataLossError(absl::StrCat(origin, ": corrupt PNG (", msg, ")"));
+  }
+  return t;
+}
+}  // namespace
+
 absl::StatusOr<torch::Tensor> ReadPng(const std::string& path) {
   png_image img;
   std::memset(&img, 0, sizeof(img));
@@ -58,15 +72,18 @@ absl::StatusOr<torch::Tensor> ReadPng(const std::string& path) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": not a readable PNG (", img.message, ")"));
   }
-  img.format = PNG_FORMAT_RGB;
-  auto t = torch::empty({static_cast<int64_t>(img.height), static_cast<int64_t>(img.width), 3},
-                        torch::kUInt8);
-  if (!png_image_finish_read(&img, nullptr, t.data_ptr<uint8_t>(), 0, nullptr)) {
-    std::string msg = img.message;
-    png_image_free(&img);
-    return absl::DataLossError(absl::StrCat(path, ": corrupt PNG (", msg, ")"));
+  return FinishRead(img, path);
+}
+
+absl::StatusOr<torch::Tensor> DecodePng(std::string_view bytes, const std::string& origin) {
+  png_image img;
+  std::memset(&img, 0, sizeof(img));
+  img.version = PNG_IMAGE_VERSION;
+  if (!png_image_begin_read_from_memory(&img, bytes.data(), bytes.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ": not a readable PNG (", img.message, ")"));
   }
-  return t;
+  return FinishRead(img, origin);
 }
 
 }  // namespace sd

@@ -76,6 +76,7 @@ class AutoencoderKLImpl : public torch::nn::Module {
   // Decodes one image at a time so peak memory scales with one image (VAE slicing).
   torch::Tensor decode_sliced(const torch::Tensor& latents);
   const VAEConfig& config() const { return config_; }
+  VAEConfig& mutable_config() { return config_; }
   // NHWC weights and activations (see ToChannelsLast); outputs are NCHW-contiguous.
   void set_channels_last(bool on);
 

@@ -150,6 +150,7 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
       if (o.on_step) o.on_step(static_cast<int64_t>(i) + 1, static_cast<int64_t>(ts.size()));
     }
     auto z = latents / sd.vae->config().scaling_factor;
+    if (o.on_final_latents) o.on_final_latents(z);
     auto images = o.vae_slicing ? sd.vae->decode_sliced(z) : sd.vae->decode(z);
     images = (images.to(torch::kFloat32) / 2 + 0.5).clamp(0, 1);
     return images.permute({0, 2, 3, 1}).contiguous().to(torch::kCPU);

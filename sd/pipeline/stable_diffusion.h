@@ -48,6 +48,8 @@ struct GenerateOptions {
   torch::Tensor latents;  // optional initial latents [B, C, h, w] (before init_noise_sigma scaling)
   bool vae_slicing = false;
   std::function<void(int64_t step, int64_t total)> on_step;
+  // Receives the final (unscaled) latents before they are decoded.
+  std::function<void(const torch::Tensor& latents)> on_final_latents;
 };
 
 // Returns images [B, H, W, 3] float32 in [0, 1] on CPU.

@@ -6,6 +6,9 @@
 #include <unicode/unistr.h>
 #include <unicode/ustring.h>
 
+#include <zlib.h>
+
+#include <algorithm>
 #include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -311,6 +314,61 @@ torch::Tensor CLIPTokenizer::Tokenize(const std::vector<std::string>& texts) con
     std::memcpy(t[i].data_ptr<int64_t>(), ids.data(), ids.size() * sizeof(int64_t));
   }
   return t;
+}
+
+absl::Status WriteCLIPTokenizerFiles(const std::string& bpe_gz_path, const std::string& out_dir) {
+  gzFile gz = gzopen(bpe_gz_path.c_str(), "rb");
+  if (gz == nullptr) return absl::NotFoundError(absl::StrCat("cannot open ", bpe_gz_path));
+  std::string text;
+  char buf[1 << 16];
+  for (int n; (n = gzread(gz, buf, sizeof(buf))) > 0;) text.append(buf, static_cast<size_t>(n));
+  const bool ok = gzeof(gz) != 0;
+  gzclose(gz);
+  if (!ok) return absl::DataLossError(absl::StrCat(bpe_gz_path, ": corrupt gzip stream"));
+  std::vector<std::string> lines = absl::StrSplit(text, '\n');
+  // Line 0 is a version header; CLIP uses the next 49152 - 256 - 2 merges.
+  constexpr size_t kMerges = 49152 - 256 - 2;
+  if (lines.size() < kMerges + 1)
+    return absl::InvalidArgumentError(
+        absl::StrCat(bpe_gz_path, ": ", lines.size(), " lines, expected at least ", kMerges + 1));
+  // Ids follow GPT-2's table order: printable bytes first, then the rest.
+  const std::vector<std::string> table = BytesToUnicode();
+  std::vector<int> order;
+  for (int b = '!'; b <= '~'; ++b) order.push_back(b);
+  for (int b = 0xA1; b <= 0xAC; ++b) order.push_back(b);
+  for (int b = 0xAE; b <= 0xFF; ++b) order.push_back(b);
+  for (int b = 0; b < 256; ++b) {
+    if (std::find(order.begin(), order.end(), b) == order.end()) order.push_back(b);
+  }
+  std::vector<std::string> vocab;
+  for (int b : order) vocab.push_back(table[b]);
+  for (int b : order) vocab.push_back(table[b] + "</w>");
+  std::string merges = "#version: 0.2\n";
+  for (size_t i = 1; i <= kMerges; ++i) {
+    std::vector<std::string> pair = absl::StrSplit(lines[i], ' ');
+    if (pair.size() != 2)
+      return absl::InvalidArgumentError(
+          absl::StrCat(bpe_gz_path, ":", i + 1, ": expected two symbols, got \"", lines[i], "\""));
+    vocab.push_back(pair[0] + pair[1]);
+    absl::StrAppend(&merges, lines[i], "\n");
+  }
+  vocab.emplace_back("<|startoftext|>");
+  vocab.emplace_back("<|endoftext|>");
+  nlohmann::ordered_json v = nlohmann::ordered_json::object();
+  for (size_t i = 0; i < vocab.size(); ++i) v[vocab[i]] = i;
+  const nlohmann::json cfg = {{"tokenizer_class", "CLIPTokenizer"},
+                              {"model_max_length", 77},
+                              {"bos_token", "<|startoftext|>"},
+                              {"eos_token", "<|endoftext|>"},
+                              {"unk_token", "<|endoftext|>"},
+                              {"pad_token", "<|endoftext|>"}};
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", out_dir, ": ", ec.message()));
+  RETURN_IF_ERROR(WriteFileAtomic((fs::path(out_dir) / "vocab.json").string(), v.dump()));
+  RETURN_IF_ERROR(WriteFileAtomic((fs::path(out_dir) / "merges.txt").string(), merges));
+  return WriteFileAtomic((fs::path(out_dir) / "tokenizer_config.json").string(), cfg.dump(2));
 }
 
 }  // namespace sd

@@ -14,6 +14,11 @@
 
 namespace sd {
 
+// Writes vocab.json, merges.txt and tokenizer_config.json into `out_dir` from
+// OpenAI's merges file (bpe_simple_vocab_16e6.txt.gz, as open_clip ships it),
+// exactly as openai/clip-vit-large-patch14's tokenizer files were made.
+absl::Status WriteCLIPTokenizerFiles(const std::string& bpe_gz_path, const std::string& out_dir);
+
 class CLIPTokenizer {
  public:
   // Reads a tokenizer/ folder: vocab.json + merges.txt, or tokenizer.json, plus

@@ -138,6 +138,7 @@ absl::Status RunStage(const sdctl::Args& a) {
   ctx.job = job;
   ctx.checkpoint_dir = a.Get("checkpoint-dir");
   ctx.output_dir = a.Get("out");
+  ctx.input_model = a.Get("model", job.model);
   ctx.device = torch::Device(a.Get("device", "cpu"));
   ASSIGN_OR_RETURN(int64_t stop_at, a.Int("stop-at", -1));
   ASSIGN_OR_RETURN(ctx.rank, a.Int("rank", 0));

@@ -1,0 +1,176 @@
+#include "stages/training.h"
+
+#include <chrono>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "sd/train/checkpoint.h"
+#include "sd/util/file.h"
+#include "sd/util/status_macros.h"
+
+namespace sd::stages {
+namespace fs = std::filesystem;
+
+ParamTrainer::ParamTrainer(std::string stem, const torch::nn::Module& module, double lr,
+                           double weight_decay, std::optional<double> ema_decay)
+    : stem_(std::move(stem)), ema_decay_(ema_decay) {
+  for (const auto& p : module.named_parameters()) {
+    if (!p.value().requires_grad()) continue;
+    names_.push_back(p.key());
+    params_.push_back(p.value());
+  }
+  opt_ = std::make_unique<torch::optim::AdamW>(
+      params_, torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
+  if (ema_decay_) {
+    for (auto& p : params_) ema_.push_back(p.detach().clone());
+  }
+}
+
+absl::StatusOr<int64_t> ParamTrainer::Resume(const std::string& checkpoint_dir) {
+  std::vector<std::string> skipped;
+  ASSIGN_OR_RETURN(auto ckpt, LoadLatestCheckpoint(checkpoint_dir, &skipped));
+  if (!ckpt.has_value()) return 0;
+  torch::NoGradGuard ng;
+  const auto w = ckpt->tensors.find(stem_);
+  const auto o = ckpt->tensors.find("optimizer");
+  if (w == ckpt->tensors.end() || o == ckpt->tensors.end())
+    return absl::DataLossError(
+        absl::StrCat(ckpt->dir, ": checkpoint has no ", stem_, " weights or optimizer state"));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto it = w->second.find(names_[i]);
+    if (it == w->second.end() || !it->second.sizes().equals(params_[i].sizes()))
+      return absl::DataLossError(absl::StrCat(ckpt->dir, ": tensor ", names_[i], " missing or ",
+                                              "of the wrong shape (model ",
+                                              c10::str(params_[i].sizes()), ")"));
+    params_[i].copy_(it->second);
+    auto st = std::make_unique<torch::optim::AdamWParamState>();
+    st->step(ckpt->state.at("adam_step").get<int64_t>());
+    st->exp_avg(o->second.at(names_[i] + ".exp_avg").to(params_[i].device()).clone());
+    st->exp_avg_sq(o->second.at(names_[i] + ".exp_avg_sq").to(params_[i].device()).clone());
+    opt_->state()[params_[i].unsafeGetTensorImpl()] = std::move(st);
+    if (!ema_.empty()) ema_[i].copy_(ckpt->tensors.at("ema").at(names_[i]));
+  }
+  return ckpt->state.at("step").get<int64_t>();
+}
+
+void ParamTrainer::Step(double lr, double max_grad_norm,
+                        const std::function<void(std::vector<torch::Tensor>&)>& all_reduce_mean) {
+  std::vector<torch::Tensor> grads;
+  for (auto& p : params_) {
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+    grads.push_back(p.grad());
+  }
+  all_reduce_mean(grads);
+  torch::nn::utils::clip_grad_norm_(params_, max_grad_norm);
+  for (auto& group : opt_->param_groups())
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  opt_->step();
+  opt_->zero_grad();
+  if (!ema_.empty()) {
+    torch::NoGradGuard ng;
+    for (size_t i = 0; i < params_.size(); ++i)
+      ema_[i].mul_(*ema_decay_).add_(params_[i].detach(), 1.0 - *ema_decay_);
+  }
+}
+
+absl::Status ParamTrainer::Save(const std::string& checkpoint_dir, int64_t step,
+                                const nlohmann::json& extra) {
+  TrainingCheckpoint c;
+  c.step = step;
+  int64_t adam_step = 0;
+  safetensors::TensorMap w, o, e;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    w[names_[i]] = params_[i].detach().cpu();
+    auto it = opt_->state().find(params_[i].unsafeGetTensorImpl());
+    if (it != opt_->state().end()) {
+      auto& st = static_cast<torch::optim::AdamWParamState&>(*it->second);
+      o[names_[i] + ".exp_avg"] = st.exp_avg().cpu();
+      o[names_[i] + ".exp_avg_sq"] = st.exp_avg_sq().cpu();
+      adam_step = st.step();
+    }
+    if (!ema_.empty()) e[names_[i]] = ema_[i].cpu();
+  }
+  c.tensors[stem_] = std::move(w);
+  c.tensors["optimizer"] = std::move(o);
+  if (!ema_.empty()) c.tensors["ema"] = std::move(e);
+  c.state = extra;
+  c.state["step"] = step;
+  c.state["adam_step"] = adam_step;
+  return WriteCheckpoint(checkpoint_dir, c);
+}
+
+safetensors::TensorMap ParamTrainer::Weights() const {
+  safetensors::TensorMap out;
+  for (size_t i = 0; i < params_.size(); ++i)
+    out[names_[i]] = (ema_.empty() ? params_[i] : ema_[i]).detach().cpu().contiguous();
+  return out;
+}
+
+int64_t ParamTrainer::CheckpointBytes() const {
+  int64_t n = 0;
+  for (const auto& p : params_)
+    n += (ema_.empty() ? 3 : 4) * p.numel() * static_cast<int64_t>(p.element_size());
+  return n;
+}
+
+absl::Status RunTrainingLoop(StageContext& ctx, ParamTrainer& trainer, const LoopOptions& o,
+                             const std::function<absl::StatusOr<torch::Tensor>(int64_t)>& loss_fn) {
+  for (int64_t step = o.start_step; step < o.total_steps; ++step) {
+    if (ctx.should_stop(step)) return absl::AbortedError(absl::StrCat("stopped at step ", step));
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSIGN_OR_RETURN(torch::Tensor loss, loss_fn(step));
+    loss.backward();
+    const double lr = o.warmup_steps > 0
+                          ? o.lr * std::min(1.0, static_cast<double>(step + 1) /
+                                                     static_cast<double>(o.warmup_steps))
+                          : o.lr;
+    trainer.Step(lr, o.max_grad_norm, ctx.all_reduce_mean);
+    StageProgress pr;
+    pr.step = step + 1;
+    pr.total_steps = o.total_steps;
+    pr.loss = loss.item<double>();
+    pr.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    pr.samples_per_s = static_cast<double>(o.global_batch) / pr.step_time_s;
+    if ((step + 1) % ctx.job.checkpoint_interval == 0 || step + 1 == o.total_steps) {
+      const auto c0 = std::chrono::steady_clock::now();
+      if (ctx.rank == 0) {
+        RETURN_IF_ERROR(
+            trainer.Save(ctx.checkpoint_dir, step + 1,
+                         {{"seed", o.seed}, {"data_cursor", (step + 1) * o.global_batch}}));
+      }
+      pr.checkpointed = ctx.rank == 0;
+      pr.checkpoint_seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
+      pr.checkpoint_bytes = trainer.CheckpointBytes();
+    }
+    ctx.report(pr);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WriteModelWithComponent(const std::string& input, const std::string& out,
+                                     const std::string& component, const nlohmann::json& config,
+                                     const safetensors::TensorMap& weights) {
+  const fs::path in(input), dst(out);
+  std::error_code ec;
+  fs::create_directories(dst, ec);
+  for (const auto& e : fs::directory_iterator(in, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name == component) continue;
+    fs::copy(e.path(), dst / name,
+             fs::copy_options::recursive | fs::copy_options::overwrite_existing, ec);
+    if (ec)
+      return absl::InternalError(
+          absl::StrCat("cannot copy ", e.path().string(), " to ", out, ": ", ec.message()));
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot read ", input, ": ", ec.message()));
+  fs::create_directories(dst / component, ec);
+  RETURN_IF_ERROR(WriteFileAtomic((dst / component / "config.json").string(), config.dump(2)));
+  return safetensors::Save(
+      (dst / component /
+       (component == "text_encoder" ? "model.safetensors" : "diffusion_pytorch_model.safetensors"))
+          .string(),
+      weights);
+}
+
+}  // namespace sd::stages

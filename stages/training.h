@@ -1,0 +1,65 @@
+#pragma once
+// What every training stage shares: AdamW over named parameters with optional
+// EMA, checkpoints holding weights, optimizer moments and EMA (resumed exactly),
+// the step loop with warm-up, clipping, data-parallel gradient averaging,
+// progress reports and periodic checkpoints, and writing the result model.
+#include <torch/torch.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "sd/io/safetensors.h"
+#include "stages/stage.h"
+
+namespace sd::stages {
+
+class ParamTrainer {
+ public:
+  // `stem` names the weights file in checkpoints ("unet", "vae", ...).
+  ParamTrainer(std::string stem, const torch::nn::Module& module, double lr, double weight_decay,
+               std::optional<double> ema_decay);
+
+  // Restores from the newest valid checkpoint in ctx.checkpoint_dir; returns the
+  // step to start from (0 when there is none).
+  absl::StatusOr<int64_t> Resume(const std::string& checkpoint_dir);
+  // After loss.backward(): average gradients across ranks, clip, set lr, step, EMA.
+  void Step(double lr, double max_grad_norm,
+            const std::function<void(std::vector<torch::Tensor>&)>& all_reduce_mean);
+  absl::Status Save(const std::string& checkpoint_dir, int64_t step, const nlohmann::json& extra);
+  // The trained weights (the EMA when one is kept), on the CPU.
+  safetensors::TensorMap Weights() const;
+  int64_t CheckpointBytes() const;
+
+ private:
+  std::string stem_;
+  std::vector<std::string> names_;
+  std::vector<torch::Tensor> params_, ema_;
+  std::optional<double> ema_decay_;
+  std::unique_ptr<torch::optim::AdamW> opt_;
+};
+
+struct LoopOptions {
+  int64_t start_step = 0;
+  int64_t total_steps = 0;
+  int64_t global_batch = 1;
+  double lr = 1e-4;
+  int64_t warmup_steps = 0;  // linear warm-up from lr/warmup to lr
+  double max_grad_norm = 1.0;
+  int64_t seed = 0;
+};
+
+// Runs steps [start_step, total_steps): loss_fn(step) computes the local loss,
+// then the trainer steps; checkpoints every job.checkpoint_interval and at the end.
+absl::Status RunTrainingLoop(StageContext& ctx, ParamTrainer& trainer, const LoopOptions& o,
+                             const std::function<absl::StatusOr<torch::Tensor>(int64_t)>& loss_fn);
+
+// Writes a diffusers folder into `out`: every component of `input` copied, then
+// `component` replaced by `config` + `weights`.
+absl::Status WriteModelWithComponent(const std::string& input, const std::string& out,
+                                     const std::string& component, const nlohmann::json& config,
+                                     const safetensors::TensorMap& weights);
+
+}  // namespace sd::stages

@@ -171,7 +171,12 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
     RETURN_IF_ERROR(p.Get(d, "clip_bpe", "init.clip_bpe", s.clip_bpe, "a path or auto"));
   }
   if (const YAML::Node d = root["train_vae"]) {
-    RETURN_IF_ERROR(p.Keys(d, "train_vae", {"steps", "lr", "batch_size", "kl_weight"}));
+    RETURN_IF_ERROR(
+        p.Keys(d, "train_vae", {"steps", "lr", "batch_size", "kl_weight", "foreground_weight"}));
+    RETURN_IF_ERROR(p.Get(d, "foreground_weight", "train_vae.foreground_weight",
+                          s.vae_foreground_weight, "a number"));
+    RETURN_IF_ERROR(p.Range(d, "foreground_weight", "train_vae.foreground_weight",
+                            s.vae_foreground_weight, 0, 1e6));
     RETURN_IF_ERROR(p.Get(d, "steps", "train_vae.steps", s.vae_steps, "an integer"));
     RETURN_IF_ERROR(p.Range(d, "steps", "train_vae.steps", s.vae_steps, 1, 1e9));
     RETURN_IF_ERROR(p.Get(d, "lr", "train_vae.lr", s.vae_lr, "a number"));

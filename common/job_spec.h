@@ -42,6 +42,7 @@ struct JobSpec {
   double vae_lr = 1e-4;
   int64_t vae_batch_size = 0;  // 0: batch_size
   double vae_kl_weight = 1e-6;
+  double vae_foreground_weight = 0;  // pixel weight 1 + w * |x - image median color|
   // Distillation (STEPS, CLIP_DISTILL_STEPS, LR, EMA_DECAY, PROGRESSIVE_STAGES)
   int64_t steps = 800;
   int64_t clip_distill_steps = 400;

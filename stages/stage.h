@@ -18,6 +18,7 @@ struct StageProgress {
   double loss = 0;
   double step_time_s = 0;
   double samples_per_s = 0;
+  double data_wait_s = 0;  // time the step waited for its batch
   bool checkpointed = false;
   double checkpoint_seconds = 0;  // when checkpointed
   int64_t checkpoint_bytes = 0;

@@ -113,12 +113,14 @@ int64_t ParamTrainer::CheckpointBytes() const {
   return n;
 }
 
-absl::Status RunTrainingLoop(StageContext& ctx, ParamTrainer& trainer, const LoopOptions& o,
-                             const std::function<absl::StatusOr<torch::Tensor>(int64_t)>& loss_fn) {
+absl::Status RunTrainingLoop(
+    StageContext& ctx, ParamTrainer& trainer, DataLoader& loader, const LoopOptions& o,
+    const std::function<absl::StatusOr<torch::Tensor>(int64_t, const Batch&)>& loss_fn) {
   for (int64_t step = o.start_step; step < o.total_steps; ++step) {
     if (ctx.should_stop(step)) return absl::AbortedError(absl::StrCat("stopped at step ", step));
     const auto t0 = std::chrono::steady_clock::now();
-    ASSIGN_OR_RETURN(torch::Tensor loss, loss_fn(step));
+    ASSIGN_OR_RETURN(Batch batch, loader.Next());
+    ASSIGN_OR_RETURN(torch::Tensor loss, loss_fn(step, batch));
     loss.backward();
     const double lr = o.warmup_steps > 0
                           ? o.lr * std::min(1.0, static_cast<double>(step + 1) /
@@ -131,6 +133,7 @@ absl::Status RunTrainingLoop(StageContext& ctx, ParamTrainer& trainer, const Loo
     pr.loss = loss.item<double>();
     pr.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     pr.samples_per_s = static_cast<double>(o.global_batch) / pr.step_time_s;
+    pr.data_wait_s = batch.wait_seconds;
     if ((step + 1) % ctx.job.checkpoint_interval == 0 || step + 1 == o.total_steps) {
       const auto c0 = std::chrono::steady_clock::now();
       if (ctx.rank == 0) {
@@ -146,6 +149,31 @@ absl::Status RunTrainingLoop(StageContext& ctx, ParamTrainer& trainer, const Loo
     ctx.report(pr);
   }
   return absl::OkStatus();
+}
+
+absl::Status RequireDataset(const JobSpec& job, const std::string& stage) {
+  if (!job.dataset.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      stage, " needs \"dataset\" (an image folder with metadata.jsonl, or WebDataset shards)"));
+}
+
+absl::StatusOr<std::string> InputModel(const StageContext& ctx) {
+  const fs::path model(ctx.input_model.empty() ? ctx.job.model : ctx.input_model);
+  if (!fs::exists(model / "model_index.json"))
+    return absl::InvalidArgumentError(
+        absl::StrCat("model ", model.string(), " is not a diffusers folder (no model_index.json)"));
+  return model.string();
+}
+
+LoaderOptions MakeLoaderOptions(const StageContext& ctx, int64_t resolution, int64_t local_batch,
+                                double caption_dropout) {
+  LoaderOptions o;
+  o.transform = {resolution, ctx.job.center_crop, ctx.job.random_flip, caption_dropout};
+  o.local_batch = local_batch;
+  o.rank = ctx.rank;
+  o.world_size = ctx.world_size;
+  o.seed = ctx.job.seed;
+  return o;
 }
 
 absl::Status WriteModelWithComponent(const std::string& input, const std::string& out,

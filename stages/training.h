@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "sd/data/dataset.h"
 #include "sd/io/safetensors.h"
 #include "stages/stage.h"
 
@@ -51,10 +52,21 @@ struct LoopOptions {
   int64_t seed = 0;
 };
 
-// Runs steps [start_step, total_steps): loss_fn(step) computes the local loss,
-// then the trainer steps; checkpoints every job.checkpoint_interval and at the end.
-absl::Status RunTrainingLoop(StageContext& ctx, ParamTrainer& trainer, const LoopOptions& o,
-                             const std::function<absl::StatusOr<torch::Tensor>(int64_t)>& loss_fn);
+// Runs steps [start_step, total_steps): takes the step's batch from `loader`,
+// loss_fn(step, batch) computes the local loss, then the trainer steps;
+// checkpoints every job.checkpoint_interval and at the end.
+absl::Status RunTrainingLoop(
+    StageContext& ctx, ParamTrainer& trainer, DataLoader& loader, const LoopOptions& o,
+    const std::function<absl::StatusOr<torch::Tensor>(int64_t, const Batch&)>& loss_fn);
+
+// The checks every training stage makes on its inputs: a dataset is named and
+// the model it starts from (ctx.input_model, else job.model) is a diffusers folder.
+absl::Status RequireDataset(const JobSpec& job, const std::string& stage);
+absl::StatusOr<std::string> InputModel(const StageContext& ctx);
+
+// The data pipeline's options for this rank, from the job's data: settings.
+LoaderOptions MakeLoaderOptions(const StageContext& ctx, int64_t resolution, int64_t local_batch,
+                                double caption_dropout);
 
 // Writes a diffusers folder into `out`: every component of `input` copied, then
 // `component` replaced by `config` + `weights`.

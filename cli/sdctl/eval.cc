@@ -7,7 +7,6 @@
 #include "absl/strings/str_format.h"
 #include "cli/sdctl/args.h"
 #include "cli/sdctl/commands.h"
-#include "sd/data/dataset.h"
 #include "sd/eval/evaluate.h"
 #include "sd/eval/shape_probe.h"
 #include "sd/image/png_image.h"
@@ -26,24 +25,10 @@ absl::Status SetThreads(const Args& args) {
 
 // Accuracy of a probe on the single-shape scenes of a dataset.
 absl::StatusOr<nlohmann::json> ProbeAccuracy(sd::eval::ShapeProbe& probe, const std::string& dir) {
-  ASSIGN_OR_RETURN(std::shared_ptr<const sd::CaptionedSource> source, sd::OpenDataset(dir));
-  std::vector<torch::Tensor> images, labels;
-  for (size_t i = 0; i < source->size(); ++i) {
-    auto raw = source->Read(i);
-    if (!raw.ok()) continue;
-    auto l = sd::eval::ProbeLabels(raw->meta);
-    if (!l.ok()) continue;
-    auto gen = sd::SampleGenerator(0, 0, static_cast<int64_t>(i));
-    auto item = sd::Transform(*raw, sd::TransformOptions{}, gen);
-    if (!item.ok()) continue;
-    images.push_back(item->pixels);
-    labels.push_back(torch::tensor(std::vector<int64_t>(l->begin(), l->end())));
-  }
-  if (images.empty())
-    return absl::InvalidArgumentError(absl::StrCat(dir, ": no labeled single-shape scenes"));
-  const auto acc =
-      sd::eval::Accuracy(sd::eval::Predict(probe, torch::stack(images)), torch::stack(labels));
-  nlohmann::json j = {{"dataset", dir}, {"images", images.size()}};
+  ASSIGN_OR_RETURN(sd::eval::LabeledScenes scenes,
+                   sd::eval::LoadLabeledScenes(dir, INT64_MAX, true));
+  const auto acc = sd::eval::Accuracy(sd::eval::Predict(probe, scenes.images), scenes.labels);
+  nlohmann::json j = {{"dataset", dir}, {"images", scenes.labels.size(0)}};
   for (size_t k = 0; k < acc.size(); ++k) j["accuracy"][sd::eval::kProbeAttributes[k]] = acc[k];
   return j;
 }
@@ -71,6 +56,17 @@ absl::Status ProbeTrain(int argc, char** argv) {
     ASSIGN_OR_RETURN(report["heldout"], ProbeAccuracy(probe, args.Get("heldout")));
   }
   RETURN_IF_ERROR(sd::WriteFileAtomic(args.Get("out") + ".json", report.dump(2)));
+  std::cout << report.dump(2) << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status ProbeEval(int argc, char** argv) {
+  ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv, {"probe", "data", "threads"}));
+  if (!args.Has("probe") || !args.Has("data"))
+    return absl::InvalidArgumentError("--probe FILE and --data DIR are required");
+  RETURN_IF_ERROR(SetThreads(args));
+  ASSIGN_OR_RETURN(auto probe, sd::eval::LoadProbe(args.Get("probe")));
+  ASSIGN_OR_RETURN(nlohmann::json report, ProbeAccuracy(probe, args.Get("data")));
   std::cout << report.dump(2) << "\n";
   return absl::OkStatus();
 }
@@ -121,13 +117,13 @@ int Report(const absl::Status& s, const char* what) {
 }  // namespace
 
 int ProbeCommand(int argc, char** argv) {
-  if (argc < 1 || std::string(argv[0]) != "train") {
-    std::cerr
-        << "usage: sdctl probe train --data DIR --out FILE.safetensors [--heldout DIR]\n"
-           "                         [--steps 1500] [--batch-size 64] [--lr 2e-3] [--seed 0]\n";
-    return 2;
-  }
-  return Report(ProbeTrain(argc - 1, argv + 1), "probe train");
+  const std::string sub = argc >= 1 ? argv[0] : "";
+  if (sub == "train") return Report(ProbeTrain(argc - 1, argv + 1), "probe train");
+  if (sub == "eval") return Report(ProbeEval(argc - 1, argv + 1), "probe eval");
+  std::cerr << "usage: sdctl probe train --data DIR --out FILE.safetensors [--heldout DIR]\n"
+               "                         [--steps 1500] [--batch-size 64] [--lr 2e-3] [--seed 0]\n"
+               "       sdctl probe eval --probe FILE --data DIR   (accuracy on labeled images)\n";
+  return 2;
 }
 
 int EvalCommand(int argc, char** argv) { return Report(Eval(argc, argv), "eval"); }

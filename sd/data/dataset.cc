@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -314,10 +315,19 @@ void DataLoader::Produce() {
 }
 
 absl::StatusOr<Batch> DataLoader::Next() {
-  if (o_.prefetch <= 0) return Make(next_step_++);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto waited = [&t0] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  if (o_.prefetch <= 0) {
+    auto b = Make(next_step_++);
+    if (b.ok()) b->wait_seconds = waited();
+    return b;
+  }
   std::unique_lock<std::mutex> l(mu_);
   cv_.wait(l, [&] { return !ready_.empty(); });
   auto b = std::move(ready_.front());
+  if (b.ok()) b->wait_seconds = waited();
   ready_.pop_front();
   ++next_step_;
   l.unlock();

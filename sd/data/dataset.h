@@ -83,6 +83,7 @@ struct Batch {
   std::vector<std::string> captions;
   std::vector<nlohmann::json> meta;
   std::vector<int64_t> indices;  // dataset index of each sample
+  double wait_seconds = 0;       // how long Next() blocked for it (0 when prefetch keeps up)
 };
 
 class DataLoader {

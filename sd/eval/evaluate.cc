@@ -4,7 +4,6 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "sd/data/dataset.h"
 #include "sd/eval/image_metrics.h"
 #include "sd/eval/shape_probe.h"
 #include "sd/pipeline/stable_diffusion.h"
@@ -119,21 +118,9 @@ absl::StatusOr<EvalResult> Evaluate(const EvalOptions& o) {
   if (o.seeds_per_prompt < 1 || o.count < 1 || o.batch < 1)
     return absl::InvalidArgumentError("count, seeds per prompt and batch must be at least 1");
   ASSIGN_OR_RETURN(ShapeProbe probe, LoadProbe(o.probe));
-  ASSIGN_OR_RETURN(std::shared_ptr<const CaptionedSource> source, OpenDataset(o.prompts));
-  std::vector<std::string> prompts;
-  std::vector<torch::Tensor> labels;
-  for (size_t i = 0; i < source->size() && static_cast<int64_t>(prompts.size()) < o.count; ++i) {
-    auto raw = source->Read(i);
-    if (!raw.ok()) continue;
-    auto l = ProbeLabels(raw->meta);
-    if (!l.ok()) continue;  // two-shape scenes have no single label
-    prompts.push_back(raw->caption);
-    labels.push_back(torch::tensor(std::vector<int64_t>(l->begin(), l->end())));
-  }
-  if (prompts.empty())
-    return absl::InvalidArgumentError(
-        absl::StrCat(o.prompts, ": no single-shape scenes with labeled metadata to prompt with"));
-  const auto label_t = torch::stack(labels);
+  ASSIGN_OR_RETURN(LabeledScenes scenes, LoadLabeledScenes(o.prompts, o.count, false));
+  const std::vector<std::string>& prompts = scenes.captions;
+  const torch::Tensor& label_t = scenes.labels;
 
   EvalResult r;
   ASSIGN_OR_RETURN(Generated cand, GenerateAll(o.model, prompts, o.steps, o, "model"));

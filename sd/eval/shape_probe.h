@@ -33,6 +33,15 @@ TORCH_MODULE(ShapeProbe);
 // metadata ({"objects": [{...}], "background": ...}); NotFound for anything else.
 absl::StatusOr<std::array<int64_t, 4>> ProbeLabels(const nlohmann::json& meta);
 
+// The single-shape scenes of a dataset, up to max_count: captions, labels [N, 4]
+// and, when asked, the images [N, 3, 64, 64] in [-1, 1].
+struct LabeledScenes {
+  std::vector<std::string> captions;
+  torch::Tensor labels, images;
+};
+absl::StatusOr<LabeledScenes> LoadLabeledScenes(const std::string& dataset, int64_t max_count,
+                                                bool with_images);
+
 struct ProbeTrainOptions {
   int64_t steps = 1500;
   int64_t batch_size = 64;

@@ -20,19 +20,14 @@ namespace sd::stages {
 namespace fs = std::filesystem;
 
 absl::Status FinetuneStage::Validate(const JobSpec& job) const {
-  if (job.dataset.empty())
-    return absl::InvalidArgumentError(
-        "finetune needs \"dataset\" (an image folder with metadata.jsonl, or WebDataset shards)");
-  return absl::OkStatus();
+  return RequireDataset(job, name());
 }
 
 absl::Status FinetuneStage::Run(StageContext& ctx) {
   const JobSpec& job = ctx.job;
   RETURN_IF_ERROR(Validate(job));
-  const fs::path model(ctx.input_model.empty() ? job.model : ctx.input_model);
-  if (!fs::exists(model / "model_index.json"))
-    return absl::InvalidArgumentError(
-        absl::StrCat("model ", model.string(), " is not a diffusers folder (no model_index.json)"));
+  ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
+  const fs::path model(input);
   ASSIGN_OR_RETURN(CLIPTokenizer tokenizer, CLIPTokenizer::Load((model / "tokenizer").string()));
   ASSIGN_OR_RETURN(CLIPTextModel text_encoder,
                    LoadCLIPTextModel((model / "text_encoder").string(), true));
@@ -69,17 +64,12 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   lo.max_grad_norm = job.max_grad_norm;
   lo.seed = job.seed;
 
-  LoaderOptions opts;
-  opts.transform = {resolution, job.center_crop, job.random_flip, job.caption_dropout};
-  opts.local_batch = job.batch_size;
-  opts.rank = ctx.rank;
-  opts.world_size = ctx.world_size;
-  opts.seed = job.seed;
+  const LoaderOptions opts =
+      MakeLoaderOptions(ctx, resolution, job.batch_size, job.caption_dropout);
   DataLoader loader(data, opts, lo.start_step);
   const int64_t T = scheduler->config().num_train_timesteps;
 
-  auto loss_fn = [&](int64_t step) -> absl::StatusOr<torch::Tensor> {
-    ASSIGN_OR_RETURN(Batch batch, loader.Next());
+  auto loss_fn = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
     const int64_t b = batch.pixels.size(0);
     // One stream per sample: its timestep, posterior sample and noise.
     std::vector<at::Generator> gens;
@@ -119,7 +109,7 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     }
     return loss;
   };
-  RETURN_IF_ERROR(RunTrainingLoop(ctx, trainer, lo, loss_fn));
+  RETURN_IF_ERROR(RunTrainingLoop(ctx, trainer, loader, lo, loss_fn));
   if (ctx.rank != 0) return absl::OkStatus();
   return WriteModelWithComponent(model.string(), ctx.output_dir, "unet", unet->config().ToJson(),
                                  trainer.Weights());

@@ -13,16 +13,14 @@ namespace sd::stages {
 namespace fs = std::filesystem;
 
 absl::Status TrainVaeStage::Validate(const JobSpec& job) const {
-  if (job.dataset.empty())
-    return absl::InvalidArgumentError(
-        "train_vae needs \"dataset\" (an image folder with metadata.jsonl, or WebDataset shards)");
-  return absl::OkStatus();
+  return RequireDataset(job, name());
 }
 
 absl::Status TrainVaeStage::Run(StageContext& ctx) {
   const JobSpec& job = ctx.job;
   RETURN_IF_ERROR(Validate(job));
-  const fs::path model(ctx.input_model.empty() ? job.model : ctx.input_model);
+  ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
+  const fs::path model(input);
   ASSIGN_OR_RETURN(AutoencoderKL vae, LoadVAE((model / "vae").string(), true));
   // Train at the resolution the UNet will see, when the model says.
   int64_t resolution = vae->config().sample_size;
@@ -39,6 +37,15 @@ absl::Status TrainVaeStage::Run(StageContext& ctx) {
   ParamTrainer trainer("vae", *vae, job.vae_lr, 1e-2, std::nullopt);
   LoopOptions lo;
   ASSIGN_OR_RETURN(lo.start_step, trainer.Resume(ctx.checkpoint_dir));
+  if (lo.start_step == 0 && vae->quant_conv) {
+    // Start from a near-deterministic posterior (std ~0.01), where SD's VAE ends
+    // up: from a random init's std ~1 the decoder first learns to ignore the
+    // noise, i.e. to blur, and a short run never recovers the detail.
+    torch::NoGradGuard ng;
+    const int64_t c = vae->config().latent_channels;
+    vae->quant_conv->bias.slice(0, c, 2 * c).fill_(-9.0);
+    vae->quant_conv->weight.slice(0, c, 2 * c).mul_(0.01);
+  }
   lo.total_steps = job.vae_steps;
   lo.global_batch = local_batch * ctx.world_size;
   lo.lr = job.vae_lr;
@@ -46,16 +53,10 @@ absl::Status TrainVaeStage::Run(StageContext& ctx) {
   lo.max_grad_norm = job.max_grad_norm;
   lo.seed = job.seed;
 
-  LoaderOptions opts;
-  opts.transform = {resolution, job.center_crop, job.random_flip, 0.0};
-  opts.local_batch = local_batch;
-  opts.rank = ctx.rank;
-  opts.world_size = ctx.world_size;
-  opts.seed = job.seed;
+  const LoaderOptions opts = MakeLoaderOptions(ctx, resolution, local_batch, 0.0);
   DataLoader loader(data, opts, lo.start_step);
 
-  auto loss_fn = [&](int64_t step) -> absl::StatusOr<torch::Tensor> {
-    ASSIGN_OR_RETURN(Batch batch, loader.Next());
+  auto loss_fn = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
     const auto x = batch.pixels.to(ctx.device);
     const auto post = vae->encode(x);
     std::vector<torch::Tensor> eps;
@@ -68,9 +69,18 @@ absl::Status TrainVaeStage::Run(StageContext& ctx) {
     const auto recon = vae->decode(z);
     const auto kl =
         0.5 * (post.mean.pow(2) + post.logvar.exp() - 1 - post.logvar).flatten(1).sum(1).mean();
-    return torch::l1_loss(recon, x) + torch::mse_loss(recon, x) + job.vae_kl_weight * kl;
+    // Optional foreground weighting: pixels far from the image's median color
+    // (small objects on a flat background) count up to 1 + w times as much, so
+    // the autoencoder learns them as early as the background.
+    torch::Tensor w = torch::ones({1}, x.options());
+    if (job.vae_foreground_weight > 0) {
+      const auto median = std::get<0>(x.flatten(2).median(2)).unsqueeze(-1).unsqueeze(-1);
+      w = 1 + job.vae_foreground_weight * std::get<0>((x - median).abs().max(1, true));
+    }
+    const auto err = recon - x;
+    return (w * err.abs()).mean() + (w * err.pow(2)).mean() + job.vae_kl_weight * kl;
   };
-  RETURN_IF_ERROR(RunTrainingLoop(ctx, trainer, lo, loss_fn));
+  RETURN_IF_ERROR(RunTrainingLoop(ctx, trainer, loader, lo, loss_fn));
   if (ctx.rank != 0) return absl::OkStatus();
   // As for SD's VAE, scaling_factor = 1 / std of the latents over the data, so
   // the diffusion model sees unit-variance latents.

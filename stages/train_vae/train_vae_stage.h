@@ -4,7 +4,8 @@
 namespace sd::stages {
 
 // Trains the model's AutoencoderKL as a reconstruction autoencoder: L1 + MSE on
-// pixels of a posterior sample, plus a small KL term toward N(0, I), AdamW with
+// pixels of a posterior sample (optionally weighted toward the foreground), plus
+// a small KL term toward N(0, I), AdamW with
 // warm-up and clipping, data-parallel and resumable like every training stage.
 // For teachers built from scratch (the toy world); SD1.5's own VAE is kept as is.
 class TrainVaeStage : public Stage {

@@ -58,7 +58,8 @@ TEST(JobSpecTest, OutOfRange) {
 
 TEST(JobSpecTest, UnimplementedStageIsRefusedNotSkipped) {
   EXPECT_EQ(Err("model: /m\nstages: [prune]\n"),
-            "job.yaml:2: stage \"prune\" is not implemented in this build (implemented: finetune); "
+            "job.yaml:2: stage \"prune\" is not implemented in this build (implemented: init, "
+            "train_vae, finetune); "
             "remove it from "
             "\"stages\"");
   EXPECT_NE(Err("model: /m\n").find("is not implemented"), std::string::npos);
@@ -79,6 +80,36 @@ TEST(JobSpecTest, MixedPrecisionIsNoOrBf16) {
 TEST(JobSpecTest, MissingModelAndBadYaml) {
   EXPECT_NE(Err("stages: [finetune]\n").find("key \"model\" is required"), std::string::npos);
   EXPECT_NE(Err("model: [unclosed\n").find("invalid YAML"), std::string::npos);
+}
+
+TEST(JobSpecTest, TeacherStagesDataAndTheirKeys) {
+  auto s = ParseJobSpec(
+      "model: /m\nstages: [finetune, train_vae, init]\ndata: {caption_dropout: 0.1, random_flip: "
+      "true}\ntrain_vae: {steps: 30, foreground_weight: 10}\nfinetune: {ema: true, ema_decay: "
+      "0.99}\n",
+      "job.yaml");
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_EQ(s->stages.size(), 3u);  // pipeline order, whatever the file says
+  EXPECT_EQ(s->stages[0].name, "init");
+  EXPECT_EQ(s->stages[1].name, "train_vae");
+  EXPECT_EQ(s->stages[2].name, "finetune");
+  EXPECT_DOUBLE_EQ(s->caption_dropout, 0.1);
+  EXPECT_TRUE(s->random_flip);
+  EXPECT_TRUE(s->center_crop);
+  EXPECT_EQ(s->vae_steps, 30);
+  EXPECT_DOUBLE_EQ(s->vae_foreground_weight, 10);
+  EXPECT_DOUBLE_EQ(s->finetune_ema_decay, 0.99);
+  EXPECT_EQ(StageTotalSteps(*s, "train_vae"), 30);
+  EXPECT_EQ(StageTotalSteps(*s, "finetune"), 200);
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\ndata:\n  caption_dropout: 1.5\n")
+                .find("job.yaml:4: key \"data.caption_dropout\" is 1.5, out of range [0, 1)"),
+            std::string::npos);
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\ntrain_vae:\n  stesp: 3\n")
+                .find("unknown key \"train_vae.stesp\" (did you mean \"steps\"?)"),
+            std::string::npos);
+  // A job without a stage list runs the compression pipeline, not the teacher stages.
+  EXPECT_NE(Err("model: /m\n").find("stage \"progressive_distillation\" is not implemented"),
+            std::string::npos);
 }
 
 }  // namespace

@@ -83,6 +83,7 @@ data:
 train_vae:
   steps: 4
   lr: 1.0e-3
+  foreground_weight: 5
 finetune:
   steps: 3
   lr: 1.0e-3

@@ -193,6 +193,11 @@ absl::StatusOr<std::unique_ptr<CaptionedSource>> OpenDataset(const std::string& 
     std::sort(shards.begin(), shards.end());
     return WebDatasetSource::Open(shards);
   }
+  if (path.find('{') == std::string::npos && !fs::exists(path))
+    return absl::NotFoundError(absl::StrCat(
+        "dataset ", path,
+        " does not exist (expected an image folder with metadata.jsonl, a .tar shard, a folder "
+        "of shards or a pattern like shards/train-{000000..000009}.tar)"));
   ASSIGN_OR_RETURN(auto shards, ExpandBraces(path));
   for (const auto& s : shards) {
     if (!fs::exists(s))

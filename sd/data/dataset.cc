@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <regex>
 
 #include "absl/strings/str_cat.h"
@@ -21,18 +22,12 @@ namespace sd {
 namespace fs = std::filesystem;
 namespace {
 
-std::string CaptionOf(const nlohmann::json& j) {
+// The caption under "text" or "caption"; nullopt when neither is a string.
+std::optional<std::string> CaptionOf(const nlohmann::json& j) {
   for (const char* k : {"text", "caption"}) {
     if (j.contains(k) && j[k].is_string()) return j[k].get<std::string>();
   }
-  return {};
-}
-
-bool HasCaption(const nlohmann::json& j) {
-  for (const char* k : {"text", "caption"}) {
-    if (j.contains(k) && j[k].is_string()) return true;
-  }
-  return false;
+  return std::nullopt;
 }
 
 class ImageFolderSource : public CaptionedSource {
@@ -48,7 +43,7 @@ class ImageFolderSource : public CaptionedSource {
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
       nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
       if (j.is_discarded() || !j.is_object() || !j.contains("file_name") ||
-          !j["file_name"].is_string() || !HasCaption(j)) {
+          !j["file_name"].is_string() || !CaptionOf(j)) {
         d->problems_.push_back(absl::StrCat(
             meta, ":", line_no, ": expected {\"file_name\": str, \"text\": str}; line skipped"));
         continue;
@@ -63,7 +58,7 @@ class ImageFolderSource : public CaptionedSource {
   absl::StatusOr<RawSample> Read(size_t i) const override {
     const auto& [path, meta] = entries_.at(i);
     ASSIGN_OR_RETURN(std::string bytes, ReadFile(path));
-    return RawSample{std::move(bytes), path, CaptionOf(meta), meta};
+    return RawSample{std::move(bytes), path, CaptionOf(meta).value_or(""), meta};
   }
 
  private:
@@ -134,7 +129,7 @@ class WebDatasetSource : public CaptionedSource {
       if (r.meta.is_discarded() || !r.meta.is_object())
         return absl::InvalidArgumentError(
             absl::StrCat(f->path(), ":", s.json.name, ": not a JSON object"));
-      r.caption = CaptionOf(r.meta);
+      r.caption = CaptionOf(r.meta).value_or("");
     }
     if (s.txt.size > 0) r.caption = view(s.txt);
     return r;

@@ -86,9 +86,8 @@ absl::Status TrainVaeStage::Run(StageContext& ctx) {
   // the diffusion model sees unit-variance latents.
   vae->eval();
   {
+    // No EMA for the VAE: its live parameters are the trained weights.
     torch::NoGradGuard ng;
-    auto final_weights = trainer.Weights();
-    for (auto& p : vae->named_parameters()) p.value().copy_(final_weights.at(p.key()));
     LoaderOptions so = opts;
     so.rank = 0;
     so.world_size = 1;

@@ -90,6 +90,18 @@ class Parser {
                               hi_open ? ")" : "]"));
   }
 
+  // `<where>.lr_scheduler`: one of diffusers' names that these stages implement.
+  absl::Status LrScheduler(const YAML::Node& map, const std::string& where,
+                           std::string& out) const {
+    const std::string path = absl::StrCat(where, ".lr_scheduler");
+    RETURN_IF_ERROR(Get(map, "lr_scheduler", path, out, "constant, cosine or linear"));
+    static const std::vector<std::string> kKnown = {"constant", "cosine", "linear"};
+    if (std::find(kKnown.begin(), kKnown.end(), out) != kKnown.end()) return absl::OkStatus();
+    return Error(map["lr_scheduler"], path,
+                 absl::StrCat("must be constant, cosine or linear, got \"", out, "\"",
+                              Suggest(out, kKnown)));
+  }
+
  private:
   std::string origin_;
 };
@@ -172,7 +184,9 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   }
   if (const YAML::Node d = root["train_vae"]) {
     RETURN_IF_ERROR(
-        p.Keys(d, "train_vae", {"steps", "lr", "batch_size", "kl_weight", "foreground_weight"}));
+        p.Keys(d, "train_vae",
+               {"steps", "lr", "lr_scheduler", "batch_size", "kl_weight", "foreground_weight"}));
+    RETURN_IF_ERROR(p.LrScheduler(d, "train_vae", s.vae_lr_scheduler));
     RETURN_IF_ERROR(p.Get(d, "foreground_weight", "train_vae.foreground_weight",
                           s.vae_foreground_weight, "a number"));
     RETURN_IF_ERROR(p.Range(d, "foreground_weight", "train_vae.foreground_weight",
@@ -236,8 +250,20 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   }
   if (const YAML::Node f = root["finetune"]) {
     RETURN_IF_ERROR(p.Keys(f, "finetune",
-                           {"steps", "lr", "ema", "ema_decay", "lr_warmup_steps", "max_grad_norm",
-                            "mixed_precision"}));
+                           {"steps", "lr", "lr_scheduler", "ema", "ema_decay", "lr_warmup_steps",
+                            "max_grad_norm", "mixed_precision", "train_text_encoder",
+                            "cache_latents"}));
+    RETURN_IF_ERROR(p.LrScheduler(f, "finetune", s.finetune_lr_scheduler));
+    RETURN_IF_ERROR(p.Get(f, "train_text_encoder", "finetune.train_text_encoder",
+                          s.finetune_text_encoder, "true or false"));
+    RETURN_IF_ERROR(p.Get(f, "cache_latents", "finetune.cache_latents", s.finetune_cache_latents,
+                          "true or false"));
+    // A cached latent stands for the image as first transformed; random crops
+    // and flips would all get that one.
+    if (s.finetune_cache_latents && (s.random_flip || !s.center_crop))
+      return p.Error(f["cache_latents"], "finetune.cache_latents",
+                     "needs a deterministic transform: set data.random_flip: false and "
+                     "data.center_crop: true, or turn cache_latents off");
     RETURN_IF_ERROR(p.Get(f, "ema_decay", "finetune.ema_decay", s.finetune_ema_decay, "a number"));
     if (f["ema_decay"])
       RETURN_IF_ERROR(

@@ -43,6 +43,7 @@ struct JobSpec {
   int64_t vae_batch_size = 0;  // 0: batch_size
   double vae_kl_weight = 1e-6;
   double vae_foreground_weight = 0;  // pixel weight 1 + w * |x - image median color|
+  std::string vae_lr_scheduler = "constant";  // after warm-up: constant, cosine or linear
   // Distillation (STEPS, CLIP_DISTILL_STEPS, LR, EMA_DECAY, PROGRESSIVE_STAGES)
   int64_t steps = 800;
   int64_t clip_distill_steps = 400;
@@ -59,6 +60,9 @@ struct JobSpec {
   bool finetune_ema = false;       // keep an EMA of the weights
   double finetune_ema_decay = -1;  // -1: ema_decay
   int64_t lr_warmup_steps = -1;    // -1: min(500, steps / 10)
+  std::string finetune_lr_scheduler = "constant";  // after warm-up: constant, cosine or linear
+  bool finetune_text_encoder = false;  // train the text encoder with the UNet
+  bool finetune_cache_latents = false;  // encode each image once (needs a deterministic transform)
   double max_grad_norm = 1.0;
   std::string mixed_precision = "no";  // "no" or "bf16" (autocast on CUDA; fp32 master weights)
   // Optimization and quantization (TOME_RATIO, INT8_CALIBRATION_SAMPLES)

@@ -1,6 +1,8 @@
 #include "stages/training.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -11,13 +13,17 @@
 namespace sd::stages {
 namespace fs = std::filesystem;
 
-ParamTrainer::ParamTrainer(std::string stem, const torch::nn::Module& module, double lr,
-                           double weight_decay, std::optional<double> ema_decay)
-    : stem_(std::move(stem)), ema_decay_(ema_decay) {
-  for (const auto& p : module.named_parameters()) {
-    if (!p.value().requires_grad()) continue;
-    names_.push_back(p.key());
-    params_.push_back(p.value());
+ParamTrainer::ParamTrainer(std::vector<TrainedPart> parts, double lr, double weight_decay,
+                           std::optional<double> ema_decay)
+    : ema_decay_(ema_decay) {
+  for (const TrainedPart& part : parts) {
+    for (const auto& p : part.module->named_parameters()) {
+      if (!p.value().requires_grad()) continue;
+      part_.push_back(stems_.size());
+      names_.push_back(p.key());
+      params_.push_back(p.value());
+    }
+    stems_.push_back(part.stem);
   }
   opt_ = std::make_unique<torch::optim::AdamW>(
       params_, torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
@@ -26,29 +32,46 @@ ParamTrainer::ParamTrainer(std::string stem, const torch::nn::Module& module, do
   }
 }
 
+// Checkpoint file stems: a part's weights under its own name, its optimizer
+// moments and EMA beside them.
+namespace {
+std::string OptimizerStem(const std::string& stem) { return stem + "_optimizer"; }
+std::string EmaStem(const std::string& stem) { return stem + "_ema"; }
+}  // namespace
+
 absl::StatusOr<int64_t> ParamTrainer::Resume(const std::string& checkpoint_dir) {
   std::vector<std::string> skipped;
   ASSIGN_OR_RETURN(auto ckpt, LoadLatestCheckpoint(checkpoint_dir, &skipped));
   if (!ckpt.has_value()) return 0;
   torch::NoGradGuard ng;
-  const auto w = ckpt->tensors.find(stem_);
-  const auto o = ckpt->tensors.find("optimizer");
-  if (w == ckpt->tensors.end() || o == ckpt->tensors.end())
-    return absl::DataLossError(
-        absl::StrCat(ckpt->dir, ": checkpoint has no ", stem_, " weights or optimizer state"));
+  for (const std::string& stem : stems_) {
+    for (const std::string& group :
+         {stem, OptimizerStem(stem), ema_.empty() ? stem : EmaStem(stem)}) {
+      if (!ckpt->tensors.contains(group))
+        return absl::DataLossError(absl::StrCat(ckpt->dir, ": checkpoint has no ", group,
+                                                " tensors (it was written by another stage?)"));
+    }
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
-    const auto it = w->second.find(names_[i]);
-    if (it == w->second.end() || !it->second.sizes().equals(params_[i].sizes()))
-      return absl::DataLossError(absl::StrCat(ckpt->dir, ": tensor ", names_[i], " missing or ",
-                                              "of the wrong shape (model ",
+    const std::string& stem = stems_[part_[i]];
+    const auto& w = ckpt->tensors.at(stem);
+    const auto& o = ckpt->tensors.at(OptimizerStem(stem));
+    const auto it = w.find(names_[i]);
+    if (it == w.end() || !it->second.sizes().equals(params_[i].sizes()))
+      return absl::DataLossError(absl::StrCat(ckpt->dir, ": ", stem, " tensor ", names_[i],
+                                              " missing or of the wrong shape (model ",
                                               c10::str(params_[i].sizes()), ")"));
+    const auto m = o.find(names_[i] + ".exp_avg"), v = o.find(names_[i] + ".exp_avg_sq");
+    if (m == o.end() || v == o.end())
+      return absl::DataLossError(
+          absl::StrCat(ckpt->dir, ": no optimizer state for ", stem, " tensor ", names_[i]));
     params_[i].copy_(it->second);
     auto st = std::make_unique<torch::optim::AdamWParamState>();
     st->step(ckpt->state.at("adam_step").get<int64_t>());
-    st->exp_avg(o->second.at(names_[i] + ".exp_avg").to(params_[i].device()).clone());
-    st->exp_avg_sq(o->second.at(names_[i] + ".exp_avg_sq").to(params_[i].device()).clone());
+    st->exp_avg(m->second.to(params_[i].device()).clone());
+    st->exp_avg_sq(v->second.to(params_[i].device()).clone());
     opt_->state()[params_[i].unsafeGetTensorImpl()] = std::move(st);
-    if (!ema_.empty()) ema_[i].copy_(ckpt->tensors.at("ema").at(names_[i]));
+    if (!ema_.empty()) ema_[i].copy_(ckpt->tensors.at(EmaStem(stem)).at(names_[i]));
   }
   return ckpt->state.at("step").get<int64_t>();
 }
@@ -78,31 +101,35 @@ absl::Status ParamTrainer::Save(const std::string& checkpoint_dir, int64_t step,
   TrainingCheckpoint c;
   c.step = step;
   int64_t adam_step = 0;
-  safetensors::TensorMap w, o, e;
+  for (const std::string& stem : stems_) {
+    c.tensors[stem];
+    c.tensors[OptimizerStem(stem)];
+    if (!ema_.empty()) c.tensors[EmaStem(stem)];
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
-    w[names_[i]] = params_[i].detach().cpu();
+    const std::string& stem = stems_[part_[i]];
+    c.tensors[stem][names_[i]] = params_[i].detach().cpu();
     auto it = opt_->state().find(params_[i].unsafeGetTensorImpl());
     if (it != opt_->state().end()) {
       auto& st = static_cast<torch::optim::AdamWParamState&>(*it->second);
-      o[names_[i] + ".exp_avg"] = st.exp_avg().cpu();
-      o[names_[i] + ".exp_avg_sq"] = st.exp_avg_sq().cpu();
+      c.tensors[OptimizerStem(stem)][names_[i] + ".exp_avg"] = st.exp_avg().cpu();
+      c.tensors[OptimizerStem(stem)][names_[i] + ".exp_avg_sq"] = st.exp_avg_sq().cpu();
       adam_step = st.step();
     }
-    if (!ema_.empty()) e[names_[i]] = ema_[i].cpu();
+    if (!ema_.empty()) c.tensors[EmaStem(stem)][names_[i]] = ema_[i].cpu();
   }
-  c.tensors[stem_] = std::move(w);
-  c.tensors["optimizer"] = std::move(o);
-  if (!ema_.empty()) c.tensors["ema"] = std::move(e);
   c.state = extra;
   c.state["step"] = step;
   c.state["adam_step"] = adam_step;
   return WriteCheckpoint(checkpoint_dir, c);
 }
 
-safetensors::TensorMap ParamTrainer::Weights() const {
+safetensors::TensorMap ParamTrainer::Weights(const std::string& stem) const {
   safetensors::TensorMap out;
-  for (size_t i = 0; i < params_.size(); ++i)
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (stems_[part_[i]] != stem) continue;
     out[names_[i]] = (ema_.empty() ? params_[i] : ema_[i]).detach().cpu().contiguous();
+  }
   return out;
 }
 
@@ -111,6 +138,17 @@ int64_t ParamTrainer::CheckpointBytes() const {
   for (const auto& p : params_)
     n += (ema_.empty() ? 3 : 4) * p.numel() * static_cast<int64_t>(p.element_size());
   return n;
+}
+
+double LearningRate(const LoopOptions& o, int64_t step) {
+  if (o.warmup_steps > 0 && step < o.warmup_steps)
+    return o.lr * static_cast<double>(step + 1) / static_cast<double>(o.warmup_steps);
+  if (o.schedule == "constant") return o.lr;
+  // Fraction of the post-warm-up steps done, as diffusers' get_scheduler counts them.
+  const double span = static_cast<double>(std::max<int64_t>(1, o.total_steps - o.warmup_steps));
+  const double done = std::clamp(static_cast<double>(step - o.warmup_steps) / span, 0.0, 1.0);
+  if (o.schedule == "linear") return o.lr * (1.0 - done);
+  return o.lr * 0.5 * (1.0 + std::cos(M_PI * done));  // cosine
 }
 
 absl::Status RunTrainingLoop(
@@ -122,11 +160,7 @@ absl::Status RunTrainingLoop(
     ASSIGN_OR_RETURN(Batch batch, loader.Next());
     ASSIGN_OR_RETURN(torch::Tensor loss, loss_fn(step, batch));
     loss.backward();
-    const double lr = o.warmup_steps > 0
-                          ? o.lr * std::min(1.0, static_cast<double>(step + 1) /
-                                                     static_cast<double>(o.warmup_steps))
-                          : o.lr;
-    trainer.Step(lr, o.max_grad_norm, ctx.all_reduce_mean);
+    trainer.Step(LearningRate(o, step), o.max_grad_norm, ctx.all_reduce_mean);
     StageProgress pr;
     pr.step = step + 1;
     pr.total_steps = o.total_steps;
@@ -176,15 +210,14 @@ LoaderOptions MakeLoaderOptions(const StageContext& ctx, int64_t resolution, int
   return o;
 }
 
-absl::Status WriteModelWithComponent(const std::string& input, const std::string& out,
-                                     const std::string& component, const nlohmann::json& config,
-                                     const safetensors::TensorMap& weights) {
+absl::Status WriteModelWithComponents(const std::string& input, const std::string& out,
+                                      const std::map<std::string, ComponentWeights>& replaced) {
   const fs::path in(input), dst(out);
   std::error_code ec;
   fs::create_directories(dst, ec);
   for (const auto& e : fs::directory_iterator(in, ec)) {
     const std::string name = e.path().filename().string();
-    if (name == component) continue;
+    if (replaced.contains(name)) continue;
     fs::copy(e.path(), dst / name,
              fs::copy_options::recursive | fs::copy_options::overwrite_existing, ec);
     if (ec)
@@ -192,13 +225,24 @@ absl::Status WriteModelWithComponent(const std::string& input, const std::string
           absl::StrCat("cannot copy ", e.path().string(), " to ", out, ": ", ec.message()));
   }
   if (ec) return absl::InternalError(absl::StrCat("cannot read ", input, ": ", ec.message()));
-  fs::create_directories(dst / component, ec);
-  RETURN_IF_ERROR(WriteFileAtomic((dst / component / "config.json").string(), config.dump(2)));
-  return safetensors::Save(
-      (dst / component /
-       (component == "text_encoder" ? "model.safetensors" : "diffusion_pytorch_model.safetensors"))
-          .string(),
-      weights);
+  for (const auto& [component, cw] : replaced) {
+    fs::create_directories(dst / component, ec);
+    RETURN_IF_ERROR(
+        WriteFileAtomic((dst / component / "config.json").string(), cw.config.dump(2)));
+    RETURN_IF_ERROR(safetensors::Save((dst / component /
+                                       (component == "text_encoder"
+                                            ? "model.safetensors"
+                                            : "diffusion_pytorch_model.safetensors"))
+                                          .string(),
+                                      cw.weights));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WriteModelWithComponent(const std::string& input, const std::string& out,
+                                     const std::string& component, const nlohmann::json& config,
+                                     const safetensors::TensorMap& weights) {
+  return WriteModelWithComponents(input, out, {{component, {config, weights}}});
 }
 
 }  // namespace sd::stages

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -17,11 +18,21 @@
 
 namespace sd::stages {
 
+// One trained component: its name in checkpoints and in the model folder
+// ("unet", "text_encoder", "vae") and the module whose trainable parameters it holds.
+struct TrainedPart {
+  std::string stem;
+  const torch::nn::Module* module;
+};
+
 class ParamTrainer {
  public:
-  // `stem` names the weights file in checkpoints ("unet", "vae", ...).
-  ParamTrainer(std::string stem, const torch::nn::Module& module, double lr, double weight_decay,
+  // One AdamW over every trainable parameter of `parts` (one learning rate).
+  ParamTrainer(std::vector<TrainedPart> parts, double lr, double weight_decay,
                std::optional<double> ema_decay);
+  ParamTrainer(std::string stem, const torch::nn::Module& module, double lr, double weight_decay,
+               std::optional<double> ema_decay)
+      : ParamTrainer({{std::move(stem), &module}}, lr, weight_decay, ema_decay) {}
 
   // Restores from the newest valid checkpoint in ctx.checkpoint_dir; returns the
   // step to start from (0 when there is none).
@@ -30,12 +41,16 @@ class ParamTrainer {
   void Step(double lr, double max_grad_norm,
             const std::function<void(std::vector<torch::Tensor>&)>& all_reduce_mean);
   absl::Status Save(const std::string& checkpoint_dir, int64_t step, const nlohmann::json& extra);
-  // The trained weights (the EMA when one is kept), on the CPU.
-  safetensors::TensorMap Weights() const;
+  // The trained weights of part `stem` (the EMA when one is kept), on the CPU.
+  safetensors::TensorMap Weights(const std::string& stem) const;
+  // The first (or only) part's.
+  safetensors::TensorMap Weights() const { return Weights(stems_.front()); }
   int64_t CheckpointBytes() const;
 
  private:
-  std::string stem_;
+  std::vector<std::string> stems_;
+  // Per parameter: its part's index into stems_, its name within the part.
+  std::vector<size_t> part_;
   std::vector<std::string> names_;
   std::vector<torch::Tensor> params_, ema_;
   std::optional<double> ema_decay_;
@@ -48,9 +63,13 @@ struct LoopOptions {
   int64_t global_batch = 1;
   double lr = 1e-4;
   int64_t warmup_steps = 0;  // linear warm-up from lr/warmup to lr
+  std::string schedule = "constant";  // after warm-up: constant, cosine or linear decay to 0
   double max_grad_norm = 1.0;
   int64_t seed = 0;
 };
+
+// The learning rate of `step` (0-based) under o's warm-up and schedule.
+double LearningRate(const LoopOptions& o, int64_t step);
 
 // Runs steps [start_step, total_steps): takes the step's batch from `loader`,
 // loss_fn(step, batch) computes the local loss, then the trainer steps;
@@ -68,8 +87,14 @@ absl::StatusOr<std::string> InputModel(const StageContext& ctx);
 LoaderOptions MakeLoaderOptions(const StageContext& ctx, int64_t resolution, int64_t local_batch,
                                 double caption_dropout);
 
+struct ComponentWeights {
+  nlohmann::json config;
+  safetensors::TensorMap weights;
+};
 // Writes a diffusers folder into `out`: every component of `input` copied, then
-// `component` replaced by `config` + `weights`.
+// each component named in `replaced` written from its config and weights.
+absl::Status WriteModelWithComponents(const std::string& input, const std::string& out,
+                                      const std::map<std::string, ComponentWeights>& replaced);
 absl::Status WriteModelWithComponent(const std::string& input, const std::string& out,
                                      const std::string& component, const nlohmann::json& config,
                                      const safetensors::TensorMap& weights);

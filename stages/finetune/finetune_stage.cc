@@ -3,6 +3,9 @@
 #include <ATen/autocast_mode.h>
 
 #include <filesystem>
+#include <map>
+#include <optional>
+#include <unordered_map>
 
 #include "absl/strings/str_cat.h"
 #include "sd/data/dataset.h"
@@ -18,6 +21,43 @@
 
 namespace sd::stages {
 namespace fs = std::filesystem;
+
+namespace {
+// The VAE is frozen here, so an image's posterior (mean, std) never changes: with
+// a deterministic transform each image is encoded once, the first time a step
+// draws it, and later epochs skip the encoder.
+class PosteriorCache {
+ public:
+  explicit PosteriorCache(bool enabled) : enabled_(enabled) {}
+
+  std::pair<torch::Tensor, torch::Tensor> Posterior(AutoencoderKL& vae, const Batch& batch,
+                                                    const torch::Device& device) {
+    if (!enabled_) {
+      const auto post = vae->encode(batch.pixels.to(device));
+      return {post.mean, post.std()};
+    }
+    // One image at a time: a posterior must not depend on which other images
+    // shared its first batch, or a resumed run (cache empty again) would differ
+    // from an uninterrupted one in the last bits.
+    for (size_t j = 0; j < batch.indices.size(); ++j) {
+      if (cache_.contains(batch.indices[j])) continue;
+      const auto post = vae->encode(batch.pixels.slice(0, j, j + 1).to(device));
+      cache_[batch.indices[j]] = {post.mean[0].clone(), post.std()[0].clone()};
+    }
+    std::vector<torch::Tensor> means, stds;
+    for (const int64_t index : batch.indices) {
+      const auto& [m, s] = cache_.at(index);
+      means.push_back(m);
+      stds.push_back(s);
+    }
+    return {torch::stack(means), torch::stack(stds)};
+  }
+
+ private:
+  bool enabled_;
+  std::unordered_map<int64_t, std::pair<torch::Tensor, torch::Tensor>> cache_;
+};
+}  // namespace
 
 absl::Status FinetuneStage::Validate(const JobSpec& job) const {
   return RequireDataset(job, name());
@@ -43,14 +83,24 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   text_encoder->to(ctx.device);
   vae->to(ctx.device);
   unet->to(ctx.device);
-  text_encoder->eval();
   vae->eval();
   unet->train();
-  for (auto& p : text_encoder->parameters()) p.requires_grad_(false);
   for (auto& p : vae->parameters()) p.requires_grad_(false);
+  // The text encoder learns with the UNet when asked (a teacher trained from
+  // scratch needs words that mean something); otherwise it stays frozen as in
+  // diffusers' train_text_to_image.
+  const bool train_te = job.finetune_text_encoder;
+  if (train_te) {
+    text_encoder->train();
+  } else {
+    text_encoder->eval();
+    for (auto& p : text_encoder->parameters()) p.requires_grad_(false);
+  }
+  std::vector<TrainedPart> parts = {{"unet", unet.get()}};
+  if (train_te) parts.push_back({"text_encoder", text_encoder.get()});
 
   ParamTrainer trainer(
-      "unet", *unet, job.finetune_lr, 1e-2,
+      parts, job.finetune_lr, 1e-2,
       job.finetune_ema ? std::optional<double>(job.finetune_ema_decay >= 0 ? job.finetune_ema_decay
                                                                            : job.ema_decay)
                        : std::nullopt);
@@ -61,6 +111,7 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   lo.lr = job.finetune_lr;
   lo.warmup_steps =
       job.lr_warmup_steps >= 0 ? job.lr_warmup_steps : std::min<int64_t>(500, lo.total_steps / 10);
+  lo.schedule = job.finetune_lr_scheduler;
   lo.max_grad_norm = job.max_grad_norm;
   lo.seed = job.seed;
 
@@ -68,6 +119,7 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
       MakeLoaderOptions(ctx, resolution, job.batch_size, job.caption_dropout);
   DataLoader loader(data, opts, lo.start_step);
   const int64_t T = scheduler->config().num_train_timesteps;
+  PosteriorCache cache(job.finetune_cache_latents);
 
   auto loss_fn = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
     const int64_t b = batch.pixels.size(0);
@@ -79,19 +131,23 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
       gens.push_back(SampleGenerator(job.seed, step, g));
       timesteps.push_back(torch::randint(0, T, {1}, gens.back(), torch::kLong).item<int64_t>());
     }
-    torch::Tensor latents, context, noise;
+    torch::Tensor latents, noise;
     {
       torch::NoGradGuard ng;
-      const auto post = vae->encode(batch.pixels.to(ctx.device));
-      const auto std = post.std();
+      const auto [mean, std] = cache.Posterior(vae, batch, ctx.device);
       std::vector<torch::Tensor> lat, noises;
       for (int64_t j = 0; j < b; ++j) {
-        auto eps_post = at::randn(post.mean[j].sizes(), gens[j], torch::kFloat32).to(ctx.device);
-        noises.push_back(at::randn(post.mean[j].sizes(), gens[j], torch::kFloat32).to(ctx.device));
-        lat.push_back(post.mean[j] + std[j] * eps_post);
+        auto eps_post = at::randn(mean[j].sizes(), gens[j], torch::kFloat32).to(ctx.device);
+        noises.push_back(at::randn(mean[j].sizes(), gens[j], torch::kFloat32).to(ctx.device));
+        lat.push_back(mean[j] + std[j] * eps_post);
       }
       latents = torch::stack(lat) * vae->config().scaling_factor;
       noise = torch::stack(noises);
+    }
+    torch::Tensor context;
+    {
+      std::optional<torch::NoGradGuard> ng;
+      if (!train_te) ng.emplace();
       context = text_encoder->forward(tokenizer.Tokenize(batch.captions).to(ctx.device))
                     .last_hidden_state;
     }
@@ -111,8 +167,15 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   };
   RETURN_IF_ERROR(RunTrainingLoop(ctx, trainer, loader, lo, loss_fn));
   if (ctx.rank != 0) return absl::OkStatus();
-  return WriteModelWithComponent(model.string(), ctx.output_dir, "unet", unet->config().ToJson(),
-                                 trainer.Weights());
+  std::map<std::string, ComponentWeights> out = {
+      {"unet", {unet->config().ToJson(), trainer.Weights("unet")}}};
+  if (train_te) {
+    // Its config is unchanged: keep the file as transformers wrote it.
+    ASSIGN_OR_RETURN(JsonConfig te_json,
+                     JsonConfig::Load((model / "text_encoder" / "config.json").string()));
+    out["text_encoder"] = {te_json.json(), trainer.Weights("text_encoder")};
+  }
+  return WriteModelWithComponents(model.string(), ctx.output_dir, out);
 }
 
 }  // namespace sd::stages

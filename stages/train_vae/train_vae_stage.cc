@@ -50,6 +50,7 @@ absl::Status TrainVaeStage::Run(StageContext& ctx) {
   lo.global_batch = local_batch * ctx.world_size;
   lo.lr = job.vae_lr;
   lo.warmup_steps = std::min<int64_t>(100, lo.total_steps / 10);
+  lo.schedule = job.vae_lr_scheduler;
   lo.max_grad_norm = job.max_grad_norm;
   lo.seed = job.seed;
 

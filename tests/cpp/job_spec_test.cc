@@ -112,5 +112,28 @@ TEST(JobSpecTest, TeacherStagesDataAndTheirKeys) {
             std::string::npos);
 }
 
+TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
+  auto s = ParseJobSpec(
+      "model: /m\nstages: [finetune]\ntrain_vae: {lr_scheduler: linear}\nfinetune: "
+      "{lr_scheduler: cosine, train_text_encoder: true, cache_latents: true}\n",
+      "job.yaml");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->vae_lr_scheduler, "linear");
+  EXPECT_EQ(s->finetune_lr_scheduler, "cosine");
+  EXPECT_TRUE(s->finetune_text_encoder);
+  EXPECT_TRUE(s->finetune_cache_latents);
+  EXPECT_EQ(ParseJobSpec("model: /m\nstages: [finetune]\n", "job.yaml")->finetune_lr_scheduler,
+            "constant");
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  lr_scheduler: cosin\n")
+                .find("job.yaml:4: key \"finetune.lr_scheduler\" must be constant, cosine or "
+                      "linear, got \"cosin\" (did you mean \"cosine\"?)"),
+            std::string::npos);
+  // One cached latent per image cannot stand for random crops or flips.
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\ndata: {random_flip: true}\nfinetune:\n  "
+                "cache_latents: true\n")
+                .find("job.yaml:5: key \"finetune.cache_latents\" needs a deterministic transform"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace sd

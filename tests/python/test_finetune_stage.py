@@ -143,3 +143,50 @@ def test_two_gloo_workers_match_one_worker_with_double_batch(tiny_sd, tmp_path):
     # shows up in proportion to lr: hence the default-sized lr here.)
     teacher = load_file(os.path.join(model_dir, "unet", "diffusion_pytorch_model.safetensors"))
     assert max(float(np.abs(a[k] - teacher[k]).max()) for k in a) > 5e-5
+
+
+def test_text_encoder_trains_with_the_unet_and_cached_latents_resume(tiny_sd, tmp_path):
+    """train_text_encoder: both components learn, are checkpointed and resume exactly;
+    cache_latents + cosine schedule on the same run."""
+    from transformers import CLIPTextModel
+
+    model_dir, _ = tiny_sd
+    data = make_dataset(str(tmp_path / "data"))
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""model: {model_dir}
+dataset: {data}
+seed: 5
+batch_size: 2
+checkpoint_interval: 2
+stages: [finetune]
+finetune:
+  steps: 6
+  lr: 1.0e-3
+  lr_scheduler: cosine
+  lr_warmup_steps: 1
+  ema: true
+  train_text_encoder: true
+  cache_latents: true
+""")
+    full = str(tmp_path / "full")
+    run_stage(str(job), str(tmp_path / "ckpt_full"), full)
+    def te(d):
+        # SD1.5's files say "text_model.embeddings...", transformers 5 saves "embeddings...".
+        w = load_file(os.path.join(d, "text_encoder", "model.safetensors"))
+        return {k.removeprefix("text_model."): v for k, v in w.items()}
+
+    teacher = te(model_dir)
+    trained = te(full)
+    moved = [k for k in teacher if float(np.abs(trained[k] - teacher[k]).max()) > 1e-6]
+    assert len(moved) > len(teacher) // 2, moved
+    # Still a transformers text encoder, with the config it started from.
+    CLIPTextModel.from_pretrained(os.path.join(full, "text_encoder"))
+
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
+    r = run_stage(str(job), ckpt, out, stop_at=3, check=False)
+    assert r.returncode != 0 and "stopped at step 3" in r.stderr
+    r = run_stage(str(job), ckpt, out)
+    assert "step 3/6" in r.stdout and "step 1/6" not in r.stdout
+    for a, b in ((unet(full), unet(out)), (trained, te(out))):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)

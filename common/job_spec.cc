@@ -252,7 +252,11 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
     RETURN_IF_ERROR(p.Keys(f, "finetune",
                            {"steps", "lr", "lr_scheduler", "ema", "ema_decay", "lr_warmup_steps",
                             "max_grad_norm", "mixed_precision", "train_text_encoder",
-                            "cache_latents"}));
+                            "cache_latents", "foreground_weight"}));
+    RETURN_IF_ERROR(p.Get(f, "foreground_weight", "finetune.foreground_weight",
+                          s.finetune_foreground_weight, "a number"));
+    RETURN_IF_ERROR(p.Range(f, "foreground_weight", "finetune.foreground_weight",
+                            s.finetune_foreground_weight, 0, 1e6));
     RETURN_IF_ERROR(p.LrScheduler(f, "finetune", s.finetune_lr_scheduler));
     RETURN_IF_ERROR(p.Get(f, "train_text_encoder", "finetune.train_text_encoder",
                           s.finetune_text_encoder, "true or false"));

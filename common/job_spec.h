@@ -42,7 +42,8 @@ struct JobSpec {
   double vae_lr = 1e-4;
   int64_t vae_batch_size = 0;  // 0: batch_size
   double vae_kl_weight = 1e-6;
-  double vae_foreground_weight = 0;  // pixel weight 1 + w * |x - image median color|
+  // Pixel weight 1 + w * d / max d, d = |x - the image's median color| (sd/train/foreground_weights.h).
+  double vae_foreground_weight = 0;
   std::string vae_lr_scheduler = "constant";  // after warm-up: constant, cosine or linear
   // Distillation (STEPS, CLIP_DISTILL_STEPS, LR, EMA_DECAY, PROGRESSIVE_STAGES)
   int64_t steps = 800;
@@ -63,6 +64,7 @@ struct JobSpec {
   std::string finetune_lr_scheduler = "constant";  // after warm-up: constant, cosine or linear
   bool finetune_text_encoder = false;  // train the text encoder with the UNet
   bool finetune_cache_latents = false;  // encode each image once (needs a deterministic transform)
+  double finetune_foreground_weight = 0;  // latent weight 1 + w * d / max d, as train_vae's
   double max_grad_norm = 1.0;
   std::string mixed_precision = "no";  // "no" or "bf16" (autocast on CUDA; fp32 master weights)
   // Optimization and quantization (TOME_RATIO, INT8_CALIBRATION_SAMPLES)

@@ -152,6 +152,7 @@ void CoordinatorCore::ApplyLocked(const std::vector<Action>& actions) {
     p.job_id = t->job_id;
     p.stage = stage;
     p.rendezvous = t->rendezvous;
+    p.backend = t->backend;
     p.job_yaml = j->yaml;
     p.rank = a.rank;
     p.world_size = static_cast<int64_t>(t->workers.size());

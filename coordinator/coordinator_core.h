@@ -16,7 +16,7 @@
 namespace sd::coord {
 
 struct PendingTask {
-  std::string task_id, job_id, stage, rendezvous, job_yaml, checkpoint_dir, output_dir,
+  std::string task_id, job_id, stage, rendezvous, backend, job_yaml, checkpoint_dir, output_dir,
       input_model;
   int64_t rank = 0, world_size = 1;
 };

@@ -127,7 +127,7 @@ grpc::Status WorkerServiceImpl::PollTask(grpc::ServerContext*, const sd::v1::Pol
   task->set_checkpoint_dir(t->checkpoint_dir);
   task->set_output_dir(t->output_dir);
   task->set_input_model(t->input_model);
-  task->set_backend("gloo");
+  task->set_backend(t->backend);
   return grpc::Status::OK;
 }
 

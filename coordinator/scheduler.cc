@@ -259,6 +259,14 @@ std::vector<Action> Scheduler::Tick(double now) {
     // A fresh port per attempt: a dead rank 0's TCPStore may still hold the old one.
     t.rendezvous =
         absl::StrCat(opt_.rendezvous_host, ":", opt_.rendezvous_base_port + (next_port_++ % 1000));
+    // NCCL needs a GPU on every rank; Gloo runs anywhere (CUDA tensors too).
+    t.backend = std::all_of(t.workers.begin(), t.workers.end(),
+                            [this](const std::string& w) {
+                              const WorkerRecord& r = workers_.at(w);
+                              return r.device == "cuda" && r.device_count > 0;
+                            })
+                    ? "nccl"
+                    : "gloo";
     for (size_t r = 0; r < t.workers.size(); ++r) {
       workers_[t.workers[r]].task = t.id;
       actions.push_back({Action::kStartTask, t.workers[r], t.id, static_cast<int64_t>(r)});

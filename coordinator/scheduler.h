@@ -35,6 +35,7 @@ struct TaskRecord {
   int64_t attempt = 0;
   std::vector<std::string> workers;  // rank i = workers[i]
   std::string rendezvous;            // host:port of the TCPStore rank 0 serves
+  std::string backend;               // c10d backend: "nccl" when every rank is a CUDA worker
   std::vector<bool> done;
 };
 

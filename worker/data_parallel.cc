@@ -2,6 +2,9 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef SD_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -9,7 +12,15 @@
 namespace sd::worker {
 
 absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Join(
-    const std::string& address, int64_t rank, int64_t world_size, double timeout_s) {
+    const std::string& address, int64_t rank, int64_t world_size, const std::string& backend,
+    double timeout_s) {
+  if (backend != "gloo" && backend != "nccl")
+    return absl::InvalidArgumentError(
+        absl::StrCat("c10d backend must be gloo or nccl, got \"", backend, "\""));
+  if (backend == "nccl" && !NcclAvailable())
+    return absl::FailedPreconditionError(
+        "the coordinator chose NCCL but this worker was built without it (LibTorch without "
+        "CUDA/NCCL) or sees no GPU");
   const auto colon = address.rfind(':');
   int port = 0;
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port)) {
@@ -28,10 +39,19 @@ absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Join(
     opts.waitWorkers = true;
     opts.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
     g->store_ = c10::make_intrusive<c10d::TCPStore>(host, opts);
-    auto pg_opts = c10d::ProcessGroupGloo::Options::create(opts.timeout);
-    pg_opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
-    g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, static_cast<int>(rank),
-                                                         static_cast<int>(world_size), pg_opts);
+    if (backend == "nccl") {
+#ifdef SD_WITH_NCCL
+      auto pg_opts = c10d::ProcessGroupNCCL::Options::create();
+      pg_opts->timeout = opts.timeout;
+      g->pg_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(g->store_, static_cast<int>(rank),
+                                                           static_cast<int>(world_size), pg_opts);
+#endif
+    } else {
+      auto pg_opts = c10d::ProcessGroupGloo::Options::create(opts.timeout);
+      pg_opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+      g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, static_cast<int>(rank),
+                                                           static_cast<int>(world_size), pg_opts);
+    }
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("rendezvous at ", address, " as rank ", rank, "/",
                                                world_size, " failed: ", e.what()));
@@ -40,6 +60,14 @@ absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Join(
 }
 
 DataParallelGroup::~DataParallelGroup() = default;
+
+bool DataParallelGroup::NcclAvailable() {
+#ifdef SD_WITH_NCCL
+  return torch::cuda::is_available();
+#else
+  return false;
+#endif
+}
 
 void DataParallelGroup::AllReduceMean(std::vector<torch::Tensor>& grads, size_t bucket_bytes) {
   if (world_size_ == 1) return;

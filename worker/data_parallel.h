@@ -1,7 +1,8 @@
 #pragma once
 // A c10d process group for one data-parallel stage: TCPStore rendezvous (rank 0
-// serves it at the address the coordinator hands out), Gloo on CPU. Gradients
-// are averaged in flat buckets so a many-tensor model needs few collectives.
+// serves it at the address the coordinator hands out), Gloo on CPU, NCCL when
+// the coordinator found a GPU on every rank. Gradients are averaged in flat
+// buckets so a many-tensor model needs few collectives.
 #include <torch/torch.h>
 
 #include <memory>
@@ -19,10 +20,14 @@ namespace sd::worker {
 
 class DataParallelGroup {
  public:
-  // address: "host:port". Blocks until all `world_size` ranks have joined.
+  // address: "host:port"; backend: "gloo" or "nccl" (tensors then live on this
+  // rank's current CUDA device). Blocks until all `world_size` ranks have joined.
   static absl::StatusOr<std::unique_ptr<DataParallelGroup>> Join(const std::string& address,
                                                                  int64_t rank, int64_t world_size,
+                                                                 const std::string& backend = "gloo",
                                                                  double timeout_s = 120);
+  // Whether this build can form NCCL groups (LibTorch with CUDA and c10d NCCL).
+  static bool NcclAvailable();
   ~DataParallelGroup();
 
   // grads[i] /= world_size after summing across ranks; undefined tensors are skipped.

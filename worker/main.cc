@@ -83,14 +83,15 @@ class Worker {
     ctx.output_dir = task.output_dir;
     ctx.input_model = task.input_model.empty() ? job.model : task.input_model;
     if (torch::cuda::is_available()) {
-      // One GPU per rank on multi-GPU hosts; Gloo all-reduces CUDA tensors too.
+      // One GPU per rank on multi-GPU hosts (NCCL wants its rank's device current).
       ctx.device =
           torch::Device(torch::kCUDA, static_cast<int>(task.rank % torch::cuda::device_count()));
     }
     std::unique_ptr<sd::worker::DataParallelGroup> group;
     if (ctx.world_size > 1) {
       ASSIGN_OR_RETURN(
-          group, sd::worker::DataParallelGroup::Join(task.rendezvous, ctx.rank, ctx.world_size));
+          group, sd::worker::DataParallelGroup::Join(task.rendezvous, ctx.rank, ctx.world_size,
+                                                     task.backend.empty() ? "gloo" : task.backend));
       ctx.all_reduce_mean = [&group](std::vector<torch::Tensor>& g) { group->AllReduceMean(g); };
     }
     ctx.should_stop = [this](int64_t) { return abort_.load(); };

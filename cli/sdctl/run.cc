@@ -2,14 +2,15 @@
 // as child processes, submits the job, shows live progress, tears everything down
 // and exits non-zero when the job did not succeed.
 #include <netinet/in.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <csignal>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -48,9 +49,14 @@ int FreePort() {
 }
 
 pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
+  const pid_t parent = ::getpid();
   pid_t pid = ::fork();
   if (pid == 0) {
     ::setpgid(0, 0);  // a Ctrl-C in the terminal goes to sdctl, which tears down in order
+    // If sdctl itself is killed (SIGKILL, a CI timeout), the daemons go with it
+    // instead of training on, unowned, in the background.
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) std::_Exit(1);
     FILE* f = std::fopen(log.c_str(), "a");
     if (f != nullptr) {
       ::dup2(fileno(f), STDOUT_FILENO);
@@ -124,6 +130,7 @@ absl::Status Run(const std::string& path, int argc, char** argv, int* exit_code)
                          (runs / "logs" / absl::StrCat("worker-", i, ".log")).string()));
   }
   std::signal(SIGINT, OnSigint);
+  std::signal(SIGTERM, OnSigint);  // `timeout`, `kill`: cancel and tear down as for Ctrl-C
   auto client = JobClient::Connect(addr);
   absl::StatusOr<std::string> job = absl::UnavailableError("not submitted");
   for (int i = 0; i < 100 && !job.ok(); ++i) {

@@ -16,6 +16,7 @@
 #include "sd/schedulers/scheduler.h"
 #include "sd/tokenizer/clip_tokenizer.h"
 #include "sd/train/denoising_loss.h"
+#include "sd/train/foreground_weights.h"
 #include "sd/util/status_macros.h"
 #include "stages/training.h"
 
@@ -158,7 +159,10 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
       at::autocast::set_autocast_enabled(at::kCUDA, true);
       at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
     }
-    auto loss = DenoisingLoss(unet, *scheduler, latents, noise, t, context);
+    const torch::Tensor weights = job.finetune_foreground_weight > 0
+                                      ? ForegroundWeights(latents, job.finetune_foreground_weight)
+                                      : torch::Tensor();
+    auto loss = DenoisingLoss(unet, *scheduler, latents, noise, t, context, weights);
     if (autocast) {
       at::autocast::set_autocast_enabled(at::kCUDA, false);
       at::autocast::clear_cache();

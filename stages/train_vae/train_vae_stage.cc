@@ -6,6 +6,7 @@
 #include "sd/data/dataset.h"
 #include "sd/io/json_config.h"
 #include "sd/models/autoencoder_kl.h"
+#include "sd/train/foreground_weights.h"
 #include "sd/util/status_macros.h"
 #include "stages/training.h"
 
@@ -70,14 +71,11 @@ absl::Status TrainVaeStage::Run(StageContext& ctx) {
     const auto recon = vae->decode(z);
     const auto kl =
         0.5 * (post.mean.pow(2) + post.logvar.exp() - 1 - post.logvar).flatten(1).sum(1).mean();
-    // Optional foreground weighting: pixels far from the image's median color
-    // (small objects on a flat background) count up to 1 + w times as much, so
-    // the autoencoder learns them as early as the background.
-    torch::Tensor w = torch::ones({1}, x.options());
-    if (job.vae_foreground_weight > 0) {
-      const auto median = std::get<0>(x.flatten(2).median(2)).unsqueeze(-1).unsqueeze(-1);
-      w = 1 + job.vae_foreground_weight * std::get<0>((x - median).abs().max(1, true));
-    }
+    // Optional foreground weighting (sd/train/foreground_weights.h), so the
+    // autoencoder learns small objects as early as the background.
+    const torch::Tensor w = job.vae_foreground_weight > 0
+                                ? ForegroundWeights(x, job.vae_foreground_weight)
+                                : torch::ones({1}, x.options());
     const auto err = recon - x;
     return (w * err.abs()).mean() + (w * err.pow(2)).mean() + job.vae_kl_weight * kl;
   };

@@ -39,6 +39,26 @@ TEST(SchedulerStateTest, StageWaitsForEnoughWorkersThenStartsAllRanks) {
   const TaskRecord* t = s.task(actions[0].task);
   ASSERT_NE(t, nullptr);
   EXPECT_EQ(t->rendezvous, "127.0.0.1:29500");
+  EXPECT_EQ(t->backend, "gloo");
+}
+
+TEST(SchedulerStateTest, NcclOnlyWhenEveryRankHasAGpu) {
+  Scheduler s({});
+  const std::string a = s.Submit(Spec(2), 0);
+  s.RegisterWorker("g1", "cuda", 1, 0);
+  s.RegisterWorker("g2", "cuda", 2, 0);
+  auto actions = s.Tick(1);
+  ASSERT_EQ(actions.size(), 2u);
+  EXPECT_EQ(s.task(actions[0].task)->backend, "nccl");
+  // A CPU worker in the group: Gloo for everyone.
+  Scheduler m({});
+  m.Submit(Spec(2), 0);
+  m.RegisterWorker("g1", "cuda", 1, 0);
+  m.RegisterWorker("c1", "cpu", 0, 0);
+  actions = m.Tick(1);
+  ASSERT_EQ(actions.size(), 2u);
+  EXPECT_EQ(m.task(actions[0].task)->backend, "gloo");
+  (void)a;
 }
 
 TEST(SchedulerStateTest, JobSucceedsWhenEveryRankCompletes) {

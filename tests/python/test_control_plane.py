@@ -261,6 +261,39 @@ def test_sdctl_run_embedded(tiny_sd, tmp_path):
     assert "FAILED" in r.stdout and f"dataset {tmp_path / 'nowhere'} does not exist" in r.stderr
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_sdctl_run_killed_takes_its_daemons_down(tiny_sd, tmp_path, sig):
+    """A killed `sdctl run` (a CI timeout, `kill`, even SIGKILL) leaves no coordinator
+    or worker training on in the background."""
+    path = write_job(tmp_path, tiny_sd[0], steps=100000, workers=1, interval=1000)
+    runs = tmp_path / "out" / "runs"
+    with open(path, "a") as f:
+        f.write(f"output: {tmp_path / 'out'}\n")
+    p = subprocess.Popen([os.path.join(BIN, "sdctl"), "run", path], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(runs / "logs" / "worker-0.log") or "finetune" not in open(
+            runs / "logs" / "worker-0.log").read():
+        assert time.time() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else "no start"
+        time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2  # the coordinator and the worker, training
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "\nState:\tZ" not in f.read()  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    p.send_signal(sig)
+    p.wait(timeout=60)
+    deadline = time.time() + 30
+    while any(running(c) for c in children) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [c for c in children if running(c)], "daemons still running after sdctl was killed"
+
+
 def test_every_daemon_serves_grpc_health(cluster):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

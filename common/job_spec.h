@@ -42,7 +42,8 @@ struct JobSpec {
   double vae_lr = 1e-4;
   int64_t vae_batch_size = 0;  // 0: batch_size
   double vae_kl_weight = 1e-6;
-  // Pixel weight 1 + w * d / max d, d = |x - the image's median color| (sd/train/foreground_weights.h).
+  // Pixel weight 1 + w * d / max d, d = |x - the image's median color|
+  // (sd/train/foreground_weights.h).
   double vae_foreground_weight = 0;
   std::string vae_lr_scheduler = "constant";  // after warm-up: constant, cosine or linear
   // Distillation (STEPS, CLIP_DISTILL_STEPS, LR, EMA_DECAY, PROGRESSIVE_STAGES)
@@ -58,11 +59,11 @@ struct JobSpec {
   // Fine-tuning (FINETUNE_STEPS, FINETUNE_LR)
   int64_t finetune_steps = 200;
   double finetune_lr = 5e-6;
-  bool finetune_ema = false;       // keep an EMA of the weights
-  double finetune_ema_decay = -1;  // -1: ema_decay
-  int64_t lr_warmup_steps = -1;    // -1: min(500, steps / 10)
+  bool finetune_ema = false;                       // keep an EMA of the weights
+  double finetune_ema_decay = -1;                  // -1: ema_decay
+  int64_t lr_warmup_steps = -1;                    // -1: min(500, steps / 10)
   std::string finetune_lr_scheduler = "constant";  // after warm-up: constant, cosine or linear
-  bool finetune_text_encoder = false;  // train the text encoder with the UNet
+  bool finetune_text_encoder = false;              // train the text encoder with the UNet
   bool finetune_cache_latents = false;  // encode each image once (needs a deterministic transform)
   double finetune_foreground_weight = 0;  // latent weight 1 + w * d / max d, as train_vae's
   double max_grad_norm = 1.0;

@@ -160,8 +160,8 @@ void CoordinatorCore::ApplyLocked(const std::vector<Action>& actions) {
     p.checkpoint_dir = (root / "checkpoints" / stage).string();
     p.output_dir = (root / stage).string();
     // Stages chain: each starts from the model the previous one wrote.
-    p.input_model = t->stage == 0 ? j->spec.model
-                                  : (root / j->stages[t->stage - 1].spec.name).string();
+    p.input_model =
+        t->stage == 0 ? j->spec.model : (root / j->stages[t->stage - 1].spec.name).string();
     to_start_[a.worker] = p;
   }
 }

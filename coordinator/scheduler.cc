@@ -49,7 +49,11 @@ std::string Scheduler::Submit(const JobSpec& spec, double now, const std::string
   job.id = absl::StrFormat("job-%06d", next_job_++);
   job.yaml = yaml;
   job.spec = spec;
-  for (const auto& st : spec.stages) job.stages.push_back(StageRecord{st});
+  for (const auto& st : spec.stages) {
+    StageRecord r;
+    r.spec = st;
+    job.stages.push_back(std::move(r));
+  }
   Event(job, now, absl::StrCat("submitted with ", job.stages.size(), " stage(s)"));
   std::string id = job.id;
   jobs_[id] = std::move(job);

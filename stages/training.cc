@@ -13,7 +13,7 @@
 namespace sd::stages {
 namespace fs = std::filesystem;
 
-ParamTrainer::ParamTrainer(std::vector<TrainedPart> parts, double lr, double weight_decay,
+ParamTrainer::ParamTrainer(const std::vector<TrainedPart>& parts, double lr, double weight_decay,
                            std::optional<double> ema_decay)
     : ema_decay_(ema_decay) {
   for (const TrainedPart& part : parts) {
@@ -227,14 +227,13 @@ absl::Status WriteModelWithComponents(const std::string& input, const std::strin
   if (ec) return absl::InternalError(absl::StrCat("cannot read ", input, ": ", ec.message()));
   for (const auto& [component, cw] : replaced) {
     fs::create_directories(dst / component, ec);
+    RETURN_IF_ERROR(WriteFileAtomic((dst / component / "config.json").string(), cw.config.dump(2)));
     RETURN_IF_ERROR(
-        WriteFileAtomic((dst / component / "config.json").string(), cw.config.dump(2)));
-    RETURN_IF_ERROR(safetensors::Save((dst / component /
-                                       (component == "text_encoder"
-                                            ? "model.safetensors"
-                                            : "diffusion_pytorch_model.safetensors"))
-                                          .string(),
-                                      cw.weights));
+        safetensors::Save((dst / component /
+                           (component == "text_encoder" ? "model.safetensors"
+                                                        : "diffusion_pytorch_model.safetensors"))
+                              .string(),
+                          cw.weights));
   }
   return absl::OkStatus();
 }

@@ -28,7 +28,7 @@ struct TrainedPart {
 class ParamTrainer {
  public:
   // One AdamW over every trainable parameter of `parts` (one learning rate).
-  ParamTrainer(std::vector<TrainedPart> parts, double lr, double weight_decay,
+  ParamTrainer(const std::vector<TrainedPart>& parts, double lr, double weight_decay,
                std::optional<double> ema_decay);
   ParamTrainer(std::string stem, const torch::nn::Module& module, double lr, double weight_decay,
                std::optional<double> ema_decay)
@@ -62,7 +62,7 @@ struct LoopOptions {
   int64_t total_steps = 0;
   int64_t global_batch = 1;
   double lr = 1e-4;
-  int64_t warmup_steps = 0;  // linear warm-up from lr/warmup to lr
+  int64_t warmup_steps = 0;           // linear warm-up from lr/warmup to lr
   std::string schedule = "constant";  // after warm-up: constant, cosine or linear decay to 0
   double max_grad_norm = 1.0;
   int64_t seed = 0;

@@ -83,6 +83,7 @@ void DataParallelGroup::AllReduceMean(std::vector<torch::Tensor>& grads, size_t 
     }
     if (members.empty()) continue;
     std::vector<torch::Tensor> flat_parts;
+    flat_parts.reserve(members.size());
     for (size_t m : members) flat_parts.push_back(grads[m].reshape(-1));
     std::vector<torch::Tensor> bucket{torch::cat(flat_parts)};
     pg_->allreduce(bucket)->wait();

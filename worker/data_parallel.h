@@ -22,10 +22,9 @@ class DataParallelGroup {
  public:
   // address: "host:port"; backend: "gloo" or "nccl" (tensors then live on this
   // rank's current CUDA device). Blocks until all `world_size` ranks have joined.
-  static absl::StatusOr<std::unique_ptr<DataParallelGroup>> Join(const std::string& address,
-                                                                 int64_t rank, int64_t world_size,
-                                                                 const std::string& backend = "gloo",
-                                                                 double timeout_s = 120);
+  static absl::StatusOr<std::unique_ptr<DataParallelGroup>> Join(
+      const std::string& address, int64_t rank, int64_t world_size,
+      const std::string& backend = "gloo", double timeout_s = 120);
   // Whether this build can form NCCL groups (LibTorch with CUDA and c10d NCCL).
   static bool NcclAvailable();
   ~DataParallelGroup();

@@ -104,9 +104,10 @@ class Worker {
                          "Global samples per second seen by this rank.", l, p.samples_per_s);
       metrics_->HistogramObserve("sd_worker_step_seconds", "Step time on this worker.",
                                  {{"stage", task.stage}}, p.step_time_s);
-      metrics_->CounterAdd("sd_worker_data_wait_seconds_total",
-                           "Time training steps waited for their batch (0 while prefetch keeps up).",
-                           {{"stage", task.stage}}, p.data_wait_s);
+      metrics_->CounterAdd(
+          "sd_worker_data_wait_seconds_total",
+          "Time training steps waited for their batch (0 while prefetch keeps up).",
+          {{"stage", task.stage}}, p.data_wait_s);
       if (p.checkpointed) {
         metrics_->CounterAdd("sd_checkpoints_written_total", "Checkpoints written by this worker.",
                              {{"stage", task.stage}});

@@ -17,5 +17,4 @@ torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& schedul
                             const torch::Tensor& encoder_hidden_states,
                             const torch::Tensor& weights = {});
 
-
 }  // namespace sd

@@ -8,9 +8,9 @@ namespace {
 TEST(ForegroundWeightsTest, ObjectCountsUpToOnePlusWBackgroundOne) {
   // Two images: a bright 2x2 object on a flat background, and a faint one.
   auto x = torch::full({2, 3, 8, 8}, -0.5);
-  x.index_put_({0, torch::indexing::Slice(), torch::indexing::Slice(2, 4),
-                torch::indexing::Slice(5, 7)},
-               0.9);
+  x.index_put_(
+      {0, torch::indexing::Slice(), torch::indexing::Slice(2, 4), torch::indexing::Slice(5, 7)},
+      0.9);
   x.index_put_({1, 0, 6, 1}, -0.4);
   const auto w = ForegroundWeights(x, 10);
   ASSERT_EQ(w.sizes(), (std::vector<int64_t>{2, 1, 8, 8}));

@@ -229,19 +229,13 @@ absl::Status WriteModelWithComponents(const std::string& input, const std::strin
     fs::create_directories(dst / component, ec);
     RETURN_IF_ERROR(WriteFileAtomic((dst / component / "config.json").string(), cw.config.dump(2)));
     RETURN_IF_ERROR(
-        safetensors::Save((dst / component /
-                           (component == "text_encoder" ? "model.safetensors"
-                                                        : "diffusion_pytorch_model.safetensors"))
-                              .string(),
-                          cw.weights));
+        safetensors::Save((dst / component / WeightsFileName(component)).string(), cw.weights));
   }
   return absl::OkStatus();
 }
 
-absl::Status WriteModelWithComponent(const std::string& input, const std::string& out,
-                                     const std::string& component, const nlohmann::json& config,
-                                     const safetensors::TensorMap& weights) {
-  return WriteModelWithComponents(input, out, {{component, {config, weights}}});
+std::string WeightsFileName(const std::string& component) {
+  return component == "text_encoder" ? "model.safetensors" : "diffusion_pytorch_model.safetensors";
 }
 
 }  // namespace sd::stages

@@ -43,8 +43,6 @@ class ParamTrainer {
   absl::Status Save(const std::string& checkpoint_dir, int64_t step, const nlohmann::json& extra);
   // The trained weights of part `stem` (the EMA when one is kept), on the CPU.
   safetensors::TensorMap Weights(const std::string& stem) const;
-  // The first (or only) part's.
-  safetensors::TensorMap Weights() const { return Weights(stems_.front()); }
   int64_t CheckpointBytes() const;
 
  private:
@@ -95,8 +93,9 @@ struct ComponentWeights {
 // each component named in `replaced` written from its config and weights.
 absl::Status WriteModelWithComponents(const std::string& input, const std::string& out,
                                       const std::map<std::string, ComponentWeights>& replaced);
-absl::Status WriteModelWithComponent(const std::string& input, const std::string& out,
-                                     const std::string& component, const nlohmann::json& config,
-                                     const safetensors::TensorMap& weights);
+
+// The weights file of a diffusers component: transformers' name for the text
+// encoder, diffusers' for the rest.
+std::string WeightsFileName(const std::string& component);
 
 }  // namespace sd::stages

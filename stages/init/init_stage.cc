@@ -12,6 +12,7 @@
 #include "sd/models/unet_2d_condition.h"
 #include "sd/tokenizer/clip_tokenizer.h"
 #include "sd/util/status_macros.h"
+#include "stages/training.h"
 
 namespace sd::stages {
 namespace fs = std::filesystem;
@@ -32,12 +33,11 @@ absl::Status CheckInput(const fs::path& in) {
 }
 
 template <typename Model, typename Config>
-absl::Status WriteRandom(const fs::path& in, const fs::path& out, const std::string& component,
-                         const std::string& weights_file) {
+absl::Status WriteRandom(const fs::path& in, const fs::path& out, const std::string& component) {
   ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load((in / component / "config.json").string()));
   ASSIGN_OR_RETURN(Config cfg, Config::FromJson(json));
   Model m(cfg);
-  return safetensors::Save((out / component / weights_file).string(), StateDict(*m));
+  return safetensors::Save((out / component / WeightsFileName(component)).string(), StateDict(*m));
 }
 
 }  // namespace
@@ -84,12 +84,9 @@ absl::Status InitStage::Run(StageContext& ctx) {
         absl::StrCat("cannot copy ", in.string(), " to ", out.string(), ": ", ec.message()));
   // Every component from one seeded stream, so the same job gives the same model.
   torch::manual_seed(static_cast<uint64_t>(ctx.job.seed));
-  RETURN_IF_ERROR(
-      (WriteRandom<CLIPTextModel, CLIPTextConfig>(in, out, "text_encoder", "model.safetensors")));
-  RETURN_IF_ERROR((WriteRandom<AutoencoderKL, VAEConfig>(in, out, "vae",
-                                                         "diffusion_pytorch_model.safetensors")));
-  RETURN_IF_ERROR((WriteRandom<UNet2DConditionModel, UNetConfig>(
-      in, out, "unet", "diffusion_pytorch_model.safetensors")));
+  RETURN_IF_ERROR((WriteRandom<CLIPTextModel, CLIPTextConfig>(in, out, "text_encoder")));
+  RETURN_IF_ERROR((WriteRandom<AutoencoderKL, VAEConfig>(in, out, "vae")));
+  RETURN_IF_ERROR((WriteRandom<UNet2DConditionModel, UNetConfig>(in, out, "unet")));
   const fs::path tok = out / "tokenizer";
   if (!(fs::exists(tok / "vocab.json") && fs::exists(tok / "merges.txt")) &&
       !fs::exists(tok / "tokenizer.json")) {

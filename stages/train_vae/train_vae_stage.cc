@@ -100,8 +100,8 @@ absl::Status TrainVaeStage::Run(StageContext& ctx) {
     }
     vae->mutable_config().scaling_factor = 1.0 / torch::cat(means).std().item<double>();
   }
-  return WriteModelWithComponent(model.string(), ctx.output_dir, "vae", vae->config().ToJson(),
-                                 trainer.Weights());
+  return WriteModelWithComponents(model.string(), ctx.output_dir,
+                                  {{"vae", {vae->config().ToJson(), trainer.Weights("vae")}}});
 }
 
 }  // namespace sd::stages

@@ -30,14 +30,13 @@ def make_dataset(path, n=6):
     return path
 
 
-@pytest.fixture()
-def job(tiny_sd, tmp_path):
-    model_dir, _ = tiny_sd
+def write_job(tmp_path, model_dir, seed, warmup, finetune_extra=""):
+    """A 6-step finetune job (batch 2, EMA, checkpoints every 2 steps) on make_dataset's images."""
     data = make_dataset(str(tmp_path / "data"))
     path = tmp_path / "job.yaml"
     path.write_text(f"""model: {model_dir}
 dataset: {data}
-seed: 7
+seed: {seed}
 batch_size: 2
 checkpoint_interval: 2
 stages: [finetune]
@@ -45,9 +44,14 @@ finetune:
   steps: 6
   lr: 1.0e-3
   ema: true
-  lr_warmup_steps: 2
-""")
+  lr_warmup_steps: {warmup}
+{finetune_extra}""")
     return str(path)
+
+
+@pytest.fixture()
+def job(tiny_sd, tmp_path):
+    return write_job(tmp_path, tiny_sd[0], seed=7, warmup=2)
 
 
 def run_stage(job, ckpt, out, stop_at=None, check=True):
@@ -151,23 +155,9 @@ def test_text_encoder_trains_with_the_unet_and_cached_latents_resume(tiny_sd, tm
     from transformers import CLIPTextModel
 
     model_dir, _ = tiny_sd
-    data = make_dataset(str(tmp_path / "data"))
-    job = tmp_path / "job.yaml"
-    job.write_text(f"""model: {model_dir}
-dataset: {data}
-seed: 5
-batch_size: 2
-checkpoint_interval: 2
-stages: [finetune]
-finetune:
-  steps: 6
-  lr: 1.0e-3
-  lr_scheduler: cosine
-  lr_warmup_steps: 1
-  ema: true
-  train_text_encoder: true
-  cache_latents: true
-""")
+    job = write_job(tmp_path, model_dir, seed=5, warmup=1,
+                    finetune_extra="  lr_scheduler: cosine\n  train_text_encoder: true\n"
+                                   "  cache_latents: true\n")
     full = str(tmp_path / "full")
     run_stage(str(job), str(tmp_path / "ckpt_full"), full)
     def te(d):

@@ -1,6 +1,7 @@
-// Times the C++ core: `unet` (one forward, as in one CFG step) or `t2i` (text
-// encoder + N UNet steps + VAE decode). Prints one JSON line; bench/run_bench.py
-// runs it beside the diffusers reference in the same run.
+// Times the C++ core: `unet` (one forward, as in one CFG step), `unet-train`
+// (forward + backward of an MSE loss, as in one training step without the
+// optimizer) or `t2i` (text encoder + N UNet steps + VAE decode). Prints one JSON line;
+// bench/run_bench.py runs it beside the diffusers reference in the same run.
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <fstream>
@@ -9,6 +10,7 @@
 #include <chrono>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "cli/sdctl/args.h"
 #include "sd/models/unet_2d_condition.h"
@@ -37,7 +39,8 @@ double Median(std::vector<double> v) {
 }
 
 absl::Status Run(int argc, char** argv) {
-  if (argc < 2) return absl::InvalidArgumentError("usage: bench_sd unet|t2i --model DIR [flags]");
+  if (argc < 2)
+    return absl::InvalidArgumentError("usage: bench_sd unet|unet-train|t2i --model DIR [flags]");
   const std::string mode = argv[1];
   ASSIGN_OR_RETURN(sdctl::Args a,
                    sdctl::Args::Parse(
@@ -57,31 +60,42 @@ absl::Status Run(int argc, char** argv) {
                         {"dtype", a.Get("dtype", "fp32")},
                         {"device", device.str()}};
   std::vector<double> times;
-  if (mode == "unet") {
+  if (mode == "unet" || mode == "unet-train") {
+    const bool train = mode == "unet-train";
     ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model"), /*copy_weights=*/true));
     unet->to(device, dtype);
     if (a.Get("clone", "0") == "1") {
       torch::NoGradGuard ng;
       for (auto& p : unet->parameters()) p.set_data(p.data().clone());
     }
-    if (a.Get("channels-last", "1") == "1") unet->set_channels_last(true);
-    if (a.Get("fuse", "1") == "1") unet->fuse_qkv_projections(true);
+    // Training runs as the finetune stage does: plain layout, unfused projections.
+    if (a.Get("channels-last", train ? "0" : "1") == "1") unet->set_channels_last(true);
+    if (a.Get("fuse", train ? "0" : "1") == "1") unet->fuse_qkv_projections(true);
+    unet->train(train);
     ASSIGN_OR_RETURN(int64_t batch, a.Int("batch", 2));
     ASSIGN_OR_RETURN(int64_t size, a.Int("size", 64));
     auto opts = torch::TensorOptions().dtype(dtype).device(device);
     auto sample = torch::randn({batch, unet->config().in_channels, size, size}, opts);
     auto ctx = torch::randn({batch, 77, unet->config().cross_attention_dim}, opts);
     auto t = torch::tensor(500, torch::TensorOptions().device(device));
-    torch::InferenceMode guard;
+    auto target = torch::randn_like(sample);
+    std::optional<torch::InferenceMode> guard;
+    if (!train) guard.emplace();
+    auto step = [&] {
+      auto y = unet->forward(sample, t, ctx);
+      if (!train) return;
+      torch::mse_loss(y, target).backward();
+      for (auto& p : unet->parameters()) p.mutable_grad() = torch::Tensor();
+    };
     if (a.Has("profile")) {
-      unet->forward(sample, t, ctx);
+      step();
       torch::autograd::profiler::RecordProfile prof(a.Get("profile"));
-      unet->forward(sample, t, ctx);
+      step();
     }
     for (int64_t i = 0; i < warmup + iters; ++i) {
       Sync(device);
       auto t0 = std::chrono::steady_clock::now();
-      auto y = unet->forward(sample, t, ctx);
+      step();
       Sync(device);
       double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (i >= warmup) times.push_back(s);
@@ -105,7 +119,7 @@ absl::Status Run(int argc, char** argv) {
       if (i >= warmup) times.push_back(s);
     }
   } else {
-    return absl::InvalidArgumentError("mode must be unet or t2i");
+    return absl::InvalidArgumentError("mode must be unet, unet-train or t2i");
   }
   out["times_s"] = times;
   out["median_s"] = Median(times);

@@ -19,7 +19,7 @@ def peak_rss_mb():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["unet", "t2i"])
+    ap.add_argument("mode", choices=["unet", "unet-train", "t2i"])
     ap.add_argument("model")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--iters", type=int, default=3)
@@ -36,15 +36,22 @@ def main():
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
-    with torch.inference_mode():
-        if a.mode == "unet":
+    train = a.mode == "unet-train"
+    with torch.inference_mode(not train):
+        if a.mode in ("unet", "unet-train"):
             from diffusers import UNet2DConditionModel
 
-            unet = UNet2DConditionModel.from_pretrained(a.model, torch_dtype=dtype).to(dev).eval()
+            unet = UNet2DConditionModel.from_pretrained(a.model, torch_dtype=dtype).to(dev).train(train)
             sample = torch.randn(a.batch, unet.config.in_channels, a.size, a.size, dtype=dtype, device=dev)
             ctx = torch.randn(a.batch, 77, unet.config.cross_attention_dim, dtype=dtype, device=dev)
             t = torch.tensor(500, device=dev)
-            run = lambda: unet(sample, t, encoder_hidden_states=ctx)
+            target = torch.randn_like(sample)
+
+            def run():
+                y = unet(sample, t, encoder_hidden_states=ctx).sample
+                if train:
+                    torch.nn.functional.mse_loss(y, target).backward()
+                    unet.zero_grad(set_to_none=True)
         else:
             from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -2,7 +2,7 @@
 count, alternating the two, and writes one JSON per metric to bench/results/.
 
     .venv/bin/python bench/run_bench.py [--device cpu|cuda] [--dtype fp32|fp16] [--threads N]
-                                        [--rounds 2] [--only unet,tiny,t2i] [--steps 4]
+                                        [--rounds 2] [--only unet,tiny,t2i,toy-train] [--steps 4]
 """
 import argparse
 import datetime
@@ -94,6 +94,19 @@ def compare(name, ours_cmd, ref_cmd, rounds):
     return records
 
 
+def ensure_toy_unet():
+    """Random weights in the toy teacher's UNet shape (examples/toy-sd/unet/config.json)."""
+    from diffusers import UNet2DConditionModel
+
+    toy_dir = os.path.join(MODELS, "toy-unet")
+    config = json.load(open(os.path.join(ROOT, "examples", "toy-sd", "unet", "config.json")))
+    saved = os.path.join(toy_dir, "config.json")
+    if not os.path.exists(saved) or any(json.load(open(saved)).get(k) != v for k, v in config.items()):
+        torch.manual_seed(0)
+        UNet2DConditionModel.from_config(config).save_pretrained(toy_dir)
+    return toy_dir
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -102,7 +115,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--only", default="unet,tiny,t2i")
+    ap.add_argument("--only", default="unet,tiny,t2i,toy-train")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     a = ap.parse_args()
     unet_dir, tiny_dir, pipe_dir = ensure_models()
@@ -135,6 +148,15 @@ def main():
         it = ["--iters", "20", "--warmup", "3", "--size", "16"]
         records += compare(f"unet_tiny_16x16_b2_{suffix}", [BENCH, "unet", "--model", tiny_dir, *common, *it],
                            [*py, "unet", tiny_dir, *common, *it], a.rounds)
+        flush()
+    if "toy-train" in only:
+        # One training step (forward + backward) of the toy teacher's UNet at its batch size.
+        toy_dir = ensure_toy_unet()
+        size = str(json.load(open(os.path.join(toy_dir, "config.json")))["sample_size"])
+        it = ["--iters", "5", "--warmup", "2", "--size", size, "--batch", "32"]
+        records += compare(f"unet_train_toy_{size}x{size}_b32_{suffix}",
+                           [BENCH, "unet-train", "--model", toy_dir, *common, *it],
+                           [*py, "unet-train", toy_dir, *common, *it], a.rounds)
         flush()
     if "t2i" in only:
         it = ["--iters", "1", "--warmup", "1", "--steps", str(a.steps)]

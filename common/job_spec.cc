@@ -249,10 +249,10 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
         p.Range(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, 0, 1, false, true));
   }
   if (const YAML::Node f = root["finetune"]) {
-    RETURN_IF_ERROR(p.Keys(
-        f, "finetune",
-        {"steps", "lr", "lr_scheduler", "ema", "ema_decay", "lr_warmup_steps", "max_grad_norm",
-         "mixed_precision", "train_text_encoder", "cache_latents", "foreground_weight"}));
+    RETURN_IF_ERROR(p.Keys(f, "finetune",
+                           {"steps", "lr", "lr_scheduler", "ema", "ema_decay", "lr_warmup_steps",
+                            "max_grad_norm", "mixed_precision", "train_text_encoder",
+                            "train_token_embedding", "cache_latents", "foreground_weight"}));
     RETURN_IF_ERROR(p.Get(f, "foreground_weight", "finetune.foreground_weight",
                           s.finetune_foreground_weight, "a number"));
     RETURN_IF_ERROR(p.Range(f, "foreground_weight", "finetune.foreground_weight",
@@ -260,6 +260,8 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
     RETURN_IF_ERROR(p.LrScheduler(f, "finetune", s.finetune_lr_scheduler));
     RETURN_IF_ERROR(p.Get(f, "train_text_encoder", "finetune.train_text_encoder",
                           s.finetune_text_encoder, "true or false"));
+    RETURN_IF_ERROR(p.Get(f, "train_token_embedding", "finetune.train_token_embedding",
+                          s.finetune_token_embedding, "true or false"));
     RETURN_IF_ERROR(p.Get(f, "cache_latents", "finetune.cache_latents", s.finetune_cache_latents,
                           "true or false"));
     // A cached latent stands for the image as first transformed; random crops

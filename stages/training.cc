@@ -24,6 +24,7 @@ ParamTrainer::ParamTrainer(const std::vector<TrainedPart>& parts, double lr, dou
       params_.push_back(p.value());
     }
     stems_.push_back(part.stem);
+    modules_.push_back(part.module);
   }
   opt_ = std::make_unique<torch::optim::AdamW>(
       params_, torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
@@ -126,6 +127,10 @@ absl::Status ParamTrainer::Save(const std::string& checkpoint_dir, int64_t step,
 
 safetensors::TensorMap ParamTrainer::Weights(const std::string& stem) const {
   safetensors::TensorMap out;
+  const auto part = std::find(stems_.begin(), stems_.end(), stem);
+  if (part == stems_.end()) return out;
+  for (const auto& p : modules_[part - stems_.begin()]->named_parameters())
+    out[p.key()] = p.value().detach().cpu().contiguous();
   for (size_t i = 0; i < params_.size(); ++i) {
     if (stems_[part_[i]] != stem) continue;
     out[names_[i]] = (ema_.empty() ? params_[i] : ema_[i]).detach().cpu().contiguous();

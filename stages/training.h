@@ -41,12 +41,14 @@ class ParamTrainer {
   void Step(double lr, double max_grad_norm,
             const std::function<void(std::vector<torch::Tensor>&)>& all_reduce_mean);
   absl::Status Save(const std::string& checkpoint_dir, int64_t step, const nlohmann::json& extra);
-  // The trained weights of part `stem` (the EMA when one is kept), on the CPU.
+  // Every parameter of part `stem`, on the CPU: the trained ones as trained (the
+  // EMA when one is kept), frozen ones as they are.
   safetensors::TensorMap Weights(const std::string& stem) const;
   int64_t CheckpointBytes() const;
 
  private:
   std::vector<std::string> stems_;
+  std::vector<const torch::nn::Module*> modules_;
   // Per parameter: its part's index into stems_, its name within the part.
   std::vector<size_t> part_;
   std::vector<std::string> names_;

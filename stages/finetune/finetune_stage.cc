@@ -93,6 +93,11 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   const bool train_te = job.finetune_text_encoder;
   if (train_te) {
     text_encoder->train();
+    if (!job.finetune_token_embedding) {
+      for (auto& p : text_encoder->named_parameters())
+        if (p.key() == "text_model.embeddings.token_embedding.weight")
+          p.value().requires_grad_(false);
+    }
   } else {
     text_encoder->eval();
     for (auto& p : text_encoder->parameters()) p.requires_grad_(false);

@@ -115,13 +115,14 @@ TEST(JobSpecTest, TeacherStagesDataAndTheirKeys) {
 TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
   auto s = ParseJobSpec(
       "model: /m\nstages: [finetune]\ntrain_vae: {lr_scheduler: linear}\nfinetune: "
-      "{lr_scheduler: cosine, train_text_encoder: true, cache_latents: true, foreground_weight: "
-      "10}\n",
+      "{lr_scheduler: cosine, train_text_encoder: true, train_token_embedding: false, "
+      "cache_latents: true, foreground_weight: 10}\n",
       "job.yaml");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->vae_lr_scheduler, "linear");
   EXPECT_EQ(s->finetune_lr_scheduler, "cosine");
   EXPECT_TRUE(s->finetune_text_encoder);
+  EXPECT_FALSE(s->finetune_token_embedding);
   EXPECT_TRUE(s->finetune_cache_latents);
   EXPECT_DOUBLE_EQ(s->finetune_foreground_weight, 10);
   EXPECT_EQ(ParseJobSpec("model: /m\nstages: [finetune]\n", "job.yaml")->finetune_lr_scheduler,

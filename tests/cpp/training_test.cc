@@ -74,5 +74,19 @@ TEST(ParamTrainerTest, SeveralPartsCheckpointAndResumeExactly) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(ParamTrainerTest, FrozenParametersAreWrittenUnchanged) {
+  torch::manual_seed(0);
+  Two m;
+  m.b->bias.requires_grad_(false);
+  const torch::Tensor bias = m.b->bias.detach().clone(), weight = m.b->weight.detach().clone();
+  ParamTrainer t({{"unet", m.a.get()}, {"text_encoder", m.b.get()}}, 1e-2, 1e-2, 0.9);
+  TrainSteps(t, m, 3);
+  const auto w = t.Weights("text_encoder");
+  ASSERT_EQ(w.size(), 2u);  // the frozen bias too, so the written component is whole
+  EXPECT_TRUE(torch::equal(w.at("bias"), bias));
+  EXPECT_FALSE(torch::equal(w.at("weight"), weight));
+  EXPECT_TRUE(t.Weights("vae").empty());
+}
+
 }  // namespace
 }  // namespace sd::stages

@@ -149,6 +149,13 @@ def test_two_gloo_workers_match_one_worker_with_double_batch(tiny_sd, tmp_path):
     assert max(float(np.abs(a[k] - teacher[k]).max()) for k in a) > 5e-5
 
 
+def te(d):
+    """A model folder's text encoder weights; SD1.5's files say "text_model.embeddings...",
+    transformers 5 saves "embeddings..."."""
+    w = load_file(os.path.join(d, "text_encoder", "model.safetensors"))
+    return {k.removeprefix("text_model."): v for k, v in w.items()}
+
+
 def test_text_encoder_trains_with_the_unet_and_cached_latents_resume(tiny_sd, tmp_path):
     """train_text_encoder: both components learn, are checkpointed and resume exactly;
     cache_latents + cosine schedule on the same run."""
@@ -160,11 +167,6 @@ def test_text_encoder_trains_with_the_unet_and_cached_latents_resume(tiny_sd, tm
                                    "  cache_latents: true\n")
     full = str(tmp_path / "full")
     run_stage(str(job), str(tmp_path / "ckpt_full"), full)
-    def te(d):
-        # SD1.5's files say "text_model.embeddings...", transformers 5 saves "embeddings...".
-        w = load_file(os.path.join(d, "text_encoder", "model.safetensors"))
-        return {k.removeprefix("text_model."): v for k, v in w.items()}
-
     teacher = te(model_dir)
     trained = te(full)
     moved = [k for k in teacher if float(np.abs(trained[k] - teacher[k]).max()) > 1e-6]
@@ -180,3 +182,22 @@ def test_text_encoder_trains_with_the_unet_and_cached_latents_resume(tiny_sd, tm
     for a, b in ((unet(full), unet(out)), (trained, te(out))):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_frozen_token_embedding_is_kept_and_written(tiny_sd, tmp_path):
+    """train_token_embedding: false trains the rest of the text encoder and writes the
+    embedding back unchanged, so the result is still a whole transformers model."""
+    from transformers import CLIPTextModel
+
+    model_dir, _ = tiny_sd
+    job = write_job(tmp_path, model_dir, seed=5, warmup=1,
+                    finetune_extra="  train_text_encoder: true\n  train_token_embedding: false\n")
+    out = str(tmp_path / "out")
+    run_stage(str(job), str(tmp_path / "ckpt"), out)
+    before, after = te(model_dir), te(out)
+    emb = "embeddings.token_embedding.weight"
+    assert set(after) == set(before)
+    np.testing.assert_array_equal(before[emb], after[emb])
+    moved = [k for k in before if k != emb and float(np.abs(after[k] - before[k]).max()) > 1e-6]
+    assert len(moved) > len(before) // 2, moved
+    CLIPTextModel.from_pretrained(os.path.join(out, "text_encoder"))

@@ -95,7 +95,8 @@ def compare(name, ours_cmd, ref_cmd, rounds):
 
 
 def ensure_toy_unet():
-    """Random weights in the toy teacher's UNet shape (examples/toy-sd/unet/config.json)."""
+    """Random weights in the toy teacher's UNet shape (examples/toy-sd/unet/config.json);
+    returns the folder and the latent size."""
     from diffusers import UNet2DConditionModel
 
     toy_dir = os.path.join(MODELS, "toy-unet")
@@ -104,7 +105,7 @@ def ensure_toy_unet():
     if not os.path.exists(saved) or any(json.load(open(saved)).get(k) != v for k, v in config.items()):
         torch.manual_seed(0)
         UNet2DConditionModel.from_config(config).save_pretrained(toy_dir)
-    return toy_dir
+    return toy_dir, str(config["sample_size"])
 
 
 def main():
@@ -151,8 +152,7 @@ def main():
         flush()
     if "toy-train" in only:
         # One training step (forward + backward) of the toy teacher's UNet at its batch size.
-        toy_dir = ensure_toy_unet()
-        size = str(json.load(open(os.path.join(toy_dir, "config.json")))["sample_size"])
+        toy_dir, size = ensure_toy_unet()
         it = ["--iters", "5", "--warmup", "2", "--size", size, "--batch", "32"]
         records += compare(f"unet_train_toy_{size}x{size}_b32_{suffix}",
                            [BENCH, "unet-train", "--model", toy_dir, *common, *it],

@@ -64,7 +64,7 @@ struct JobSpec {
   int64_t lr_warmup_steps = -1;                    // -1: min(500, steps / 10)
   std::string finetune_lr_scheduler = "constant";  // after warm-up: constant, cosine or linear
   bool finetune_text_encoder = false;              // train the text encoder with the UNet
-  bool finetune_token_embedding = true;  // with it: its token embedding too, or keep it frozen
+  bool finetune_token_embedding = true;  // with train_text_encoder; false: its token table frozen
   bool finetune_cache_latents = false;   // encode each image once (needs a deterministic transform)
   double finetune_foreground_weight = 0;  // latent weight 1 + w * d / max d, as train_vae's
   double max_grad_norm = 1.0;

@@ -19,12 +19,11 @@ ParamTrainer::ParamTrainer(const std::vector<TrainedPart>& parts, double lr, dou
   for (const TrainedPart& part : parts) {
     for (const auto& p : part.module->named_parameters()) {
       if (!p.value().requires_grad()) continue;
-      part_.push_back(stems_.size());
+      part_.push_back(parts_.size());
       names_.push_back(p.key());
       params_.push_back(p.value());
     }
-    stems_.push_back(part.stem);
-    modules_.push_back(part.module);
+    parts_.push_back(part);
   }
   opt_ = std::make_unique<torch::optim::AdamW>(
       params_, torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
@@ -45,7 +44,7 @@ absl::StatusOr<int64_t> ParamTrainer::Resume(const std::string& checkpoint_dir) 
   ASSIGN_OR_RETURN(auto ckpt, LoadLatestCheckpoint(checkpoint_dir, &skipped));
   if (!ckpt.has_value()) return 0;
   torch::NoGradGuard ng;
-  for (const std::string& stem : stems_) {
+  for (const auto& [stem, module] : parts_) {
     for (const std::string& group :
          {stem, OptimizerStem(stem), ema_.empty() ? stem : EmaStem(stem)}) {
       if (!ckpt->tensors.contains(group))
@@ -54,7 +53,7 @@ absl::StatusOr<int64_t> ParamTrainer::Resume(const std::string& checkpoint_dir) 
     }
   }
   for (size_t i = 0; i < params_.size(); ++i) {
-    const std::string& stem = stems_[part_[i]];
+    const std::string& stem = parts_[part_[i]].stem;
     const auto& w = ckpt->tensors.at(stem);
     const auto& o = ckpt->tensors.at(OptimizerStem(stem));
     const auto it = w.find(names_[i]);
@@ -102,13 +101,13 @@ absl::Status ParamTrainer::Save(const std::string& checkpoint_dir, int64_t step,
   TrainingCheckpoint c;
   c.step = step;
   int64_t adam_step = 0;
-  for (const std::string& stem : stems_) {
+  for (const auto& [stem, module] : parts_) {
     c.tensors[stem];
     c.tensors[OptimizerStem(stem)];
     if (!ema_.empty()) c.tensors[EmaStem(stem)];
   }
   for (size_t i = 0; i < params_.size(); ++i) {
-    const std::string& stem = stems_[part_[i]];
+    const std::string& stem = parts_[part_[i]].stem;
     c.tensors[stem][names_[i]] = params_[i].detach().cpu();
     auto it = opt_->state().find(params_[i].unsafeGetTensorImpl());
     if (it != opt_->state().end()) {
@@ -127,13 +126,15 @@ absl::Status ParamTrainer::Save(const std::string& checkpoint_dir, int64_t step,
 
 safetensors::TensorMap ParamTrainer::Weights(const std::string& stem) const {
   safetensors::TensorMap out;
-  const auto part = std::find(stems_.begin(), stems_.end(), stem);
-  if (part == stems_.end()) return out;
-  for (const auto& p : modules_[part - stems_.begin()]->named_parameters())
-    out[p.key()] = p.value().detach().cpu().contiguous();
   for (size_t i = 0; i < params_.size(); ++i) {
-    if (stems_[part_[i]] != stem) continue;
+    if (parts_[part_[i]].stem != stem) continue;
     out[names_[i]] = (ema_.empty() ? params_[i] : ema_[i]).detach().cpu().contiguous();
+  }
+  // Frozen parameters as they are, so the written component is whole.
+  for (const auto& part : parts_) {
+    if (part.stem != stem) continue;
+    for (const auto& p : part.module->named_parameters())
+      if (!out.contains(p.key())) out[p.key()] = p.value().detach().cpu().contiguous();
   }
   return out;
 }

@@ -47,9 +47,8 @@ class ParamTrainer {
   int64_t CheckpointBytes() const;
 
  private:
-  std::vector<std::string> stems_;
-  std::vector<const torch::nn::Module*> modules_;
-  // Per parameter: its part's index into stems_, its name within the part.
+  std::vector<TrainedPart> parts_;
+  // Per parameter: its part's index into parts_, its name within the part.
   std::vector<size_t> part_;
   std::vector<std::string> names_;
   std::vector<torch::Tensor> params_, ema_;

@@ -94,9 +94,9 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   if (train_te) {
     text_encoder->train();
     if (!job.finetune_token_embedding) {
-      for (auto& p : text_encoder->named_parameters())
-        if (p.key() == "text_model.embeddings.token_embedding.weight")
-          p.value().requires_grad_(false);
+      auto params = text_encoder->named_parameters();
+      if (auto* table = params.find("text_model.embeddings.token_embedding.weight"))
+        table->requires_grad_(false);
     }
   } else {
     text_encoder->eval();

@@ -249,10 +249,13 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
         p.Range(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, 0, 1, false, true));
   }
   if (const YAML::Node f = root["finetune"]) {
-    RETURN_IF_ERROR(p.Keys(f, "finetune",
-                           {"steps", "lr", "lr_scheduler", "ema", "ema_decay", "lr_warmup_steps",
-                            "max_grad_norm", "mixed_precision", "train_text_encoder",
-                            "train_token_embedding", "cache_latents", "foreground_weight"}));
+    RETURN_IF_ERROR(
+        p.Keys(f, "finetune",
+               {"steps", "lr", "lr_scheduler", "ema", "ema_decay", "lr_warmup_steps",
+                "max_grad_norm", "mixed_precision", "train_text_encoder", "train_token_embedding",
+                "cache_latents", "foreground_weight", "snr_gamma"}));
+    RETURN_IF_ERROR(p.Get(f, "snr_gamma", "finetune.snr_gamma", s.finetune_snr_gamma, "a number"));
+    RETURN_IF_ERROR(p.Range(f, "snr_gamma", "finetune.snr_gamma", s.finetune_snr_gamma, 0, 1e6));
     RETURN_IF_ERROR(p.Get(f, "foreground_weight", "finetune.foreground_weight",
                           s.finetune_foreground_weight, "a number"));
     RETURN_IF_ERROR(p.Range(f, "foreground_weight", "finetune.foreground_weight",

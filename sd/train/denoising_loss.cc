@@ -6,18 +6,30 @@ torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& schedul
                             const torch::Tensor& latents, const torch::Tensor& noise,
                             const torch::Tensor& timesteps,
                             const torch::Tensor& encoder_hidden_states,
-                            const torch::Tensor& weights) {
+                            const torch::Tensor& weights, const torch::Tensor& sample_weights) {
   auto noisy = scheduler.AddNoise(latents, noise, timesteps);
   const auto& pt = scheduler.config().prediction_type;
   torch::Tensor target = pt == "v_prediction" ? scheduler.Velocity(latents, noise, timesteps)
                          : pt == "sample"     ? latents
                                               : noise;
   auto pred = unet->forward(noisy, timesteps, encoder_hidden_states);
-  if (!weights.defined())
-    return torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32));
-  const auto err = (pred.to(torch::kFloat32) - target.to(torch::kFloat32)).pow(2);
+  auto err = (pred.to(torch::kFloat32) - target.to(torch::kFloat32)).pow(2);
+  if (sample_weights.defined())
+    err = err * sample_weights.to(err.device(), torch::kFloat32).view({-1, 1, 1, 1});
+  if (!weights.defined()) return err.mean();
   const auto w = weights.to(torch::kFloat32).expand_as(err);
   return (w * err).sum() / w.sum();
+}
+
+torch::Tensor MinSnrWeights(const Scheduler& scheduler, const torch::Tensor& timesteps,
+                            double gamma) {
+  const auto ac = scheduler.alphas_cumprod().index_select(0, timesteps.cpu().to(torch::kLong));
+  // At a zero-SNR timestep alphas_cumprod is 0 (or a tiny stand-in): snr 0.
+  const auto snr = ac / (1 - ac).clamp_min(1e-12);
+  const auto& pt = scheduler.config().prediction_type;
+  if (pt == "sample") return torch::ones_like(snr);
+  const auto natural = pt == "v_prediction" ? snr + 1 : snr;
+  return (natural.clamp_max(gamma) / natural.clamp_min(1e-12)).to(timesteps.device());
 }
 
 }  // namespace sd

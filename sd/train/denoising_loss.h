@@ -10,11 +10,24 @@ namespace sd {
 
 // latents: clean (scaled) latents [B, C, h, w]; noise same shape; timesteps int64 [B].
 // weights: optional per-position weights [B, 1, h, w]; the loss is then the
-// weighted mean of the squared error.
+// weighted mean of the squared error. sample_weights: optional [B], a factor on
+// each sample's error that the mean is not normalized by (MinSnrWeights).
 torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& scheduler,
                             const torch::Tensor& latents, const torch::Tensor& noise,
                             const torch::Tensor& timesteps,
                             const torch::Tensor& encoder_hidden_states,
-                            const torch::Tensor& weights = {});
+                            const torch::Tensor& weights = {},
+                            const torch::Tensor& sample_weights = {});
+
+// Min-SNR-gamma loss weights (Hang et al. 2023), float32 [B]: each timestep's
+// weight on the clean-latent error is clipped at gamma. The prediction target
+// already weights that error by SNR (epsilon) or SNR + 1 (v); the factor is
+// min(that, gamma) / that. For v-prediction this differs from diffusers'
+// min(SNR, gamma) / (SNR + 1) only where SNR < gamma - 1, i.e. at high noise:
+// with a zero-terminal-SNR schedule diffusers' form gives the last timesteps,
+// which decide layout and colors, no weight at all. Only the low-noise end,
+// where the target is mostly the noise itself, is turned down.
+torch::Tensor MinSnrWeights(const Scheduler& scheduler, const torch::Tensor& timesteps,
+                            double gamma);
 
 }  // namespace sd

@@ -167,7 +167,11 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     const torch::Tensor weights = job.finetune_foreground_weight > 0
                                       ? ForegroundWeights(latents, job.finetune_foreground_weight)
                                       : torch::Tensor();
-    auto loss = DenoisingLoss(unet, *scheduler, latents, noise, t, context, weights);
+    const torch::Tensor sample_weights = job.finetune_snr_gamma > 0
+                                             ? MinSnrWeights(*scheduler, t, job.finetune_snr_gamma)
+                                             : torch::Tensor();
+    auto loss =
+        DenoisingLoss(unet, *scheduler, latents, noise, t, context, weights, sample_weights);
     if (autocast) {
       at::autocast::set_autocast_enabled(at::kCUDA, false);
       at::autocast::clear_cache();

@@ -116,7 +116,7 @@ TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
   auto s = ParseJobSpec(
       "model: /m\nstages: [finetune]\ntrain_vae: {lr_scheduler: linear}\nfinetune: "
       "{lr_scheduler: cosine, train_text_encoder: true, train_token_embedding: false, "
-      "cache_latents: true, foreground_weight: 10}\n",
+      "cache_latents: true, foreground_weight: 10, snr_gamma: 5}\n",
       "job.yaml");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->vae_lr_scheduler, "linear");
@@ -125,6 +125,10 @@ TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
   EXPECT_FALSE(s->finetune_token_embedding);
   EXPECT_TRUE(s->finetune_cache_latents);
   EXPECT_DOUBLE_EQ(s->finetune_foreground_weight, 10);
+  EXPECT_DOUBLE_EQ(s->finetune_snr_gamma, 5);
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  snr_gamma: -1\n")
+                .find("job.yaml:4: key \"finetune.snr_gamma\""),
+            std::string::npos);
   EXPECT_EQ(ParseJobSpec("model: /m\nstages: [finetune]\n", "job.yaml")->finetune_lr_scheduler,
             "constant");
   EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  lr_scheduler: cosin\n")

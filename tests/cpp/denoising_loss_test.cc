@@ -1,0 +1,82 @@
+#include "sd/train/denoising_loss.h"
+
+#include <gtest/gtest.h>
+
+namespace sd {
+namespace {
+
+std::unique_ptr<Scheduler> Ddim(const std::string& prediction_type, bool zero_snr) {
+  auto s = MakeScheduler("ddim", JsonConfig::FromJson({{"_class_name", "DDIMScheduler"},
+                                                       {"beta_start", 0.00085},
+                                                       {"beta_end", 0.012},
+                                                       {"beta_schedule", "scaled_linear"},
+                                                       {"num_train_timesteps", 1000},
+                                                       {"prediction_type", prediction_type},
+                                                       {"rescale_betas_zero_snr", zero_snr}},
+                                                      "scheduler_config.json"));
+  EXPECT_TRUE(s.ok()) << s.status();
+  return std::move(*s);
+}
+
+TEST(MinSnrWeightsTest, ClipsTheCleanLatentWeightAtGamma) {
+  const auto t = torch::tensor({0, 300, 600, 999}, torch::kLong);
+  for (const bool zero_snr : {false, true}) {
+    auto v = Ddim("v_prediction", zero_snr);
+    auto eps = Ddim("epsilon", zero_snr);
+    const auto ac = v->alphas_cumprod().index_select(0, t).to(torch::kDouble);
+    const auto snr = ac / (1 - ac);
+    const auto wv = MinSnrWeights(*v, t, 5.0);
+    const auto we = MinSnrWeights(*eps, t, 5.0);
+    ASSERT_EQ(wv.sizes(), (std::vector<int64_t>{4}));
+    for (int i = 0; i < 4; ++i) {
+      const double s = snr[i].item<double>();
+      EXPECT_NEAR(wv[i].item<double>(), std::min(s + 1, 5.0) / (s + 1), 1e-5) << "t index " << i;
+      if (s > 0) {
+        EXPECT_NEAR(we[i].item<double>(), std::min(s, 5.0) / s, 1e-5) << "t index " << i;
+      }
+    }
+    // The low-noise end is turned down, the high-noise end keeps its weight.
+    EXPECT_LT(wv[0].item<double>(), 0.01);
+    EXPECT_DOUBLE_EQ(wv[3].item<double>(), 1.0);
+  }
+  // A zero-SNR last step keeps full weight for v (diffusers' form would give it 0).
+  EXPECT_DOUBLE_EQ(
+      MinSnrWeights(*Ddim("v_prediction", true), torch::tensor({999}), 5.0).item<double>(), 1.0);
+  EXPECT_TRUE(torch::equal(MinSnrWeights(*Ddim("sample", false), t, 5.0), torch::ones({4})));
+}
+
+TEST(DenoisingLossTest, SampleWeightsScaleEachSamplesError) {
+  torch::manual_seed(0);
+  nlohmann::json cfg = {{"_class_name", "UNet2DConditionModel"},
+                        {"sample_size", 8},
+                        {"in_channels", 4},
+                        {"out_channels", 4},
+                        {"block_out_channels", {8, 16}},
+                        {"layers_per_block", 1},
+                        {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
+                        {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
+                        {"cross_attention_dim", 8},
+                        {"attention_head_dim", 2},
+                        {"norm_num_groups", 4}};
+  auto unet_cfg = UNetConfig::FromJson(JsonConfig::FromJson(cfg, "config.json"));
+  ASSERT_TRUE(unet_cfg.ok()) << unet_cfg.status();
+  UNet2DConditionModel unet(*unet_cfg);
+  auto s = Ddim("v_prediction", true);
+  const auto lat = torch::randn({2, 4, 8, 8}), noise = torch::randn({2, 4, 8, 8});
+  const auto t = torch::tensor({100, 700}, torch::kLong), ctx = torch::randn({2, 3, 8});
+  torch::NoGradGuard ng;
+  const auto l0 = DenoisingLoss(unet, *s, lat.narrow(0, 0, 1), noise.narrow(0, 0, 1),
+                                t.narrow(0, 0, 1), ctx.narrow(0, 0, 1));
+  const auto l1 = DenoisingLoss(unet, *s, lat.narrow(0, 1, 1), noise.narrow(0, 1, 1),
+                                t.narrow(0, 1, 1), ctx.narrow(0, 1, 1));
+  const auto both = DenoisingLoss(unet, *s, lat, noise, t, ctx, {}, torch::tensor({0.25, 2.0}));
+  EXPECT_NEAR(both.item<double>(), (0.25 * l0.item<double>() + 2.0 * l1.item<double>()) / 2, 1e-5);
+  // With per-position weights the sample weights stay out of the normalizer.
+  const auto w = torch::ones({2, 1, 8, 8});
+  EXPECT_NEAR(
+      DenoisingLoss(unet, *s, lat, noise, t, ctx, w, torch::tensor({0.25, 2.0})).item<double>(),
+      both.item<double>(), 1e-5);
+}
+
+}  // namespace
+}  // namespace sd

@@ -56,6 +56,12 @@ def ensure_vae_model(data):
     return model
 
 
+def pixels(folder, lines):
+    """The images of metadata lines, [N, 3, H, W] in [-1, 1]."""
+    x = np.stack([np.array(Image.open(os.path.join(folder, l["file_name"])).convert("RGB")) for l in lines])
+    return torch.tensor(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def load_pipe(model):
     from diffusers import StableDiffusionPipeline
 
@@ -71,10 +77,8 @@ def reference_loop(model, data, out, steps, batch, lr, warmup):
 
     def latent(i):  # encoded once, as finetune.cache_latents does
         if i not in cache:
-            x = torch.tensor(np.array(Image.open(os.path.join(data, lines[i]["file_name"])).convert("RGB")))
-            x = x.permute(2, 0, 1)[None].float() / 127.5 - 1
             with torch.no_grad():
-                cache[i] = vae.encode(x).latent_dist.mean[0] * vae.config.scaling_factor
+                cache[i] = vae.encode(pixels(data, lines[i:i + 1])).latent_dist.mean[0] * vae.config.scaling_factor
         return cache[i]
 
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
@@ -108,11 +112,9 @@ def heldout_vmse(model, heldout, unet_dirs, count=64):
     pipe = load_pipe(model)
     sch, vae, te, tok = pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer
     lines = [json.loads(l) for l in open(os.path.join(heldout, "metadata.jsonl"))][:count]
-    x = torch.tensor(np.stack([np.array(Image.open(os.path.join(heldout, l["file_name"])).convert("RGB"))
-                               for l in lines])).permute(0, 3, 1, 2).float() / 127.5 - 1
     out = []
     with torch.no_grad():
-        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        z = vae.encode(pixels(heldout, lines)).latent_dist.mean * vae.config.scaling_factor
         ids = tok([l["text"] for l in lines], padding="max_length", max_length=77, truncation=True,
                   return_tensors="pt").input_ids
         ctx = te(ids)[0]

@@ -4,19 +4,12 @@
 #include "sd/models/autoencoder_kl.h"
 #include "sd/models/state_dict.h"
 #include "sd/models/unet_2d_condition.h"
+#include "tests/cpp/test_configs.h"
 
 namespace sd {
 namespace {
 
-nlohmann::json TinyUNet() {
-  return {{"block_out_channels", {32, 64}},
-          {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
-          {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
-          {"cross_attention_dim", 32},
-          {"attention_head_dim", {2, 4}},
-          {"norm_num_groups", 16},
-          {"layers_per_block", 1}};
-}
+using testdata::TinyUNet;
 
 TEST(ConfigTest, UNetWidthsComeFromConfig) {
   auto cfg = UNetConfig::FromJson(JsonConfig::FromJson(TinyUNet(), "unet/config.json"));

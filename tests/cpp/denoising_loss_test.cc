@@ -2,18 +2,14 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/cpp/test_configs.h"
+
 namespace sd {
 namespace {
 
 std::unique_ptr<Scheduler> Ddim(const std::string& prediction_type, bool zero_snr) {
-  auto s = MakeScheduler("ddim", JsonConfig::FromJson({{"_class_name", "DDIMScheduler"},
-                                                       {"beta_start", 0.00085},
-                                                       {"beta_end", 0.012},
-                                                       {"beta_schedule", "scaled_linear"},
-                                                       {"num_train_timesteps", 1000},
-                                                       {"prediction_type", prediction_type},
-                                                       {"rescale_betas_zero_snr", zero_snr}},
-                                                      "scheduler_config.json"));
+  auto s = MakeScheduler("ddim", testdata::Sd15Scheduler({{"prediction_type", prediction_type},
+                                                          {"rescale_betas_zero_snr", zero_snr}}));
   EXPECT_TRUE(s.ok()) << s.status();
   return std::move(*s);
 }
@@ -47,23 +43,12 @@ TEST(MinSnrWeightsTest, ClipsTheCleanLatentWeightAtGamma) {
 
 TEST(DenoisingLossTest, SampleWeightsScaleEachSamplesError) {
   torch::manual_seed(0);
-  nlohmann::json cfg = {{"_class_name", "UNet2DConditionModel"},
-                        {"sample_size", 8},
-                        {"in_channels", 4},
-                        {"out_channels", 4},
-                        {"block_out_channels", {8, 16}},
-                        {"layers_per_block", 1},
-                        {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
-                        {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
-                        {"cross_attention_dim", 8},
-                        {"attention_head_dim", 2},
-                        {"norm_num_groups", 4}};
-  auto unet_cfg = UNetConfig::FromJson(JsonConfig::FromJson(cfg, "config.json"));
+  auto unet_cfg = UNetConfig::FromJson(JsonConfig::FromJson(testdata::TinyUNet(), "config.json"));
   ASSERT_TRUE(unet_cfg.ok()) << unet_cfg.status();
   UNet2DConditionModel unet(*unet_cfg);
   auto s = Ddim("v_prediction", true);
   const auto lat = torch::randn({2, 4, 8, 8}), noise = torch::randn({2, 4, 8, 8});
-  const auto t = torch::tensor({100, 700}, torch::kLong), ctx = torch::randn({2, 3, 8});
+  const auto t = torch::tensor({100, 700}, torch::kLong), ctx = torch::randn({2, 3, 32});
   torch::NoGradGuard ng;
   const auto l0 = DenoisingLoss(unet, *s, lat.narrow(0, 0, 1), noise.narrow(0, 0, 1),
                                 t.narrow(0, 0, 1), ctx.narrow(0, 0, 1));

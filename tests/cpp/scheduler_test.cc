@@ -2,21 +2,13 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/cpp/test_configs.h"
+
 namespace sd {
 namespace {
 
 JsonConfig Sd15(const nlohmann::json& extra = nlohmann::json::object()) {
-  nlohmann::json j = {{"_class_name", "PNDMScheduler"},
-                      {"beta_start", 0.00085},
-                      {"beta_end", 0.012},
-                      {"beta_schedule", "scaled_linear"},
-                      {"num_train_timesteps", 1000},
-                      {"set_alpha_to_one", false},
-                      {"skip_prk_steps", true},
-                      {"steps_offset", 1},
-                      {"clip_sample", false}};
-  j.update(extra);
-  return JsonConfig::FromJson(j, "scheduler_config.json");
+  return testdata::Sd15Scheduler(extra);
 }
 
 TEST(SchedulerTest, DdimLeadingSpacingAsDiffusers) {

@@ -90,16 +90,22 @@ class Parser {
                               hi_open ? ")" : "]"));
   }
 
+  // `path` (map[key]) must be one of `known`; the error lists them.
+  absl::Status OneOf(const YAML::Node& map, const std::string& key, const std::string& path,
+                     std::string& out, const std::vector<std::string>& known) const {
+    const std::string names = absl::StrJoin(known, ", ");
+    RETURN_IF_ERROR(Get(map, key, path, out, names.c_str()));
+    if (std::find(known.begin(), known.end(), out) != known.end()) return absl::OkStatus();
+    return Error(
+        map[key], path,
+        absl::StrCat("must be one of ", names, ", got \"", out, "\"", Suggest(out, known)));
+  }
+
   // `<where>.lr_scheduler`: one of diffusers' names that these stages implement.
   absl::Status LrScheduler(const YAML::Node& map, const std::string& where,
                            std::string& out) const {
-    const std::string path = absl::StrCat(where, ".lr_scheduler");
-    RETURN_IF_ERROR(Get(map, "lr_scheduler", path, out, "constant, cosine or linear"));
-    static const std::vector<std::string> kKnown = {"constant", "cosine", "linear"};
-    if (std::find(kKnown.begin(), kKnown.end(), out) != kKnown.end()) return absl::OkStatus();
-    return Error(map["lr_scheduler"], path,
-                 absl::StrCat("must be constant, cosine or linear, got \"", out, "\"",
-                              Suggest(out, kKnown)));
+    return OneOf(map, "lr_scheduler", absl::StrCat(where, ".lr_scheduler"), out,
+                 {"constant", "cosine", "linear"});
   }
 
  private:
@@ -249,11 +255,19 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
         p.Range(pr, "vae_ratio", "pruning.vae_ratio", s.vae_prune_ratio, 0, 1, false, true));
   }
   if (const YAML::Node f = root["finetune"]) {
+    RETURN_IF_ERROR(p.Keys(
+        f, "finetune",
+        {"steps", "lr", "lr_scheduler", "ema", "ema_decay", "lr_warmup_steps", "max_grad_norm",
+         "mixed_precision", "train_text_encoder", "train_token_embedding", "cache_latents",
+         "foreground_weight", "snr_gamma", "timestep_sampling", "logit_mean", "logit_std"}));
+    RETURN_IF_ERROR(p.OneOf(f, "timestep_sampling", "finetune.timestep_sampling",
+                            s.finetune_timestep_sampling, {"uniform", "logit_normal"}));
     RETURN_IF_ERROR(
-        p.Keys(f, "finetune",
-               {"steps", "lr", "lr_scheduler", "ema", "ema_decay", "lr_warmup_steps",
-                "max_grad_norm", "mixed_precision", "train_text_encoder", "train_token_embedding",
-                "cache_latents", "foreground_weight", "snr_gamma"}));
+        p.Get(f, "logit_mean", "finetune.logit_mean", s.finetune_logit_mean, "a number"));
+    RETURN_IF_ERROR(
+        p.Range(f, "logit_mean", "finetune.logit_mean", s.finetune_logit_mean, -10, 10));
+    RETURN_IF_ERROR(p.Get(f, "logit_std", "finetune.logit_std", s.finetune_logit_std, "a number"));
+    RETURN_IF_ERROR(p.Range(f, "logit_std", "finetune.logit_std", s.finetune_logit_std, 0, 10));
     RETURN_IF_ERROR(p.Get(f, "snr_gamma", "finetune.snr_gamma", s.finetune_snr_gamma, "a number"));
     RETURN_IF_ERROR(p.Range(f, "snr_gamma", "finetune.snr_gamma", s.finetune_snr_gamma, 0, 1e6));
     RETURN_IF_ERROR(p.Get(f, "foreground_weight", "finetune.foreground_weight",

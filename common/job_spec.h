@@ -68,6 +68,9 @@ struct JobSpec {
   bool finetune_cache_latents = false;   // encode each image once (needs a deterministic transform)
   double finetune_foreground_weight = 0;  // latent weight 1 + w * d / max d, as train_vae's
   double finetune_snr_gamma = 0;          // > 0: Min-SNR-gamma loss weighting (MinSnrWeights)
+  std::string finetune_timestep_sampling = "uniform";  // or logit_normal (SampleTimestep)
+  double finetune_logit_mean = 0;
+  double finetune_logit_std = 1;
   double max_grad_norm = 1.0;
   std::string mixed_precision = "no";  // "no" or "bf16" (autocast on CUDA; fp32 master weights)
   // Optimization and quantization (TOME_RATIO, INT8_CALIBRATION_SAMPLES)

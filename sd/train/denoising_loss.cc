@@ -1,5 +1,8 @@
 #include "sd/train/denoising_loss.h"
 
+#include <algorithm>
+#include <cmath>
+
 namespace sd {
 
 torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& scheduler,
@@ -30,6 +33,15 @@ torch::Tensor MinSnrWeights(const Scheduler& scheduler, const torch::Tensor& tim
   if (pt == "sample") return torch::ones_like(snr);
   const auto natural = pt == "v_prediction" ? snr + 1 : snr;
   return (natural.clamp_max(gamma) / natural.clamp_min(1e-12)).to(timesteps.device());
+}
+
+int64_t SampleTimestep(const TimestepSampling& sampling, int64_t num_train_timesteps,
+                       at::Generator& gen) {
+  const int64_t T = num_train_timesteps;
+  if (!sampling.logit_normal) return torch::randint(0, T, {1}, gen, torch::kLong).item<int64_t>();
+  const double z = at::randn({1}, gen, torch::kFloat64).item<double>();
+  const double u = 1 / (1 + std::exp(-(sampling.logit_mean + sampling.logit_std * z)));
+  return std::clamp<int64_t>(static_cast<int64_t>(u * static_cast<double>(T)), 0, T - 1);
 }
 
 }  // namespace sd

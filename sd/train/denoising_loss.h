@@ -30,4 +30,18 @@ torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& schedul
 torch::Tensor MinSnrWeights(const Scheduler& scheduler, const torch::Tensor& timesteps,
                             double gamma);
 
+// Which training timesteps a step draws. Uniform is DDPM's. Logit-normal (as
+// SD3 trains) draws t / T = sigmoid(mean + std * z): a positive mean spends
+// more of a short run at high noise, where the caption alone has to decide
+// what is drawn (the toy world's shapes come only from there).
+struct TimestepSampling {
+  bool logit_normal = false;
+  double logit_mean = 0;
+  double logit_std = 1;
+};
+
+// One timestep in [0, num_train_timesteps) from the sample's own generator.
+int64_t SampleTimestep(const TimestepSampling& sampling, int64_t num_train_timesteps,
+                       at::Generator& gen);
+
 }  // namespace sd

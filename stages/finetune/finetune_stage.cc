@@ -125,6 +125,8 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
       MakeLoaderOptions(ctx, resolution, job.batch_size, job.caption_dropout);
   DataLoader loader(data, opts, lo.start_step);
   const int64_t T = scheduler->config().num_train_timesteps;
+  const TimestepSampling sampling{job.finetune_timestep_sampling == "logit_normal",
+                                  job.finetune_logit_mean, job.finetune_logit_std};
   PosteriorCache cache(job.finetune_cache_latents);
 
   auto loss_fn = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
@@ -135,7 +137,7 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     for (int64_t j = 0; j < b; ++j) {
       const int64_t g = step * lo.global_batch + ctx.rank * b + j;
       gens.push_back(SampleGenerator(job.seed, step, g));
-      timesteps.push_back(torch::randint(0, T, {1}, gens.back(), torch::kLong).item<int64_t>());
+      timesteps.push_back(SampleTimestep(sampling, T, gens.back()));
     }
     torch::Tensor latents, noise;
     {

@@ -2,10 +2,38 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
+
 #include "tests/cpp/test_configs.h"
 
 namespace sd {
 namespace {
+
+// Fractions of 4000 draws below t = 250 / 500 / 750 of T = 1000.
+std::array<double, 3> Quartiles(const TimestepSampling& sampling) {
+  at::Generator gen = at::detail::createCPUGenerator(7);
+  std::array<double, 3> below{};
+  for (int i = 0; i < 4000; ++i) {
+    const int64_t t = SampleTimestep(sampling, 1000, gen);
+    EXPECT_GE(t, 0);
+    EXPECT_LT(t, 1000);
+    for (int q = 0; q < 3; ++q) below[q] += t < 250 * (q + 1) ? 1.0 / 4000 : 0;
+  }
+  return below;
+}
+
+TEST(SampleTimestepTest, UniformAndLogitNormalFollowTheirDistributions) {
+  const auto u = Quartiles({});
+  EXPECT_NEAR(u[0], 0.25, 0.03);
+  EXPECT_NEAR(u[1], 0.50, 0.03);
+  EXPECT_NEAR(u[2], 0.75, 0.03);
+  // logit(t / T) ~ N(1, 1): P(t < 500) = P(z < -1) = 0.159; P(t < 750) = P(z < ln 3 - 1) = 0.540;
+  // P(t < 250) = P(z < -ln 3 - 1) = 0.018.
+  const auto l = Quartiles({.logit_normal = true, .logit_mean = 1, .logit_std = 1});
+  EXPECT_NEAR(l[0], 0.018, 0.01);
+  EXPECT_NEAR(l[1], 0.159, 0.02);
+  EXPECT_NEAR(l[2], 0.540, 0.03);
+}
 
 std::unique_ptr<Scheduler> Ddim(const std::string& prediction_type, bool zero_snr) {
   auto s = MakeScheduler("ddim", testdata::Sd15Scheduler({{"prediction_type", prediction_type},

@@ -126,13 +126,29 @@ TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
   EXPECT_TRUE(s->finetune_cache_latents);
   EXPECT_DOUBLE_EQ(s->finetune_foreground_weight, 10);
   EXPECT_DOUBLE_EQ(s->finetune_snr_gamma, 5);
+  EXPECT_EQ(s->finetune_timestep_sampling, "uniform");
+  auto ln = ParseJobSpec(
+      "model: /m\nstages: [finetune]\nfinetune: {timestep_sampling: logit_normal, "
+      "logit_mean: 1, logit_std: 0.5}\n",
+      "job.yaml");
+  ASSERT_TRUE(ln.ok()) << ln.status();
+  EXPECT_EQ(ln->finetune_timestep_sampling, "logit_normal");
+  EXPECT_DOUBLE_EQ(ln->finetune_logit_mean, 1);
+  EXPECT_DOUBLE_EQ(ln->finetune_logit_std, 0.5);
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  timestep_sampling: logit\n")
+                .find("job.yaml:4: key \"finetune.timestep_sampling\" must be one of uniform, "
+                      "logit_normal, got \"logit\""),
+            std::string::npos);
+  EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  logit_std: -1\n")
+                .find("job.yaml:4: key \"finetune.logit_std\""),
+            std::string::npos);
   EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  snr_gamma: -1\n")
                 .find("job.yaml:4: key \"finetune.snr_gamma\""),
             std::string::npos);
   EXPECT_EQ(ParseJobSpec("model: /m\nstages: [finetune]\n", "job.yaml")->finetune_lr_scheduler,
             "constant");
   EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  lr_scheduler: cosin\n")
-                .find("job.yaml:4: key \"finetune.lr_scheduler\" must be constant, cosine or "
+                .find("job.yaml:4: key \"finetune.lr_scheduler\" must be one of constant, cosine, "
                       "linear, got \"cosin\" (did you mean \"cosine\"?)"),
             std::string::npos);
   // One cached latent per image cannot stand for random crops or flips.

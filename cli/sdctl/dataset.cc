@@ -1,7 +1,9 @@
 // sdctl dataset synth: the toy world's captioned shapes dataset.
 #include <iostream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "cli/sdctl/args.h"
 #include "cli/sdctl/commands.h"
 #include "sd/data/dataset.h"
@@ -12,9 +14,10 @@ namespace sdctl {
 namespace {
 
 absl::Status Synth(int argc, char** argv) {
-  ASSIGN_OR_RETURN(Args args, Args::Parse(argc, argv,
-                                          {"out", "count", "seed", "resolution", "split",
-                                           "two-shape-fraction", "image-format", "shard-size"}));
+  ASSIGN_OR_RETURN(Args args,
+                   Args::Parse(argc, argv,
+                               {"out", "count", "seed", "resolution", "split", "two-shape-fraction",
+                                "radii", "image-format", "shard-size"}));
   if (!args.Has("out")) return absl::InvalidArgumentError("--out DIR is required");
   sd::synth::SynthOptions o;
   ASSIGN_OR_RETURN(o.count, args.Int("count", 1000));
@@ -26,6 +29,16 @@ absl::Status Synth(int argc, char** argv) {
   ASSIGN_OR_RETURN(o.two_shape_fraction, args.Double("two-shape-fraction", 0.25));
   if (o.two_shape_fraction < 0 || o.two_shape_fraction > 1)
     return absl::InvalidArgumentError("--two-shape-fraction must be in [0, 1]");
+  if (args.Has("radii")) {
+    const std::vector<std::string> parts = absl::StrSplit(args.Get("radii"), ',');
+    if (parts.size() != 3)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--radii takes three fractions (small,medium,large), got \"", args.Get("radii"), "\""));
+    for (size_t i = 0; i < 3; ++i)
+      if (!absl::SimpleAtod(parts[i], &o.radii[i]))
+        return absl::InvalidArgumentError(
+            absl::StrCat("--radii: \"", parts[i], "\" is not a number"));
+  }
   ASSIGN_OR_RETURN(int64_t shard_size, args.Int("shard-size", 0));
   RETURN_IF_ERROR(
       sd::synth::WriteDataset(o, args.Get("out"), args.Get("image-format", "png"), shard_size));
@@ -43,6 +56,7 @@ int DatasetCommand(int argc, char** argv) {
     std::cerr
         << "usage: sdctl dataset synth --out DIR [--count 1000] [--seed 0] [--resolution 64]\n"
            "                          [--split train|heldout] [--two-shape-fraction 0.25]\n"
+           "                          [--radii 0.075,0.11,0.15 (of the side: small,medium,large)]\n"
            "                          [--image-format png|jpg] [--shard-size N (WebDataset "
            "tar shards)]\n";
     return 2;

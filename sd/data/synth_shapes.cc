@@ -174,7 +174,8 @@ Scene MakeScene(const SynthOptions& opt, int64_t index) {
   return s;
 }
 
-torch::Tensor Render(const Scene& s, int64_t res, uint64_t seed, int64_t index) {
+torch::Tensor Render(const Scene& s, int64_t res, uint64_t seed, int64_t index,
+                     const std::array<double, 3>& radii) {
   std::mt19937_64 rng(Mix(seed ^ Mix(static_cast<uint64_t>(index) + 77)));
   std::uniform_real_distribution<double> u(-1, 1);
   auto jitter = [&](const RGB& c) {
@@ -189,14 +190,14 @@ torch::Tensor Render(const Scene& s, int64_t res, uint64_t seed, int64_t index) 
   for (int64_t y = 0; y < res; ++y)
     for (int64_t x = 0; x < res; ++x)
       for (int c = 0; c < 3; ++c) a[y][x][c] = static_cast<float>(bg[c]);
-  const double cell = static_cast<double>(res) / 3;
-  const double radius[] = {0.075, 0.11, 0.15};
+  const double margin = std::max(1.0 / 6, 1.05 * radii[2]);
+  const double spacing = (1 - 2 * margin) / 2 * static_cast<double>(res);
   constexpr int kSub = 4;
   for (const auto& o : s.objects) {
     const RGB col = jitter(ShapeRGB()[o.color]);
-    const double r = radius[o.size] * res * (1 + 0.08 * u(rng));
-    const double cx = cell * (o.position % 3 + 0.5) + 0.1 * cell * u(rng);
-    const double cy = cell * (o.position / 3 + 0.5) + 0.1 * cell * u(rng);
+    const double r = radii[o.size] * static_cast<double>(res) * (1 + 0.08 * u(rng));
+    const double cx = margin * res + spacing * (o.position % 3) + 0.1 * spacing * u(rng);
+    const double cy = margin * res + spacing * (o.position / 3) + 0.1 * spacing * u(rng);
     const auto poly = Polygon(o.shape);
     const int64_t x0 = std::max<int64_t>(0, static_cast<int64_t>(cx - 1.4 * r) - 1);
     const int64_t x1 = std::min<int64_t>(res - 1, static_cast<int64_t>(cx + 1.4 * r) + 1);
@@ -230,6 +231,11 @@ absl::Status WriteDataset(const SynthOptions& o, const std::string& out_dir,
   if (o.resolution < 16)
     return absl::InvalidArgumentError(
         absl::StrCat("--resolution must be >= 16, got ", o.resolution));
+  // A large radius past 0.3 would put the outer grid centers past the middle ones.
+  if (!(o.radii[0] > 0 && o.radii[0] < o.radii[1] && o.radii[1] < o.radii[2] && o.radii[2] <= 0.3))
+    return absl::InvalidArgumentError(
+        absl::StrCat("--radii must be increasing, above 0 and at most 0.3 of the image side, got ",
+                     o.radii[0], ",", o.radii[1], ",", o.radii[2]));
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", out_dir, ": ", ec.message()));
@@ -245,7 +251,7 @@ absl::Status WriteDataset(const SynthOptions& o, const std::string& out_dir,
   };
   for (int64_t i = 0; i < o.count; ++i) {
     const Scene s = MakeScene(o, i);
-    const torch::Tensor img = Render(s, o.resolution, o.seed, i);
+    const torch::Tensor img = Render(s, o.resolution, o.seed, i, o.radii);
     std::string bytes;
     if (format == "png") {
       ASSIGN_OR_RETURN(bytes, EncodePng(img));

@@ -6,6 +6,7 @@
 // the "train" split; the "heldout" split draws only from them.
 #include <torch/torch.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -32,18 +33,25 @@ struct Scene {
   nlohmann::json ToJson() const;  // {"objects": [...], "background": ...}
 };
 
+inline constexpr std::array<double, 3> kDefaultRadii = {0.075, 0.11, 0.15};
+
 struct SynthOptions {
   int64_t count = 1000;
   uint64_t seed = 0;
   int64_t resolution = 64;
   double two_shape_fraction = 0.25;
+  // Object radius per size (small, medium, large) as a fraction of the image side.
+  std::array<double, 3> radii = kDefaultRadii;
   std::string split = "train";  // "train" or "heldout"
 };
 
 // Scene `index` of a split; the same (seed, index) always gives the same scene.
 Scene MakeScene(const SynthOptions& o, int64_t index);
-// [H, W, 3] uint8, anti-aliased by 4x4 supersampling.
-torch::Tensor Render(const Scene& s, int64_t resolution, uint64_t seed, int64_t index);
+// [H, W, 3] uint8, anti-aliased by 4x4 supersampling. The 3x3 grid's outer
+// centers sit at 1/6 of the side from the border, or further in when the large
+// radius would cross it, so every object stays whole.
+torch::Tensor Render(const Scene& s, int64_t resolution, uint64_t seed, int64_t index,
+                     const std::array<double, 3>& radii = kDefaultRadii);
 // True for the single-shape combinations reserved for the held-out split.
 bool IsHeldOut(const Object& o, int background);
 

@@ -100,6 +100,29 @@ TEST_F(DatasetTest, RenderPutsTheShapeColorAtItsPosition) {
   EXPECT_GT(corner.min().item<int>(), 220);  // white background elsewhere
 }
 
+TEST_F(DatasetTest, LargerRadiiDrawLargerObjectsAndPullTheGridIn) {
+  synth::Scene s;
+  s.objects = {
+      {/*shape=*/1, /*color=*/0, /*size=*/2, /*position=*/0}};  // large red square, top left
+  s.background = 0;
+  auto covered = [](const torch::Tensor& img) {
+    return (img.to(torch::kInt).select(2, 1) < 128).sum().item<int64_t>();  // red: little green
+  };
+  const auto base = synth::Render(s, 64, 0, 0);
+  const auto big = synth::Render(s, 64, 0, 0, {0.12, 0.155, 0.19});
+  // Area grows with the radius squared: (0.19 / 0.15)^2 = 1.6.
+  EXPECT_NEAR(static_cast<double>(covered(big)) / covered(base), 1.6, 0.25);
+  // The whole square stays inside: the outer center moved in from 1/6 to 0.2 of the side.
+  EXPECT_GT(big[1][1].to(torch::kInt).min().item<int>(), 220);
+  EXPECT_LT(big[13][13][1].item<int>(), 128);
+
+  synth::SynthOptions bad;
+  bad.radii = {0.1, 0.2, 0.35};
+  const auto st = synth::WriteDataset(bad, (fs::path(dir_) / "bad").string(), "png", 0);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("--radii"), std::string::npos) << st;
+}
+
 TEST_F(DatasetTest, ImageFolderSkipsMalformedLinesAndCorruptImages) {
   const std::string dir = Write("png", 12, 0);
   // A malformed line and a line without a caption.

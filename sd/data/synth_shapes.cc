@@ -147,6 +147,22 @@ bool IsHeldOut(const Object& o, int background) {
   return Mix(key ^ 0x5EEDull) % 10 == 0;
 }
 
+namespace {
+
+// The grid's outer centers sit this far in (a fraction of the side).
+double GridMargin(const std::array<double, 3>& radii) { return std::max(1.0 / 6, 1.05 * radii[2]); }
+
+// Two objects whose grid cells are closer than their radii together would
+// overlap; the caption could not say which is in front. With the default radii
+// no pair is that close.
+bool Apart(const std::array<double, 3>& radii, const Object& a, const Object& b) {
+  const double spacing = (1 - 2 * GridMargin(radii)) / 2;
+  const double dx = a.position % 3 - b.position % 3, dy = a.position / 3 - b.position / 3;
+  return std::hypot(dx, dy) * spacing >= radii[a.size] + radii[b.size];
+}
+
+}  // namespace
+
 Scene MakeScene(const SynthOptions& opt, int64_t index) {
   const bool heldout = opt.split == "heldout";
   std::mt19937_64 rng(Mix(opt.seed * 0x100000001B3ull ^ Mix(static_cast<uint64_t>(index)) ^
@@ -163,8 +179,8 @@ Scene MakeScene(const SynthOptions& opt, int64_t index) {
     for (int k = 0; k < n && ok; ++k) {
       Object o{pick(ShapeNames().size()), pick(ColorNames().size()), pick(SizeNames().size()),
                pick(PositionNames().size())};
-      ok =
-          o.color != ClashingColor(s.background) && (k == 0 || o.position != s.objects[0].position);
+      ok = o.color != ClashingColor(s.background) &&
+           (k == 0 || (o.position != s.objects[0].position && Apart(opt.radii, o, s.objects[0])));
       ok = ok && (heldout ? IsHeldOut(o, s.background) : !IsHeldOut(o, s.background));
       s.objects.push_back(o);
     }
@@ -190,7 +206,7 @@ torch::Tensor Render(const Scene& s, int64_t res, uint64_t seed, int64_t index,
   for (int64_t y = 0; y < res; ++y)
     for (int64_t x = 0; x < res; ++x)
       for (int c = 0; c < 3; ++c) a[y][x][c] = static_cast<float>(bg[c]);
-  const double margin = std::max(1.0 / 6, 1.05 * radii[2]);
+  const double margin = GridMargin(radii);
   const double spacing = (1 - 2 * margin) / 2 * static_cast<double>(res);
   constexpr int kSub = 4;
   for (const auto& o : s.objects) {

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -115,6 +116,23 @@ TEST_F(DatasetTest, LargerRadiiDrawLargerObjectsAndPullTheGridIn) {
   // The whole square stays inside: the outer center moved in from 1/6 to 0.2 of the side.
   EXPECT_GT(big[1][1].to(torch::kInt).min().item<int>(), 220);
   EXPECT_LT(big[13][13][1].item<int>(), 128);
+
+  // Two-object scenes keep their objects apart: cells closer than the radii
+  // together are not paired (with these radii two large objects need a cell between them).
+  synth::SynthOptions big_opts;
+  big_opts.radii = {0.14, 0.19, 0.24};
+  int two = 0;
+  for (int64_t i = 0; i < 2000; ++i) {
+    const auto scene = synth::MakeScene(big_opts, i);
+    if (scene.objects.size() < 2) continue;
+    ++two;
+    const auto& a = scene.objects[0];
+    const auto& b = scene.objects[1];
+    const double spacing = (1 - 2 * 1.05 * 0.24) / 2;
+    const double d = std::hypot(a.position % 3 - b.position % 3, a.position / 3 - b.position / 3);
+    EXPECT_GE(d * spacing, big_opts.radii[a.size] + big_opts.radii[b.size]) << scene.caption;
+  }
+  EXPECT_GT(two, 200);
 
   synth::SynthOptions bad;
   bad.radii = {0.1, 0.2, 0.35};

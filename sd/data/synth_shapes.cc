@@ -157,7 +157,8 @@ double GridMargin(const std::array<double, 3>& radii) { return std::max(1.0 / 6,
 // no pair is that close.
 bool Apart(const std::array<double, 3>& radii, const Object& a, const Object& b) {
   const double spacing = (1 - 2 * GridMargin(radii)) / 2;
-  const double dx = a.position % 3 - b.position % 3, dy = a.position / 3 - b.position / 3;
+  const int dx = a.position % 3 - b.position % 3;  // grid columns apart
+  const int dy = a.position / 3 - b.position / 3;  // grid rows apart
   return std::hypot(dx, dy) * spacing >= radii[a.size] + radii[b.size];
 }
 
@@ -212,8 +213,10 @@ torch::Tensor Render(const Scene& s, int64_t res, uint64_t seed, int64_t index,
   for (const auto& o : s.objects) {
     const RGB col = jitter(ShapeRGB()[o.color]);
     const double r = radii[o.size] * static_cast<double>(res) * (1 + 0.08 * u(rng));
-    const double cx = margin * res + spacing * (o.position % 3) + 0.1 * spacing * u(rng);
-    const double cy = margin * res + spacing * (o.position / 3) + 0.1 * spacing * u(rng);
+    const int column = o.position % 3;
+    const int row = o.position / 3;
+    const double cx = margin * res + spacing * column + 0.1 * spacing * u(rng);
+    const double cy = margin * res + spacing * row + 0.1 * spacing * u(rng);
     const auto poly = Polygon(o.shape);
     const int64_t x0 = std::max<int64_t>(0, static_cast<int64_t>(cx - 1.4 * r) - 1);
     const int64_t x1 = std::min<int64_t>(res - 1, static_cast<int64_t>(cx + 1.4 * r) + 1);
@@ -278,13 +281,14 @@ absl::Status WriteDataset(const SynthOptions& o, const std::string& out_dir,
     nlohmann::json meta = s.ToJson();
     meta["text"] = s.caption;
     if (shard_size > 0) {
-      RETURN_IF_ERROR(tar::AppendMember(shard, key + "." + format, bytes));
+      RETURN_IF_ERROR(tar::AppendMember(shard, absl::StrCat(key, ".", format), bytes));
       RETURN_IF_ERROR(tar::AppendMember(shard, key + ".txt", s.caption));
       RETURN_IF_ERROR(tar::AppendMember(shard, key + ".json", meta.dump()));
       if ((i + 1) % shard_size == 0) RETURN_IF_ERROR(flush_shard());
     } else {
-      RETURN_IF_ERROR(WriteFileAtomic((fs::path(out_dir) / (key + "." + format)).string(), bytes));
-      nlohmann::json line = {{"file_name", key + "." + format}};
+      RETURN_IF_ERROR(
+          WriteFileAtomic((fs::path(out_dir) / absl::StrCat(key, ".", format)).string(), bytes));
+      nlohmann::json line = {{"file_name", absl::StrCat(key, ".", format)}};
       line.update(meta);
       absl::StrAppend(&metadata, line.dump(), "\n");
     }

@@ -56,7 +56,7 @@ int DatasetCommand(int argc, char** argv) {
     std::cerr
         << "usage: sdctl dataset synth --out DIR [--count 1000] [--seed 0] [--resolution 64]\n"
            "                          [--split train|heldout] [--two-shape-fraction 0.25]\n"
-           "                          [--radii 0.075,0.11,0.15 (of the side: small,medium,large)]\n"
+           "                          [--radii 0.18,0.22,0.26 (of the side: small,medium,large)]\n"
            "                          [--image-format png|jpg] [--shard-size N (WebDataset "
            "tar shards)]\n";
     return 2;

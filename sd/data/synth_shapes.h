@@ -33,7 +33,9 @@ struct Scene {
   nlohmann::json ToJson() const;  // {"objects": [...], "background": ...}
 };
 
-inline constexpr std::array<double, 3> kDefaultRadii = {0.075, 0.11, 0.15};
+// Large enough that a 4x VAE's 16x16 latent shows a shape as a pattern of 5-8
+// pixels, which the toy teacher learns in its budget (docs/toy-world.md, run V).
+inline constexpr std::array<double, 3> kDefaultRadii = {0.18, 0.22, 0.26};
 
 struct SynthOptions {
   int64_t count = 1000;

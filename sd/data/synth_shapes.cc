@@ -153,8 +153,8 @@ namespace {
 double GridMargin(const std::array<double, 3>& radii) { return std::max(1.0 / 6, 1.05 * radii[2]); }
 
 // Two objects whose grid cells are closer than their radii together would
-// overlap; the caption could not say which is in front. With the default radii
-// no pair is that close.
+// overlap; the caption could not say which is in front. With radii up to 0.15
+// every pair of cells fits; with the default ones only cells two apart do.
 bool Apart(const std::array<double, 3>& radii, const Object& a, const Object& b) {
   const double spacing = (1 - 2 * GridMargin(radii)) / 2;
   const int dx = a.position % 3 - b.position % 3;  // grid columns apart
@@ -286,9 +286,9 @@ absl::Status WriteDataset(const SynthOptions& o, const std::string& out_dir,
       RETURN_IF_ERROR(tar::AppendMember(shard, key + ".json", meta.dump()));
       if ((i + 1) % shard_size == 0) RETURN_IF_ERROR(flush_shard());
     } else {
-      RETURN_IF_ERROR(
-          WriteFileAtomic((fs::path(out_dir) / absl::StrCat(key, ".", format)).string(), bytes));
-      nlohmann::json line = {{"file_name", absl::StrCat(key, ".", format)}};
+      const std::string file_name = absl::StrCat(key, ".", format);
+      RETURN_IF_ERROR(WriteFileAtomic((fs::path(out_dir) / file_name).string(), bytes));
+      nlohmann::json line = {{"file_name", file_name}};
       line.update(meta);
       absl::StrAppend(&metadata, line.dump(), "\n");
     }

@@ -241,6 +241,34 @@ def test_v_prediction_text_to_image(tiny_sd_v, tmp_path, scheduler):
     assert np.abs(ours - (ref[0] * 255).round().astype(np.int16)).max() <= 1
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_zero_snr_ddim_few_steps(tiny_sd_v, tmp_path, spacing):
+    """The toy teacher's sampler (zero terminal SNR, v-prediction) at 4 steps:
+    with leading spacing it starts from pure noise at t = 751, with trailing at
+    999, and both must match diffusers, since docs/toy-world.md compares them."""
+    import json
+    import shutil
+
+    src, pipe = tiny_sd_v
+    model_dir = os.path.join(tmp_path, "model")
+    shutil.copytree(src, model_dir)
+    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(rescale_betas_zero_snr=True, timestep_spacing=spacing, steps_offset=1)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    ref = reference_images(pipe, model_dir, "ddim", ["a large green star in the center"], None, 4, 7.5, seed=5)
+    out = os.path.join(tmp_path, "z.png")
+    run_bin("sdctl", "generate", "--model", model_dir, "--prompt", "a large green star in the center",
+            "--steps", 4, "--guidance", 7.5, "--seed", 5, "--scheduler", "ddim", "--out", out)
+    from PIL import Image
+
+    ours = np.asarray(Image.open(out)).astype(np.int16)
+    assert ref.std() > 0.01
+    assert np.abs(ours - (ref[0] * 255).round().astype(np.int16)).max() <= 1
+
+
 def test_bf16_on_cpu_runs(tiny_sd, tmp_path):
     """bf16 is a precision change, so only closeness to fp32 is asked, not parity."""
     model_dir, _ = tiny_sd

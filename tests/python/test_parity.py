@@ -209,22 +209,29 @@ def test_text_encoder_train_step_matches_pytorch(tiny_sd, tmp_path):
         assert maxdiff(ours[name], p.detach()) < 1e-5, name
 
 
+def copy_with_scheduler(src, dst, **changes):
+    """Copy a diffusers model folder to dst with keys of its scheduler config changed."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
 @pytest.fixture(scope="module")
 def tiny_sd_v(tiny_sd, tmp_path_factory):
     """The tiny model with a v-prediction scheduler config (as SD2.x ships)."""
-    import json
     import shutil
 
     src, pipe = tiny_sd
     dst = str(tmp_path_factory.mktemp("tiny_sd_v"))
     shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    path = os.path.join(dst, "scheduler", "scheduler_config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg["prediction_type"] = "v_prediction"
-    with open(path, "w") as f:
-        json.dump(cfg, f)
+    copy_with_scheduler(src, dst, prediction_type="v_prediction")
     return dst, pipe
 
 
@@ -246,18 +253,9 @@ def test_zero_snr_ddim_few_steps(tiny_sd_v, tmp_path, spacing):
     """The toy teacher's sampler (zero terminal SNR, v-prediction) at 4 steps:
     with leading spacing it starts from pure noise at t = 751, with trailing at
     999, and both must match diffusers, since docs/toy-world.md compares them."""
-    import json
-    import shutil
-
     src, pipe = tiny_sd_v
     model_dir = os.path.join(tmp_path, "model")
-    shutil.copytree(src, model_dir)
-    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(rescale_betas_zero_snr=True, timestep_spacing=spacing, steps_offset=1)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
+    copy_with_scheduler(src, model_dir, rescale_betas_zero_snr=True, timestep_spacing=spacing, steps_offset=1)
     ref = reference_images(pipe, model_dir, "ddim", ["a large green star in the center"], None, 4, 7.5, seed=5)
     out = os.path.join(tmp_path, "z.png")
     run_bin("sdctl", "generate", "--model", model_dir, "--prompt", "a large green star in the center",

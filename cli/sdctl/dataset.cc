@@ -3,6 +3,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "cli/sdctl/args.h"
 #include "cli/sdctl/commands.h"
@@ -56,7 +57,8 @@ int DatasetCommand(int argc, char** argv) {
     std::cerr
         << "usage: sdctl dataset synth --out DIR [--count 1000] [--seed 0] [--resolution 64]\n"
            "                          [--split train|heldout] [--two-shape-fraction 0.25]\n"
-           "                          [--radii 0.18,0.22,0.26 (of the side: small,medium,large)]\n"
+        << "                          [--radii " << absl::StrJoin(sd::synth::kDefaultRadii, ",")
+        << " (of the side: small,medium,large)]\n"
            "                          [--image-format png|jpg] [--shard-size N (WebDataset "
            "tar shards)]\n";
     return 2;

@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
@@ -140,7 +142,44 @@ const std::vector<std::string>& DefaultStageNames() {
   return kDefault;
 }
 
+// yaml-cpp accepts what a job file must not hold: a mapping that repeats a key
+// keeps the first value (so a second `model:` was silently ignored), and a
+// complex key (`? [a, b]`) throws on conversion. Checked over the whole
+// document before any key is read.
+absl::Status CheckMappings(const YAML::Node& node, const std::string& origin) {
+  if (node.IsSequence()) {
+    for (const auto& e : node) RETURN_IF_ERROR(CheckMappings(e, origin));
+  }
+  if (!node.IsMap()) return absl::OkStatus();
+  std::map<std::string, int> first_line;
+  for (const auto& kv : node) {
+    const int line = kv.first.Mark().line + 1;
+    if (!kv.first.IsScalar())
+      return absl::InvalidArgumentError(absl::StrCat(
+          origin, ":", line, ": a key must be a plain name, not a list or mapping"));
+    const auto [it, fresh] = first_line.emplace(kv.first.Scalar(), line);
+    if (!fresh)
+      return absl::InvalidArgumentError(absl::StrCat(origin, ":", line, ": key \"",
+                                                     kv.first.Scalar(), "\" given twice (first on line ",
+                                                     it->second, ")"));
+    RETURN_IF_ERROR(CheckMappings(kv.second, origin));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string& origin) {
+  if (text.size() > kMaxJobFileBytes)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: the file is %.1f MiB; a job file may be at most %d KiB (datasets and models are "
+        "named by path, not embedded)",
+        origin, static_cast<double>(text.size()) / (1 << 20), kMaxJobFileBytes >> 10));
+  // A NUL would cut the text short wherever it is handled as a C string (it once
+  // made the stored job unreadable); a job file is text.
+  if (const size_t nul = text.find('\0'); nul != std::string::npos) {
+    const int64_t line = 1 + std::count(text.begin(), text.begin() + nul, '\n');
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ":", line, ": contains a NUL byte; a job file must be text"));
+  }
   YAML::Node root;
   try {
     root = YAML::Load(text);
@@ -152,10 +191,11 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   JobSpec s;
   if (!root || root.IsNull())
     return absl::InvalidArgumentError(absl::StrCat(origin, ": empty job file"));
+  RETURN_IF_ERROR(CheckMappings(root, origin));
   RETURN_IF_ERROR(
       p.Keys(root, "",
              {"name", "model", "dataset", "output", "seed", "checkpoint_interval", "batch_size",
-              "workers", "max_restarts", "stages", "data", "init", "train_vae", "distillation",
+              "workers", "max_restarts", "allow_restart_from_zero", "stages", "data", "init", "train_vae", "distillation",
               "pruning", "finetune", "optimization", "quantization"}));
   RETURN_IF_ERROR(p.Get(root, "name", "name", s.name, "a string"));
   RETURN_IF_ERROR(p.Get(root, "model", "model", s.model, "a path"));
@@ -173,10 +213,17 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   RETURN_IF_ERROR(p.Range(root, "workers", "workers", workers, 1, 1024));
   RETURN_IF_ERROR(p.Get(root, "max_restarts", "max_restarts", max_restarts, "an integer"));
   RETURN_IF_ERROR(p.Range(root, "max_restarts", "max_restarts", max_restarts, 0, 1000));
+  RETURN_IF_ERROR(p.Get(root, "allow_restart_from_zero", "allow_restart_from_zero",
+                        s.allow_restart_from_zero, "true or false"));
   if (s.model.empty()) return p.Error(root, "model", "is required (a diffusers SD1.5 folder)");
 
   if (const YAML::Node d = root["data"]) {
-    RETURN_IF_ERROR(p.Keys(d, "data", {"center_crop", "random_flip", "caption_dropout"}));
+    RETURN_IF_ERROR(p.Keys(d, "data",
+                           {"center_crop", "random_flip", "caption_dropout", "max_skipped_fraction"}));
+    RETURN_IF_ERROR(p.Get(d, "max_skipped_fraction", "data.max_skipped_fraction",
+                          s.max_skipped_fraction, "a number"));
+    RETURN_IF_ERROR(p.Range(d, "max_skipped_fraction", "data.max_skipped_fraction",
+                            s.max_skipped_fraction, 0, 1));
     RETURN_IF_ERROR(p.Get(d, "center_crop", "data.center_crop", s.center_crop, "true or false"));
     RETURN_IF_ERROR(p.Get(d, "random_flip", "data.random_flip", s.random_flip, "true or false"));
     RETURN_IF_ERROR(

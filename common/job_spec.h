@@ -36,6 +36,12 @@ struct JobSpec {
   bool center_crop = true;       // false: random crop
   bool random_flip = false;      // off by default: captions may say "left"/"right"
   double caption_dropout = 0.0;  // empty-caption probability, for classifier-free guidance
+  // Samples that cannot be used (bad metadata lines, missing or undecodable images)
+  // are always reported; a stage fails when more than this fraction is skipped.
+  double max_skipped_fraction = 0.01;
+  // When checkpoints exist but none is valid: false fails the stage with the reasons,
+  // true trains again from step 0.
+  bool allow_restart_from_zero = false;
   // Building a teacher from scratch (init:, train_vae:)
   std::string clip_bpe = "auto";  // CLIP merges file for a tokenizer/ that has no vocab
   int64_t vae_steps = 2000;
@@ -79,6 +85,9 @@ struct JobSpec {
 
   std::vector<StageSpec> stages;
 };
+
+// Larger job files are refused with a clear error (not gRPC's message limit).
+inline constexpr size_t kMaxJobFileBytes = 1 << 20;
 
 // Parses and validates. Errors name the file, the line and the key, and suggest the
 // nearest known key for a misspelt one. `origin` is the file name used in messages.

@@ -1,11 +1,67 @@
 #include "coordinator/coordinator_core.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "sd/util/file.h"
 #include "sd/util/status_macros.h"
 
 namespace sd::coord {
+namespace fs = std::filesystem;
+namespace {
+
+// Names the attempt a published stage folder came from, so a Finish retried after
+// the rename (the coordinator died in between) is recognised as already done.
+constexpr char kAttemptMarker[] = ".sdcompress-attempt";
+
+void FsyncDir(const fs::path& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+// Publishes an attempt's model folder as the stage's result: one rename.
+absl::Status CommitOutput(const JobPaths& paths, const std::string& stage, int64_t attempt,
+                          const std::string& task_id) {
+  const fs::path from = paths.Attempt(stage, attempt), to = paths.Stage(stage);
+  std::error_code ec;
+  if (!fs::exists(from, ec)) {
+    auto marker = ReadFile((to / kAttemptMarker).string());
+    if (marker.ok() && *marker == task_id) return absl::OkStatus();
+    return absl::InternalError(
+        absl::StrCat(task_id, " finished but wrote no output at ", from.string()));
+  }
+  RETURN_IF_ERROR(WriteFileAtomic((from / kAttemptMarker).string(), task_id));
+  fs::remove_all(to, ec);  // left by a build that wrote results in place
+  fs::rename(from, to, ec);
+  if (ec)
+    return absl::InternalError(absl::StrCat("cannot publish ", from.string(), " as ", to.string(),
+                                            ": ", ec.message()));
+  FsyncDir(paths.root);
+  // Folders of attempts that did not succeed are of no further use.
+  const std::string prefix = stage + "-";
+  for (const auto& e : fs::directory_iterator(paths.root / "attempts", ec)) {
+    if (e.is_directory() && e.path().filename().string().rfind(prefix, 0) == 0)
+      fs::remove_all(e.path(), ec);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+fs::path JobPaths::Attempt(const std::string& stage, int64_t attempt) const {
+  return root / "attempts" / absl::StrCat(stage, "-", attempt);
+}
+
+fs::path JobPaths::CrashReport(const std::string& stage, int64_t attempt, int64_t rank) const {
+  return root / "attempts" / absl::StrCat(stage, "-", attempt, ".rank", rank, ".crash");
+}
 
 CoordinatorCore::CoordinatorCore(SchedulerOptions opts, std::unique_ptr<JobStore> store,
                                  std::string storage_root, metrics::Registry* metrics)
@@ -14,31 +70,62 @@ CoordinatorCore::CoordinatorCore(SchedulerOptions opts, std::unique_ptr<JobStore
       storage_root_(std::move(storage_root)),
       metrics_(metrics) {}
 
+JobPaths CoordinatorCore::PathsOf(const std::string& job_id) const {
+  return {fs::path(storage_root_) / job_id};
+}
+
 absl::Status CoordinatorCore::Recover(double now) {
   std::lock_guard<std::mutex> lock(mu_);
-  ASSIGN_OR_RETURN(auto jobs, store_->LoadAll());
+  ASSIGN_OR_RETURN(auto jobs, store_->LoadAll(now));
   std::vector<std::string> ids;
   ids.reserve(jobs.size());
   for (const auto& j : jobs) ids.push_back(j.id);
   sched_.Restore(std::move(jobs), now);
-  for (const auto& id : ids) PersistLocked(id);
+  for (const auto& id : ids) PersistLocked(id).IgnoreError();
   return absl::OkStatus();
 }
 
-void CoordinatorCore::PersistLocked(const std::string& job_id) {
-  if (const JobRecord* j = sched_.job(job_id)) {
-    auto s = store_->Save(*j);
-    if (!s.ok()) std::fprintf(stderr, "coordinator: %s\n", std::string(s.message()).c_str());
-  }
+absl::Status CoordinatorCore::PersistLocked(const std::string& job_id) {
+  const JobRecord* j = sched_.job(job_id);
+  if (j == nullptr) return absl::OkStatus();
+  absl::Status s = store_->Save(*j);
+  if (!s.ok()) std::fprintf(stderr, "coordinator: %s\n", std::string(s.message()).c_str());
+  return s;
 }
 
 absl::StatusOr<std::string> CoordinatorCore::Submit(const std::string& yaml,
                                                     const std::string& origin, double now) {
   ASSIGN_OR_RETURN(JobSpec spec, ParseJobSpec(yaml, origin));
   std::lock_guard<std::mutex> lock(mu_);
-  const std::string id = sched_.Submit(spec, now, yaml);
-  // Persist before acknowledging: an acknowledged job survives any crash.
-  RETURN_IF_ERROR(store_->Save(*sched_.job(id)));
+  // The id is taken from the store's counter (never handed out twice) and its run
+  // folder is created here, fresh: a job never finds another job's checkpoints.
+  std::string id;
+  for (int tries = 0; id.empty(); ++tries) {
+    ASSIGN_OR_RETURN(const int64_t n, store_->AllocateJobNumber());
+    const std::string candidate = absl::StrFormat("job-%06d", n);
+    std::error_code ec;
+    fs::create_directories(storage_root_, ec);
+    if (fs::create_directory(PathsOf(candidate).root, ec)) {
+      id = candidate;
+    } else if (ec) {
+      return absl::UnavailableError(absl::StrCat("cannot create the run folder ",
+                                                 PathsOf(candidate).root.string(), ": ",
+                                                 ec.message()));
+    } else {
+      std::fprintf(stderr, "coordinator: %s already exists (not from this store); skipping %s\n",
+                   PathsOf(candidate).root.c_str(), candidate.c_str());
+      if (tries > 1000) return absl::InternalError("no free job id: every run folder exists");
+    }
+  }
+  JobRecord job = Scheduler::NewJob(id, spec, yaml, now);
+  // Stored before it is acknowledged or scheduled: a job the store refused never runs.
+  if (absl::Status s = store_->Save(job); !s.ok()) {
+    std::error_code ec;
+    fs::remove_all(PathsOf(id).root, ec);
+    return absl::UnavailableError(
+        absl::StrCat("the job was not stored, so it will not run: ", s.message()));
+  }
+  sched_.Add(std::move(job));
   metrics_->CounterAdd("sd_jobs_submitted_total", "Jobs accepted by the coordinator.", {});
   return id;
 }
@@ -48,8 +135,13 @@ absl::Status CoordinatorCore::Cancel(const std::string& job_id, double now) {
   std::vector<Action> actions;
   RETURN_IF_ERROR(sched_.Cancel(job_id, now, &actions));
   ApplyLocked(actions);
-  PersistLocked(job_id);
-  return absl::OkStatus();
+  return PersistLocked(job_id);
+}
+
+absl::Status CoordinatorCore::Resume(const std::string& job_id, double now) {
+  std::lock_guard<std::mutex> lock(mu_);
+  RETURN_IF_ERROR(sched_.Resume(job_id, now));
+  return PersistLocked(job_id);
 }
 
 absl::StatusOr<JobRecord> CoordinatorCore::GetJob(const std::string& job_id) const {
@@ -74,11 +166,18 @@ std::vector<WorkerRecord> CoordinatorCore::ListWorkers() const {
 }
 
 void CoordinatorCore::Register(const std::string& worker, const std::string& device,
-                               int64_t devices, int64_t memory_bytes, double now) {
+                               int64_t devices, int64_t memory_bytes,
+                               const std::string& running_task, int64_t rank, double now) {
   std::lock_guard<std::mutex> lock(mu_);
-  sched_.RegisterWorker(worker, device, devices, now, memory_bytes);
   to_start_.erase(worker);
   to_abort_.erase(worker);
+  std::map<std::string, size_t> before;
+  for (const auto& [id, j] : sched_.jobs()) before[id] = j.events.size();
+  ApplyLocked(
+      sched_.RegisterWorker(worker, device, devices, now, memory_bytes, running_task, rank));
+  for (const auto& [id, j] : sched_.jobs()) {
+    if (before[id] != j.events.size()) PersistLocked(id).IgnoreError();
+  }
 }
 
 absl::StatusOr<std::string> CoordinatorCore::Heartbeat(const std::string& worker, double now) {
@@ -100,9 +199,19 @@ std::optional<PendingTask> CoordinatorCore::Poll(const std::string& worker) {
   return t;
 }
 
+void CoordinatorCore::LogLinesLocked(const std::string& task, const std::string& worker,
+                                     const std::vector<std::string>& lines, double now) {
+  std::string job_id, stage;
+  int64_t attempt = 0;
+  if (lines.empty() || !ParseTaskId(task, &job_id, &stage, &attempt)) return;
+  for (const auto& l : lines) sched_.Note(job_id, now, absl::StrCat(worker, ": ", l));
+}
+
 absl::StatusOr<bool> CoordinatorCore::Progress(const std::string& worker, const std::string& task,
                                                int64_t step, double loss, double step_time,
-                                               double samples_per_s, double now) {
+                                               double samples_per_s,
+                                               const std::vector<std::string>& log_lines,
+                                               double now) {
   std::lock_guard<std::mutex> lock(mu_);
   RETURN_IF_ERROR(sched_.Heartbeat(worker, now));
   RETURN_IF_ERROR(sched_.Progress(task, worker, step, loss));
@@ -116,24 +225,38 @@ absl::StatusOr<bool> CoordinatorCore::Progress(const std::string& worker, const 
                      labels, samples_per_s);
   metrics_->HistogramObserve("sd_step_seconds", "Training step time.",
                              {{"stage", j->stages[t->stage].spec.name}}, step_time);
-  PersistLocked(t->job_id);
+  LogLinesLocked(task, worker, log_lines, now);
+  PersistLocked(t->job_id).IgnoreError();
   return to_abort_.count(worker) > 0;
 }
 
 absl::Status CoordinatorCore::Finish(const std::string& worker, const std::string& task, bool ok,
-                                     const std::string& error, double now) {
+                                     const std::string& error, absl::StatusCode code,
+                                     const std::vector<std::string>& log_lines, double now) {
   std::lock_guard<std::mutex> lock(mu_);
-  const TaskRecord* t = sched_.task(task);
-  if (t == nullptr) return absl::NotFoundError(absl::StrCat("task ", task, " is not running"));
-  const std::string job_id = t->job_id;
+  // Unknown worker (the coordinator restarted): it registers again, saying what it
+  // runs, and retries.
+  RETURN_IF_ERROR(sched_.Heartbeat(worker, now));
+  std::string job_id, stage;
+  int64_t attempt = 0;
+  if (!ParseTaskId(task, &job_id, &stage, &attempt))
+    return absl::InvalidArgumentError(absl::StrCat("malformed task id \"", task, "\""));
+  LogLinesLocked(task, worker, log_lines, now);
   std::vector<Action> actions;
+  absl::Status s;
   if (ok) {
-    RETURN_IF_ERROR(sched_.Complete(task, worker, now));
+    const JobPaths paths = PathsOf(job_id);
+    s = sched_.Complete(task, worker, now,
+                        [&] { return CommitOutput(paths, stage, attempt, task); });
   } else {
-    RETURN_IF_ERROR(sched_.Fail(task, worker, error, now, &actions));
+    s = sched_.Fail(task, worker, error, now, &actions, Classify(code));
   }
   ApplyLocked(actions);
-  PersistLocked(job_id);
+  // Acknowledged only once stored: a Finish the store missed is retried (and is
+  // idempotent), so no outcome is lost to a crash here.
+  absl::Status stored = PersistLocked(job_id);
+  RETURN_IF_ERROR(s);
+  if (!stored.ok()) return absl::UnavailableError(stored.message());
   return absl::OkStatus();
 }
 
@@ -147,6 +270,7 @@ void CoordinatorCore::ApplyLocked(const std::vector<Action>& actions) {
     const TaskRecord* t = sched_.task(a.task);
     const JobRecord* j = sched_.job(t->job_id);
     const std::string stage = j->stages[t->stage].spec.name;
+    const JobPaths paths = PathsOf(t->job_id);
     PendingTask p;
     p.task_id = a.task;
     p.job_id = t->job_id;
@@ -156,12 +280,12 @@ void CoordinatorCore::ApplyLocked(const std::vector<Action>& actions) {
     p.job_yaml = j->yaml;
     p.rank = a.rank;
     p.world_size = static_cast<int64_t>(t->workers.size());
-    const std::filesystem::path root = std::filesystem::path(storage_root_) / t->job_id;
-    p.checkpoint_dir = (root / "checkpoints" / stage).string();
-    p.output_dir = (root / stage).string();
-    // Stages chain: each starts from the model the previous one wrote.
+    p.checkpoint_dir = paths.Checkpoints(stage).string();
+    p.output_dir = paths.Attempt(stage, t->attempt).string();
+    p.crash_report = paths.CrashReport(stage, t->attempt, a.rank).string();
+    // Stages chain: each starts from the model the previous one published.
     p.input_model =
-        t->stage == 0 ? j->spec.model : (root / j->stages[t->stage - 1].spec.name).string();
+        t->stage == 0 ? j->spec.model : paths.Stage(j->stages[t->stage - 1].spec.name).string();
     to_start_[a.worker] = p;
   }
 }
@@ -189,11 +313,26 @@ void CoordinatorCore::Tick(double now) {
   std::lock_guard<std::mutex> lock(mu_);
   std::map<std::string, size_t> before;
   for (const auto& [id, j] : sched_.jobs()) before[id] = j.events.size();
-  auto actions = sched_.Tick(now);
-  ApplyLocked(actions);
+  // A worker that died of a signal left its last words on shared storage.
+  auto last_words = [this](const std::string& worker, const std::string& task) -> std::string {
+    std::string job_id, stage;
+    int64_t attempt = 0;
+    const TaskRecord* t = sched_.task(task);
+    if (t == nullptr || !ParseTaskId(task, &job_id, &stage, &attempt)) return "";
+    for (size_t r = 0; r < t->workers.size(); ++r) {
+      if (t->workers[r] != worker) continue;
+      auto text = ReadFile(PathsOf(job_id).CrashReport(stage, attempt, r).string());
+      if (text.ok() && !text->empty()) return absl::StrCat("worker ", worker, " crashed: ", *text);
+    }
+    return "";
+  };
+  auto actions = sched_.Tick(now, last_words);
+  // A started attempt's number must be durable before any worker can see it, or a
+  // crash could hand the same attempt id out twice.
   for (const auto& [id, j] : sched_.jobs()) {
-    if (before[id] != j.events.size()) PersistLocked(id);
+    if (before[id] != j.events.size()) PersistLocked(id).IgnoreError();
   }
+  ApplyLocked(actions);
   UpdateGaugesLocked(now);
 }
 

@@ -55,6 +55,11 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext*, const sd::v1::Cance
   return ToGrpc(core_->Cancel(req->job_id(), now_()));
 }
 
+grpc::Status JobServiceImpl::ResumeJob(grpc::ServerContext*, const sd::v1::ResumeJobRequest* req,
+                                       sd::v1::ResumeJobResponse*) {
+  return ToGrpc(core_->Resume(req->job_id(), now_()));
+}
+
 grpc::Status JobServiceImpl::StreamEvents(grpc::ServerContext* ctx,
                                           const sd::v1::StreamEventsRequest* req,
                                           grpc::ServerWriter<sd::v1::JobEvent>* writer) {
@@ -99,8 +104,10 @@ grpc::Status WorkerServiceImpl::Register(grpc::ServerContext*, const sd::v1::Reg
   if (req->worker_id().empty())
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "worker_id is empty");
   core_->Register(req->worker_id(), req->resources().device(), req->resources().device_count(),
-                  req->resources().memory_bytes(), now_());
+                  req->resources().memory_bytes(), req->running_task_id(), req->running_rank(),
+                  now_());
   resp->set_heartbeat_interval_s(heartbeat_interval_s_);
+  resp->set_lease_s(lease_s_);
   return grpc::Status::OK;
 }
 
@@ -128,14 +135,16 @@ grpc::Status WorkerServiceImpl::PollTask(grpc::ServerContext*, const sd::v1::Pol
   task->set_output_dir(t->output_dir);
   task->set_input_model(t->input_model);
   task->set_backend(t->backend);
+  task->set_crash_report(t->crash_report);
   return grpc::Status::OK;
 }
 
 grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext*,
                                                const sd::v1::ProgressRequest* req,
                                                sd::v1::ProgressResponse* resp) {
-  auto abort = core_->Progress(req->worker_id(), req->task_id(), req->step(), req->loss(),
-                               req->step_time_s(), req->samples_per_s(), now_());
+  auto abort = core_->Progress(
+      req->worker_id(), req->task_id(), req->step(), req->loss(), req->step_time_s(),
+      req->samples_per_s(), {req->log_lines().begin(), req->log_lines().end()}, now_());
   if (!abort.ok()) return ToGrpc(abort.status());
   resp->set_abort(*abort);
   return grpc::Status::OK;
@@ -143,7 +152,9 @@ grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext*,
 
 grpc::Status WorkerServiceImpl::Finish(grpc::ServerContext*, const sd::v1::FinishRequest* req,
                                        sd::v1::FinishResponse*) {
-  return ToGrpc(core_->Finish(req->worker_id(), req->task_id(), req->ok(), req->error(), now_()));
+  return ToGrpc(core_->Finish(req->worker_id(), req->task_id(), req->ok(), req->error(),
+                              static_cast<absl::StatusCode>(req->code()),
+                              {req->log_lines().begin(), req->log_lines().end()}, now_()));
 }
 
 }  // namespace sd::coord

@@ -20,6 +20,8 @@ class JobServiceImpl final : public sd::v1::JobService::Service {
                         sd::v1::ListJobsResponse*) override;
   grpc::Status CancelJob(grpc::ServerContext*, const sd::v1::CancelJobRequest*,
                          sd::v1::CancelJobResponse*) override;
+  grpc::Status ResumeJob(grpc::ServerContext*, const sd::v1::ResumeJobRequest*,
+                         sd::v1::ResumeJobResponse*) override;
   grpc::Status StreamEvents(grpc::ServerContext*, const sd::v1::StreamEventsRequest*,
                             grpc::ServerWriter<sd::v1::JobEvent>*) override;
   grpc::Status ListWorkers(grpc::ServerContext*, const sd::v1::ListWorkersRequest*,
@@ -32,8 +34,12 @@ class JobServiceImpl final : public sd::v1::JobService::Service {
 
 class WorkerServiceImpl final : public sd::v1::WorkerService::Service {
  public:
-  WorkerServiceImpl(CoordinatorCore* core, Clock now, double heartbeat_interval_s)
-      : core_(core), now_(std::move(now)), heartbeat_interval_s_(heartbeat_interval_s) {}
+  WorkerServiceImpl(CoordinatorCore* core, Clock now, double heartbeat_interval_s,
+                    double lease_s)
+      : core_(core),
+        now_(std::move(now)),
+        heartbeat_interval_s_(heartbeat_interval_s),
+        lease_s_(lease_s) {}
   grpc::Status Register(grpc::ServerContext*, const sd::v1::RegisterRequest*,
                         sd::v1::RegisterResponse*) override;
   grpc::Status Heartbeat(grpc::ServerContext*, const sd::v1::HeartbeatRequest*,
@@ -49,6 +55,7 @@ class WorkerServiceImpl final : public sd::v1::WorkerService::Service {
   CoordinatorCore* core_;
   Clock now_;
   double heartbeat_interval_s_;
+  double lease_s_;
 };
 
 // absl::Status -> grpc::Status with the same code and message.

@@ -1,6 +1,10 @@
 #include "coordinator/job_store.h"
 
+#include <algorithm>
+#include <cstdio>
+
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "sd/util/status_macros.h"
 
 namespace sd::coord {
@@ -13,6 +17,10 @@ class Stmt {
   ~Stmt() { sqlite3_finalize(s_); }
   bool ok() const { return rc_ == SQLITE_OK; }
   sqlite3_stmt* get() const { return s_; }
+  // Bytes exactly, whatever they hold (a TEXT binding would be read back up to a NUL).
+  void Blob(int i, const std::string& v) {
+    sqlite3_bind_blob(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+  }
   void Text(int i, const std::string& v) {
     sqlite3_bind_text(s_, i, v.c_str(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
   }
@@ -27,6 +35,11 @@ class Stmt {
 std::string Col(sqlite3_stmt* s, int i) {
   const unsigned char* t = sqlite3_column_text(s, i);
   return t == nullptr ? "" : reinterpret_cast<const char*>(t);
+}
+
+std::string BlobCol(sqlite3_stmt* s, int i) {
+  const void* b = sqlite3_column_blob(s, i);
+  return b == nullptr ? "" : std::string(static_cast<const char*>(b), sqlite3_column_bytes(s, i));
 }
 
 template <typename E>
@@ -58,7 +71,13 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
       "  PRIMARY KEY (job_id, idx));"
       "CREATE TABLE IF NOT EXISTS events (job_id TEXT NOT NULL, seq INTEGER NOT NULL, text TEXT "
       "NOT NULL,"
-      "  PRIMARY KEY (job_id, seq));"));
+      "  PRIMARY KEY (job_id, seq));"
+      "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"));
+  // Columns added since the first release; a store written before them gets them here.
+  for (const char* col : {"attempts INTEGER NOT NULL DEFAULT 0", "error TEXT NOT NULL DEFAULT ''"}) {
+    absl::Status s = store->Exec(absl::StrCat("ALTER TABLE stages ADD COLUMN ", col));
+    if (!s.ok() && s.message().find("duplicate column") == std::string_view::npos) return s;
+  }
   return store;
 }
 
@@ -74,6 +93,37 @@ absl::Status JobStore::Exec(const std::string& sql) const {
   return absl::OkStatus();
 }
 
+absl::StatusOr<int64_t> JobStore::AllocateJobNumber() {
+  RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  auto fail = [&](const char* what) {
+    std::string msg = absl::StrCat("job store: ", what, ": ", sqlite3_errmsg(db_));
+    Exec("ROLLBACK").IgnoreError();
+    return absl::UnavailableError(msg);
+  };
+  int64_t next = 1;
+  {
+    Stmt s(db_, "SELECT value FROM meta WHERE key = 'next_job'");
+    if (!s.ok()) return fail("reading the job counter");
+    if (sqlite3_step(s.get()) == SQLITE_ROW) next = sqlite3_column_int64(s.get(), 0);
+  }
+  {
+    // A store from before the counter: continue after the jobs it holds.
+    Stmt s(db_, "SELECT id FROM jobs");
+    if (!s.ok()) return fail("reading job ids");
+    while (sqlite3_step(s.get()) == SQLITE_ROW) {
+      long long n = 0;
+      if (sscanf(Col(s.get(), 0).c_str(), "job-%lld", &n) == 1) next = std::max<int64_t>(next, n + 1);
+    }
+  }
+  {
+    Stmt s(db_, "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_job', ?1)");
+    s.Int(1, next + 1);
+    if (!s.ok() || sqlite3_step(s.get()) != SQLITE_DONE) return fail("advancing the job counter");
+  }
+  RETURN_IF_ERROR(Exec("COMMIT"));
+  return next;
+}
+
 absl::Status JobStore::Save(const JobRecord& job) {
   RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
   auto fail = [&](const char* what) {
@@ -86,15 +136,15 @@ absl::Status JobStore::Save(const JobRecord& job) {
            "INSERT INTO jobs (id, yaml, state) VALUES (?1, ?2, ?3) "
            "ON CONFLICT(id) DO UPDATE SET state = excluded.state");
     s.Text(1, job.id);
-    s.Text(2, job.yaml);
+    s.Blob(2, job.yaml);
     s.Text(3, Name(job.state));
     if (!s.ok() || sqlite3_step(s.get()) != SQLITE_DONE) return fail("saving job");
   }
   for (size_t i = 0; i < job.stages.size(); ++i) {
     const auto& st = job.stages[i];
     Stmt s(db_,
-           "INSERT OR REPLACE INTO stages (job_id, idx, name, state, restarts, step, loss) "
-           "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
+           "INSERT OR REPLACE INTO stages (job_id, idx, name, state, restarts, step, loss, "
+           "attempts, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)");
     s.Text(1, job.id);
     s.Int(2, static_cast<int64_t>(i));
     s.Text(3, st.spec.name);
@@ -102,6 +152,8 @@ absl::Status JobStore::Save(const JobRecord& job) {
     s.Int(5, st.restarts);
     s.Int(6, st.step);
     s.Real(7, st.loss);
+    s.Int(8, st.attempts);
+    s.Text(9, st.error);
     if (!s.ok() || sqlite3_step(s.get()) != SQLITE_DONE) return fail("saving stage");
   }
   for (size_t i = events_stored_[job.id]; i < job.events.size(); ++i) {
@@ -116,20 +168,22 @@ absl::Status JobStore::Save(const JobRecord& job) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<JobRecord>> JobStore::LoadAll() const {
+absl::StatusOr<std::vector<JobRecord>> JobStore::LoadAll(double now) const {
   std::vector<JobRecord> out;
   Stmt jobs(db_, "SELECT id, yaml, state FROM jobs ORDER BY id");
   if (!jobs.ok()) return absl::InternalError(absl::StrCat("job store: ", sqlite3_errmsg(db_)));
   while (sqlite3_step(jobs.get()) == SQLITE_ROW) {
     JobRecord j;
     j.id = Col(jobs.get(), 0);
-    j.yaml = Col(jobs.get(), 1);
+    j.yaml = BlobCol(jobs.get(), 1);
     j.state = ParseState(Col(jobs.get(), 2), JobState::kQueued);
+    // A stored job that no longer parses (written by another build, a key since
+    // renamed) must not keep the coordinator from starting: it is loaded as failed.
     auto spec = ParseJobSpec(j.yaml, absl::StrCat("stored job ", j.id));
-    if (!spec.ok()) return spec.status();
-    j.spec = *spec;
+    if (spec.ok()) j.spec = *spec;
     Stmt st(db_,
-            "SELECT name, state, restarts, step, loss FROM stages WHERE job_id = ?1 ORDER BY idx");
+            "SELECT name, state, restarts, step, loss, attempts, error FROM stages WHERE job_id = "
+            "?1 ORDER BY idx");
     st.Text(1, j.id);
     size_t idx = 0;
     while (sqlite3_step(st.get()) == SQLITE_ROW) {
@@ -139,6 +193,8 @@ absl::StatusOr<std::vector<JobRecord>> JobStore::LoadAll() const {
       r.restarts = sqlite3_column_int64(st.get(), 2);
       r.step = sqlite3_column_int64(st.get(), 3);
       r.loss = sqlite3_column_double(st.get(), 4);
+      r.attempts = sqlite3_column_int64(st.get(), 5);
+      r.error = Col(st.get(), 6);
       j.stages.push_back(r);
       ++idx;
     }
@@ -146,6 +202,17 @@ absl::StatusOr<std::vector<JobRecord>> JobStore::LoadAll() const {
     ev.Text(1, j.id);
     while (sqlite3_step(ev.get()) == SQLITE_ROW) j.events.push_back(Col(ev.get(), 0));
     events_stored_[j.id] = j.events.size();
+    if (!spec.ok()) {
+      const bool ended = j.state == JobState::kSucceeded || j.state == JobState::kFailed ||
+                         j.state == JobState::kCancelled;
+      for (auto& r : j.stages) {
+        if (!ended && r.state != StageState::kSucceeded) r.state = StageState::kFailed;
+      }
+      if (!ended) j.state = JobState::kFailed;
+      j.events.push_back(absl::StrFormat("%.3f the stored job.yaml no longer parses (%s)%s", now,
+                                         spec.status().message(),
+                                         ended ? "" : "; the job is marked failed"));
+    }
     out.push_back(std::move(j));
   }
   return out;

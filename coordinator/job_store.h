@@ -20,10 +20,14 @@ class JobStore {
   JobStore(const JobStore&) = delete;
   JobStore& operator=(const JobStore&) = delete;
 
+  // The next job number, advanced durably before it is returned: a number is
+  // handed out once, even when the job it was meant for is never stored.
+  absl::StatusOr<int64_t> AllocateJobNumber();
   // Writes the job, its stages and any events not yet stored, atomically.
   absl::Status Save(const JobRecord& job);
-  // Every job, with its spec re-parsed from the stored job.yaml.
-  absl::StatusOr<std::vector<JobRecord>> LoadAll() const;
+  // Every job, with its spec re-parsed from the stored job.yaml; a job whose text
+  // no longer parses comes back failed, with the reason as its last event.
+  absl::StatusOr<std::vector<JobRecord>> LoadAll(double now = 0) const;
 
  private:
   explicit JobStore(sqlite3* db) : db_(db) {}

@@ -2,6 +2,7 @@
 // keeps job state in SQLite, exposes Prometheus metrics.
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -10,9 +11,11 @@
 #include <iostream>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "cli/sdctl/args.h"
 #include "common/http_exporter.h"
 #include "coordinator/grpc_services.h"
+#include "coordinator/storage_lock.h"
 #include "sd/util/status_macros.h"
 
 namespace {
@@ -28,13 +31,24 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(sdctl::Args a, sdctl::Args::Parse(argc, argv,
                                                      {"listen", "store", "storage", "metrics-port",
                                                       "metrics-host", "heartbeat-timeout",
-                                                      "rendezvous-host", "rendezvous-base-port"}));
+                                                      "rendezvous-host", "rendezvous-base-port",
+                                                      "restart-backoff", "restart-backoff-max"}));
   const std::string listen = a.Get("listen", "127.0.0.1:50051");
   const std::string storage = a.Get("storage", "output/runs");
-  std::filesystem::create_directories(storage);
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  // Held until the process exits: before the store is opened, so two
+  // coordinators never share one.
+  ASSIGN_OR_RETURN(auto lock,
+                   sd::coord::StorageLock::Acquire(
+                       storage, absl::StrCat("pid ", ::getpid(), " on ", host, ", listening on ",
+                                             listen, ", started at unix time ",
+                                             static_cast<int64_t>(Now()))));
   ASSIGN_OR_RETURN(auto store, sd::coord::JobStore::Open(a.Get("store", storage + "/jobs.db")));
   sd::coord::SchedulerOptions opts;
   ASSIGN_OR_RETURN(opts.heartbeat_timeout_s, a.Double("heartbeat-timeout", 10));
+  ASSIGN_OR_RETURN(opts.restart_backoff_s, a.Double("restart-backoff", 2));
+  ASSIGN_OR_RETURN(opts.restart_backoff_max_s, a.Double("restart-backoff-max", 300));
   opts.rendezvous_host = a.Get("rendezvous-host", "127.0.0.1");
   ASSIGN_OR_RETURN(opts.rendezvous_base_port, a.Int("rendezvous-base-port", 29500));
   sd::metrics::Registry registry;
@@ -46,7 +60,10 @@ absl::Status Run(int argc, char** argv) {
                                                     static_cast<int>(metrics_port)));
 
   sd::coord::JobServiceImpl jobs(&core, Now);
-  sd::coord::WorkerServiceImpl workers(&core, Now, std::max(0.5, opts.heartbeat_timeout_s / 4));
+  // Heartbeats four times per timeout; a worker cut off for 3/4 of it stops its
+  // task itself, before the coordinator can hand the stage to someone else.
+  sd::coord::WorkerServiceImpl workers(&core, Now, std::max(0.5, opts.heartbeat_timeout_s / 4),
+                                       opts.heartbeat_timeout_s * 0.75);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;

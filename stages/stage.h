@@ -24,6 +24,10 @@ struct StageProgress {
   int64_t checkpoint_bytes = 0;
 };
 
+// What a stage tells the job's event log besides progress; the worker also counts
+// each kind in its metrics.
+enum class StageEvent { kInfo, kCheckpointRejected, kSampleSkipped };
+
 struct StageContext {
   JobSpec job;
   int64_t rank = 0;
@@ -33,8 +37,10 @@ struct StageContext {
   std::string input_model;     // the model to start from: the previous stage's output, or job.model
   torch::Device device = torch::kCPU;
   std::function<void(const StageProgress&)> report = [](const StageProgress&) {};
-  // Polled between steps; true stops the stage cleanly (abort or test interruption).
+  // Polled between steps and before each checkpoint; true stops the stage cleanly
+  // (abort, a lost lease, or test interruption).
   std::function<bool(int64_t step)> should_stop = [](int64_t) { return false; };
+  std::function<void(StageEvent, const std::string&)> event = [](StageEvent, const std::string&) {};
   // Data-parallel gradient averaging across ranks; the identity for one worker.
   std::function<void(std::vector<torch::Tensor>& grads)> all_reduce_mean =
       [](std::vector<torch::Tensor>&) {};

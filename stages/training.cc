@@ -6,6 +6,8 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "sd/train/checkpoint.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
@@ -39,41 +41,90 @@ std::string OptimizerStem(const std::string& stem) { return stem + "_optimizer";
 std::string EmaStem(const std::string& stem) { return stem + "_ema"; }
 }  // namespace
 
-absl::StatusOr<int64_t> ParamTrainer::Resume(const std::string& checkpoint_dir) {
-  std::vector<std::string> skipped;
-  ASSIGN_OR_RETURN(auto ckpt, LoadLatestCheckpoint(checkpoint_dir, &skipped));
-  if (!ckpt.has_value()) return 0;
-  torch::NoGradGuard ng;
+absl::Status ParamTrainer::Usable(const TrainingCheckpoint& c) const {
+  for (const char* key : {"step", "adam_step"}) {
+    if (!c.state.contains(key) || !c.state[key].is_number_integer())
+      return absl::DataLossError(absl::StrCat("manifest.json state has no integer \"", key, "\""));
+  }
   for (const auto& [stem, module] : parts_) {
     for (const std::string& group :
          {stem, OptimizerStem(stem), ema_.empty() ? stem : EmaStem(stem)}) {
-      if (!ckpt->tensors.contains(group))
-        return absl::DataLossError(absl::StrCat(ckpt->dir, ": checkpoint has no ", group,
+      if (!c.tensors.contains(group))
+        return absl::DataLossError(absl::StrCat("checkpoint has no ", group,
                                                 " tensors (it was written by another stage?)"));
     }
   }
   for (size_t i = 0; i < params_.size(); ++i) {
     const std::string& stem = parts_[part_[i]].stem;
-    const auto& w = ckpt->tensors.at(stem);
-    const auto& o = ckpt->tensors.at(OptimizerStem(stem));
-    const auto it = w.find(names_[i]);
-    if (it == w.end() || !it->second.sizes().equals(params_[i].sizes()))
-      return absl::DataLossError(absl::StrCat(ckpt->dir, ": ", stem, " tensor ", names_[i],
-                                              " missing or of the wrong shape (model ",
-                                              c10::str(params_[i].sizes()), ")"));
-    const auto m = o.find(names_[i] + ".exp_avg"), v = o.find(names_[i] + ".exp_avg_sq");
-    if (m == o.end() || v == o.end())
-      return absl::DataLossError(
-          absl::StrCat(ckpt->dir, ": no optimizer state for ", stem, " tensor ", names_[i]));
-    params_[i].copy_(it->second);
+    const auto shape = params_[i].sizes();
+    auto same = [&](const std::string& group, const std::string& name) -> absl::Status {
+      const auto& g = c.tensors.at(group);
+      const auto it = g.find(name);
+      if (it == g.end())
+        return absl::DataLossError(absl::StrCat(group, " tensor ", name, " is missing"));
+      if (!it->second.sizes().equals(shape))
+        return absl::DataLossError(absl::StrCat(group, " tensor ", name, " has shape ",
+                                                c10::str(it->second.sizes()), ", the model ",
+                                                c10::str(shape)));
+      return absl::OkStatus();
+    };
+    RETURN_IF_ERROR(same(stem, names_[i]));
+    RETURN_IF_ERROR(same(OptimizerStem(stem), names_[i] + ".exp_avg"));
+    RETURN_IF_ERROR(same(OptimizerStem(stem), names_[i] + ".exp_avg_sq"));
+    if (!ema_.empty()) RETURN_IF_ERROR(same(EmaStem(stem), names_[i]));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> ParamTrainer::Resume(const std::string& checkpoint_dir,
+                                             const ResumeOptions& o) {
+  auto note = [&](StageEvent kind, const std::string& text) {
+    if (o.event) o.event(kind, text);
+  };
+  if (o.remove_unfinished) {
+    for (const auto& tmp : RemoveUnfinishedCheckpoints(checkpoint_dir))
+      note(StageEvent::kInfo, absl::StrCat("removed ", tmp, ", a checkpoint write cut short"));
+  }
+  std::vector<std::string> rejected;
+  ASSIGN_OR_RETURN(auto ckpt,
+                   LoadLatestCheckpoint(checkpoint_dir, &rejected, [this](const TrainingCheckpoint& c) {
+                     return Usable(c);
+                   }));
+  for (const auto& r : rejected) note(StageEvent::kCheckpointRejected, absl::StrCat("checkpoint rejected: ", r));
+  if (!ckpt.has_value()) {
+    if (rejected.empty()) return 0;
+    // Silently starting over would throw away the training the log claims it resumed.
+    if (!o.allow_restart_from_zero)
+      return absl::DataLossError(absl::StrCat(
+          "checkpoints exist in ", checkpoint_dir, " but none is usable (", absl::StrJoin(rejected, "; "),
+          "); set allow_restart_from_zero: true in job.yaml to train again from step 0"));
+    note(StageEvent::kInfo, "no usable checkpoint: training again from step 0 (allow_restart_from_zero)");
+    return 0;
+  }
+  torch::NoGradGuard ng;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string& stem = parts_[part_[i]].stem;
+    const auto& o_state = ckpt->tensors.at(OptimizerStem(stem));
+    params_[i].copy_(ckpt->tensors.at(stem).at(names_[i]));
     auto st = std::make_unique<torch::optim::AdamWParamState>();
     st->step(ckpt->state.at("adam_step").get<int64_t>());
-    st->exp_avg(m->second.to(params_[i].device()).clone());
-    st->exp_avg_sq(v->second.to(params_[i].device()).clone());
+    st->exp_avg(o_state.at(names_[i] + ".exp_avg").to(params_[i].device()).clone());
+    st->exp_avg_sq(o_state.at(names_[i] + ".exp_avg_sq").to(params_[i].device()).clone());
     opt_->state()[params_[i].unsafeGetTensorImpl()] = std::move(st);
     if (!ema_.empty()) ema_[i].copy_(ckpt->tensors.at(EmaStem(stem)).at(names_[i]));
   }
-  return ckpt->state.at("step").get<int64_t>();
+  const int64_t step = ckpt->state.at("step").get<int64_t>();
+  note(StageEvent::kInfo, absl::StrCat("resumed from ", ckpt->dir, " (step ", step, ")"));
+  return step;
+}
+
+absl::StatusOr<int64_t> ParamTrainer::Resume(const StageContext& ctx) {
+  ResumeOptions o;
+  o.allow_restart_from_zero = ctx.job.allow_restart_from_zero;
+  // Every rank reads the same checkpoints; one of them speaks and cleans up.
+  o.remove_unfinished = ctx.rank == 0;
+  if (ctx.rank == 0) o.event = ctx.event;
+  return Resume(ctx.checkpoint_dir, o);
 }
 
 void ParamTrainer::Step(double lr, double max_grad_norm,
@@ -157,13 +208,32 @@ double LearningRate(const LoopOptions& o, int64_t step) {
   return o.lr * 0.5 * (1.0 + std::cos(M_PI * done));  // cosine
 }
 
+absl::Status SkippedSamples::Check(const StageContext& ctx, const DataLoader& loader) {
+  const std::vector<std::string> problems = loader.skipped();
+  for (; reported_ < problems.size(); ++reported_)
+    ctx.event(StageEvent::kSampleSkipped, problems[reported_]);
+  const size_t total = loader.dataset_entries();
+  if (static_cast<double>(problems.size()) <=
+      ctx.job.max_skipped_fraction * static_cast<double>(total))
+    return absl::OkStatus();
+  return absl::DataLossError(absl::StrFormat(
+      "dataset %s: %d of %d samples skipped (%.1f%%), more than data.max_skipped_fraction "
+      "%.4g allows; first: %s",
+      ctx.job.dataset, static_cast<int>(problems.size()), static_cast<int>(total),
+      100.0 * static_cast<double>(problems.size()) / static_cast<double>(std::max<size_t>(1, total)),
+      ctx.job.max_skipped_fraction, problems.front()));
+}
+
 absl::Status RunTrainingLoop(
     StageContext& ctx, ParamTrainer& trainer, DataLoader& loader, const LoopOptions& o,
     const std::function<absl::StatusOr<torch::Tensor>(int64_t, const Batch&)>& loss_fn) {
+  SkippedSamples skipped;
+  RETURN_IF_ERROR(skipped.Check(ctx, loader));  // what indexing the dataset passed over
   for (int64_t step = o.start_step; step < o.total_steps; ++step) {
     if (ctx.should_stop(step)) return absl::AbortedError(absl::StrCat("stopped at step ", step));
     const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(Batch batch, loader.Next());
+    RETURN_IF_ERROR(skipped.Check(ctx, loader));
     ASSIGN_OR_RETURN(torch::Tensor loss, loss_fn(step, batch));
     loss.backward();
     trainer.Step(LearningRate(o, step), o.max_grad_norm, ctx.all_reduce_mean);
@@ -175,6 +245,9 @@ absl::Status RunTrainingLoop(
     pr.samples_per_s = static_cast<double>(o.global_batch) / pr.step_time_s;
     pr.data_wait_s = batch.wait_seconds;
     if ((step + 1) % ctx.job.checkpoint_interval == 0 || step + 1 == o.total_steps) {
+      // An attempt that lost its lease or was superseded writes nothing more.
+      if (ctx.should_stop(step + 1))
+        return absl::AbortedError(absl::StrCat("stopped before the checkpoint of step ", step + 1));
       const auto c0 = std::chrono::steady_clock::now();
       if (ctx.rank == 0) {
         RETURN_IF_ERROR(

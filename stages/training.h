@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "sd/data/dataset.h"
 #include "sd/io/safetensors.h"
+#include "sd/train/checkpoint.h"
 #include "stages/stage.h"
 
 namespace sd::stages {
@@ -34,9 +35,21 @@ class ParamTrainer {
                std::optional<double> ema_decay)
       : ParamTrainer({{std::move(stem), &module}}, lr, weight_decay, ema_decay) {}
 
-  // Restores from the newest valid checkpoint in ctx.checkpoint_dir; returns the
-  // step to start from (0 when there is none).
-  absl::StatusOr<int64_t> Resume(const std::string& checkpoint_dir);
+  struct ResumeOptions {
+    bool allow_restart_from_zero = false;  // when checkpoints exist but none is usable
+    bool remove_unfinished = true;         // delete .tmp-step-* left by a killed writer
+    std::function<void(StageEvent, const std::string&)> event;  // rejected checkpoints, ...
+  };
+  // Restores from the newest usable checkpoint in `checkpoint_dir`, passing over
+  // (and reporting) corrupt or incomplete ones; returns the step to start from (0
+  // when there is none). DataLoss when checkpoints exist but none is usable,
+  // unless o.allow_restart_from_zero.
+  absl::StatusOr<int64_t> Resume(const std::string& checkpoint_dir, const ResumeOptions& o);
+  absl::StatusOr<int64_t> Resume(const std::string& checkpoint_dir) {
+    return Resume(checkpoint_dir, ResumeOptions{});
+  }
+  // As a stage resumes: the job's allow_restart_from_zero, events from rank 0.
+  absl::StatusOr<int64_t> Resume(const StageContext& ctx);
   // After loss.backward(): average gradients across ranks, clip, set lr, step, EMA.
   void Step(double lr, double max_grad_norm,
             const std::function<void(std::vector<torch::Tensor>&)>& all_reduce_mean);
@@ -47,6 +60,9 @@ class ParamTrainer {
   int64_t CheckpointBytes() const;
 
  private:
+  // Whether `c` holds everything Resume restores, each tensor in the model's shape.
+  absl::Status Usable(const TrainingCheckpoint& c) const;
+
   std::vector<TrainedPart> parts_;
   // Per parameter: its part's index into parts_, its name within the part.
   std::vector<size_t> part_;
@@ -69,6 +85,16 @@ struct LoopOptions {
 
 // The learning rate of `step` (0-based) under o's warm-up and schedule.
 double LearningRate(const LoopOptions& o, int64_t step);
+
+// Reports each skipped sample once (event log, metric) and fails the stage with
+// DataLoss when more than job.max_skipped_fraction of the dataset was skipped.
+class SkippedSamples {
+ public:
+  absl::Status Check(const StageContext& ctx, const DataLoader& loader);
+
+ private:
+  size_t reported_ = 0;
+};
 
 // Runs steps [start_step, total_steps): takes the step's batch from `loader`,
 // loss_fn(step, batch) computes the local loss, then the trainer steps;

@@ -78,9 +78,12 @@ std::unique_ptr<CoordinatorClient> CoordinatorClient::Connect(const std::string&
   return std::unique_ptr<CoordinatorClient>(new CoordinatorClient(std::move(impl)));
 }
 
-absl::StatusOr<double> CoordinatorClient::Register(const std::string& device, int64_t device_count,
-                                                   int64_t cpu_cores, int64_t memory_bytes,
-                                                   const std::string& metrics_address) {
+absl::StatusOr<Registration> CoordinatorClient::Register(const std::string& device,
+                                                         int64_t device_count, int64_t cpu_cores,
+                                                         int64_t memory_bytes,
+                                                         const std::string& metrics_address,
+                                                         const std::string& running_task,
+                                                         int64_t rank) {
   sd::v1::RegisterRequest req;
   req.set_worker_id(impl_->id);
   req.mutable_resources()->set_device(device);
@@ -88,12 +91,14 @@ absl::StatusOr<double> CoordinatorClient::Register(const std::string& device, in
   req.mutable_resources()->set_cpu_cores(static_cast<int32_t>(cpu_cores));
   req.mutable_resources()->set_memory_bytes(memory_bytes);
   req.set_metrics_address(metrics_address);
+  req.set_running_task_id(running_task);
+  req.set_running_rank(static_cast<int32_t>(rank));
   sd::v1::RegisterResponse resp;
   grpc::ClientContext ctx;
   Deadline(ctx, 5);
   auto s = FromGrpc(impl_->stub->Register(&ctx, req, &resp), "register");
   if (!s.ok()) return s;
-  return resp.heartbeat_interval_s();
+  return Registration{resp.heartbeat_interval_s(), resp.lease_s()};
 }
 
 absl::StatusOr<std::string> CoordinatorClient::Heartbeat() {
@@ -118,14 +123,15 @@ absl::StatusOr<std::optional<TaskSpec>> CoordinatorClient::Poll() {
   if (!resp.has_task()) return std::optional<TaskSpec>();
   const auto& t = resp.task();
   TaskSpec spec{t.task_id(),        t.job_id(),     t.stage(),   t.rendezvous(), t.job_yaml(),
-                t.checkpoint_dir(), t.output_dir(), t.backend(), t.input_model(), t.rank(),
-                t.world_size()};
+                t.checkpoint_dir(), t.output_dir(), t.backend(), t.input_model(),
+                t.crash_report(),   t.rank(),       t.world_size()};
   return std::optional<TaskSpec>(spec);
 }
 
 absl::StatusOr<bool> CoordinatorClient::Progress(const std::string& task_id, int64_t step,
                                                  int64_t total, double loss, double step_time_s,
-                                                 double samples_per_s) {
+                                                 double samples_per_s,
+                                                 const std::vector<std::string>& log_lines) {
   sd::v1::ProgressRequest req;
   req.set_worker_id(impl_->id);
   req.set_task_id(task_id);
@@ -134,6 +140,7 @@ absl::StatusOr<bool> CoordinatorClient::Progress(const std::string& task_id, int
   req.set_loss(loss);
   req.set_step_time_s(step_time_s);
   req.set_samples_per_s(samples_per_s);
+  for (const auto& l : log_lines) req.add_log_lines(l);
   sd::v1::ProgressResponse resp;
   grpc::ClientContext ctx;
   Deadline(ctx, 5);
@@ -142,12 +149,15 @@ absl::StatusOr<bool> CoordinatorClient::Progress(const std::string& task_id, int
   return resp.abort();
 }
 
-absl::Status CoordinatorClient::Finish(const std::string& task_id, const absl::Status& result) {
+absl::Status CoordinatorClient::Finish(const std::string& task_id, const absl::Status& result,
+                                       const std::vector<std::string>& log_lines) {
   sd::v1::FinishRequest req;
   req.set_worker_id(impl_->id);
   req.set_task_id(task_id);
   req.set_ok(result.ok());
   req.set_error(std::string(result.message()));
+  req.set_code(static_cast<int32_t>(result.code()));
+  for (const auto& l : log_lines) req.add_log_lines(l);
   sd::v1::FinishResponse resp;
   grpc::ClientContext ctx;
   Deadline(ctx, 10);

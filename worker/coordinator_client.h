@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -14,8 +15,13 @@ namespace sd::worker {
 
 struct TaskSpec {
   std::string task_id, job_id, stage, rendezvous, job_yaml, checkpoint_dir, output_dir, backend,
-      input_model;
+      input_model, crash_report;
   int64_t rank = 0, world_size = 1;
+};
+
+struct Registration {
+  double heartbeat_interval_s = 1;
+  double lease_s = 0;  // 0: no lease (an older coordinator)
 };
 
 // The worker's own small gRPC server: grpc.health.v1 plus sd.v1.WorkerAgent.
@@ -44,17 +50,21 @@ class CoordinatorClient {
   static std::unique_ptr<CoordinatorClient> Connect(const std::string& address,
                                                     const std::string& worker_id);
   ~CoordinatorClient();
-  // Returns the heartbeat interval the coordinator asks for.
-  absl::StatusOr<double> Register(const std::string& device, int64_t device_count,
-                                  int64_t cpu_cores, int64_t memory_bytes,
-                                  const std::string& metrics_address);
+  // `running_task`/`rank`: the task this worker is still running ("" when idle).
+  absl::StatusOr<Registration> Register(const std::string& device, int64_t device_count,
+                                        int64_t cpu_cores, int64_t memory_bytes,
+                                        const std::string& metrics_address,
+                                        const std::string& running_task, int64_t rank);
   // Returns the id of a task to abort, or "". NotFound: register again.
   absl::StatusOr<std::string> Heartbeat();
   absl::StatusOr<std::optional<TaskSpec>> Poll();
-  // Returns true when the coordinator wants the task aborted.
+  // Returns true when the coordinator wants the task aborted. FailedPrecondition:
+  // the attempt is not current (stop it); NotFound: register again.
   absl::StatusOr<bool> Progress(const std::string& task_id, int64_t step, int64_t total,
-                                double loss, double step_time_s, double samples_per_s);
-  absl::Status Finish(const std::string& task_id, const absl::Status& result);
+                                double loss, double step_time_s, double samples_per_s,
+                                const std::vector<std::string>& log_lines);
+  absl::Status Finish(const std::string& task_id, const absl::Status& result,
+                      const std::vector<std::string>& log_lines);
 
  private:
   struct Impl;

@@ -10,6 +10,8 @@
 #include <iostream>
 #include <mutex>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cli/sdctl/args.h"
@@ -19,6 +21,7 @@
 #include "sd/util/status_macros.h"
 #include "stages/stage.h"
 #include "worker/coordinator_client.h"
+#include "worker/crash_report.h"
 #include "worker/data_parallel.h"
 
 namespace {
@@ -49,26 +52,38 @@ class Worker {
             MemoryBytes(), static_cast<int64_t>(std::thread::hardware_concurrency())};
   }
 
+  // Says what this worker still runs, so a restarted coordinator adopts it (or
+  // tells it to stop) instead of handing its stage to someone else as well.
   absl::Status Register() {
     const bool cuda = torch::cuda::is_available();
-    auto interval =
-        client_->Register(cuda ? "cuda" : "cpu", cuda ? torch::cuda::device_count() : 1,
-                          std::thread::hardware_concurrency(), MemoryBytes(), metrics_address_);
-    if (!interval.ok()) return interval.status();
-    interval_ = *interval;
+    std::string task;
+    int64_t rank = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      task = current_task_;
+      rank = current_rank_;
+    }
+    auto reg = client_->Register(cuda ? "cuda" : "cpu", cuda ? torch::cuda::device_count() : 1,
+                                 std::thread::hardware_concurrency(), MemoryBytes(),
+                                 metrics_address_, task, rank);
+    if (!reg.ok()) return reg.status();
+    interval_ = reg->heartbeat_interval_s;
+    lease_s_ = reg->lease_s;
+    Acked();
     return absl::OkStatus();
   }
 
   void HeartbeatLoop() {
     while (true) {
       auto abort = client_->Heartbeat();
-      if (abort.ok() && !abort->empty()) {
+      if (abort.ok()) {
+        Acked();
         std::lock_guard<std::mutex> lock(mu_);
-        if (*abort == current_task_) abort_ = true;
-      } else if (!abort.ok() && abort.status().code() == absl::StatusCode::kNotFound) {
+        if (!abort->empty() && *abort == current_task_) abort_ = true;
+      } else if (abort.status().code() == absl::StatusCode::kNotFound) {
         Register().IgnoreError();  // the coordinator restarted or expired us
       }
-      std::this_thread::sleep_for(std::chrono::duration<double>(interval_));
+      std::this_thread::sleep_for(std::chrono::duration<double>(interval_.load()));
     }
   }
 
@@ -94,7 +109,20 @@ class Worker {
                                                      task.backend.empty() ? "gloo" : task.backend));
       ctx.all_reduce_mean = [&group](std::vector<torch::Tensor>& g) { group->AllReduceMean(g); };
     }
-    ctx.should_stop = [this](int64_t) { return abort_.load(); };
+    ctx.should_stop = [this](int64_t) { return ShouldStop(); };
+    ctx.event = [&](sd::stages::StageEvent kind, const std::string& text) {
+      const sd::metrics::Labels l{{"stage", task.stage}};
+      if (kind == sd::stages::StageEvent::kCheckpointRejected)
+        metrics_->CounterAdd("sd_checkpoints_rejected_total",
+                             "Checkpoints found invalid and passed over on resume.", l);
+      if (kind == sd::stages::StageEvent::kSampleSkipped)
+        metrics_->CounterAdd("sd_samples_skipped_total",
+                             "Dataset samples skipped (bad metadata, missing or bad images).", l);
+      std::cout << task.task_id << ": " << text << std::endl;
+      sd::worker::SetLastWords(text);
+      std::lock_guard<std::mutex> lock(mu_);
+      log_lines_.push_back(text);
+    };
     ctx.report = [&](const sd::stages::StageProgress& p) {
       const sd::metrics::Labels l{{"worker", id_}, {"job_id", task.job_id}, {"stage", task.stage}};
       metrics_->GaugeSet("sd_worker_step", "Latest step this worker finished.", l,
@@ -122,9 +150,20 @@ class Worker {
                            {{"worker", id_}},
                            static_cast<double>(stats.allocated_bytes[0].current));
       }
+      sd::worker::SetLastWords(absl::StrCat("step ", p.step, "/", p.total_steps, " loss ", p.loss));
+      std::vector<std::string> lines = TakeLogLines();
       auto abort = client_->Progress(task.task_id, p.step, p.total_steps, p.loss, p.step_time_s,
-                                     p.samples_per_s);
-      if (abort.ok() && *abort) abort_ = true;
+                                     p.samples_per_s, lines);
+      if (abort.ok()) {
+        Acked();
+        if (*abort) abort_ = true;
+      } else {
+        if (abort.status().code() == absl::StatusCode::kFailedPrecondition) {
+          std::cout << task.task_id << ": " << abort.status().message() << std::endl;
+          abort_ = true;  // superseded: another attempt owns the stage now
+        }
+        PutBackLogLines(std::move(lines));
+      }
     };
     return stage->Run(ctx);
   }
@@ -141,8 +180,11 @@ class Worker {
       {
         std::lock_guard<std::mutex> lock(mu_);
         current_task_ = t.task_id;
+        current_rank_ = t.rank;
         abort_ = false;
+        log_lines_.clear();
       }
+      sd::worker::SetCrashContext(t.task_id, t.crash_report);
       std::cout << "running " << t.task_id << " as rank " << t.rank << "/" << t.world_size
                 << std::endl;
       absl::Status result;
@@ -152,21 +194,75 @@ class Worker {
         result = absl::InternalError(e.what());
       }
       std::cout << t.task_id << ": " << (result.ok() ? "done" : result.ToString()) << std::endl;
-      client_->Finish(t.task_id, result).IgnoreError();
+      Finish(t.task_id, result);
+      sd::worker::SetCrashContext("", "");
       std::lock_guard<std::mutex> lock(mu_);
       current_task_.clear();
     }
   }
 
  private:
+  // The outcome is retried until the coordinator acknowledges it (Finish is
+  // idempotent per attempt): a lost Finish would leave the job RUNNING for ever.
+  // Meanwhile this worker still says it runs the task, so a restarted
+  // coordinator adopts it and takes the Finish.
+  void Finish(const std::string& task, const absl::Status& result) {
+    double wait = 0.2;
+    for (int attempt = 1;; ++attempt) {
+      const std::vector<std::string> lines = TakeLogLines();
+      absl::Status s = client_->Finish(task, result, lines);
+      if (s.ok()) return;
+      if (s.code() == absl::StatusCode::kFailedPrecondition ||
+          s.code() == absl::StatusCode::kInvalidArgument) {
+        std::cout << task << ": result not taken (" << s.message() << ")" << std::endl;
+        return;  // a stale attempt: another one owns the stage
+      }
+      PutBackLogLines(lines);
+      std::cout << task << ": finish not acknowledged (attempt " << attempt << ": "
+                << s.message() << "); retrying in " << wait << "s" << std::endl;
+      std::this_thread::sleep_for(std::chrono::duration<double>(wait));
+      wait = std::min(5.0, wait * 2);
+    }
+  }
+
+  bool ShouldStop() {
+    if (abort_) return true;
+    const double lease = lease_s_.load();
+    if (lease <= 0) return false;
+    const double since = std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                       last_ack_.load())
+                             .count();
+    if (since <= lease) return false;
+    std::cout << "no word from the coordinator for " << since << "s (lease " << lease
+              << "s): stopping the task, which may be running elsewhere by now" << std::endl;
+    abort_ = true;
+    return true;
+  }
+
+  void Acked() { last_ack_ = std::chrono::steady_clock::now(); }
+
+  std::vector<std::string> TakeLogLines() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::exchange(log_lines_, {});
+  }
+  void PutBackLogLines(std::vector<std::string> lines) {
+    std::lock_guard<std::mutex> lock(mu_);
+    lines.insert(lines.end(), log_lines_.begin(), log_lines_.end());
+    log_lines_ = std::move(lines);
+  }
+
   std::unique_ptr<sd::worker::CoordinatorClient> client_;
   sd::metrics::Registry* metrics_;
   std::string id_;
   std::string metrics_address_;
-  double interval_ = 1;
+  std::atomic<double> interval_{1};
+  std::atomic<double> lease_s_{0};
+  std::atomic<std::chrono::steady_clock::time_point> last_ack_{std::chrono::steady_clock::now()};
   std::atomic<bool> abort_{false};
   std::mutex mu_;
   std::string current_task_;
+  int64_t current_rank_ = 0;
+  std::vector<std::string> log_lines_;
 };
 
 absl::Status Run(int argc, char** argv) {
@@ -185,6 +281,7 @@ absl::Status Run(int argc, char** argv) {
                    sd::metrics::HttpExporter::Start(&registry, a.Get("metrics-host", "127.0.0.1"),
                                                     static_cast<int>(metrics_port)));
   registry.GaugeSet("sd_worker_up", "1 while the worker process runs.", {{"worker", id}}, 1);
+  sd::worker::InstallCrashHandler(id);
   std::cout << "worker " << id << " metrics on :" << exporter->port() << std::endl;
   const std::string listen_host = a.Get("metrics-host", "127.0.0.1");
   Worker w(sd::worker::CoordinatorClient::Connect(a.Get("coordinator", "127.0.0.1:50051"), id),

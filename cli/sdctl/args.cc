@@ -17,6 +17,11 @@ absl::StatusOr<Args> Args::Parse(int argc, char** argv, const std::vector<std::s
   };
   for (int i = 0; i < argc; ++i) {
     std::string arg = argv[i];
+    // A one-letter switch may be given Unix-style (`sdctl logs JOB -f`).
+    if (arg.size() == 2 && arg[0] == '-' && arg[1] != '-' && contains(switches, arg.substr(1))) {
+      a.values_[arg.substr(1)].push_back("true");
+      continue;
+    }
     if (arg.rfind("--", 0) != 0)
       return absl::InvalidArgumentError(absl::StrCat("unexpected argument \"", arg, "\""));
     std::string name = arg.substr(2), value;

@@ -97,6 +97,14 @@ absl::Status JobClient::Cancel(const std::string& id) {
   return FromGrpc(impl_->stub->CancelJob(&ctx, req, &resp), impl_->address);
 }
 
+absl::Status JobClient::Resume(const std::string& id) {
+  sd::v1::ResumeJobRequest req;
+  req.set_job_id(id);
+  sd::v1::ResumeJobResponse resp;
+  grpc::ClientContext ctx;
+  return FromGrpc(impl_->stub->ResumeJob(&ctx, req, &resp), impl_->address);
+}
+
 absl::StatusOr<std::vector<WorkerView>> JobClient::Workers() {
   sd::v1::ListWorkersRequest req;
   sd::v1::ListWorkersResponse resp;

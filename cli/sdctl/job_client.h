@@ -35,6 +35,7 @@ class JobClient {
   absl::StatusOr<JobView> Get(const std::string& id);
   absl::StatusOr<std::vector<JobView>> List();
   absl::Status Cancel(const std::string& id);
+  absl::Status Resume(const std::string& id);
   absl::StatusOr<std::vector<WorkerView>> Workers();
   // Calls on_event(seq, text, job) for each event after `after`; with follow, until the job ends.
   absl::Status Events(

@@ -41,7 +41,8 @@ int JobsCommand(const std::string& cmd, int argc, char** argv) {
   auto run = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(Args a, Args::Parse(argc, argv, {"coordinator"}, {}, {"f", "follow"}));
     auto client = JobClient::Connect(Address(a));
-    const bool needs_arg = cmd == "submit" || cmd == "status" || cmd == "cancel" || cmd == "logs";
+    const bool needs_arg = cmd == "submit" || cmd == "status" || cmd == "cancel" ||
+                           cmd == "resume" || cmd == "logs";
     if (needs_arg && positional.empty()) {
       return absl::InvalidArgumentError(cmd == "submit" ? "usage: sdctl submit job.yaml"
                                                         : "usage: sdctl " + cmd + " JOB_ID");
@@ -63,6 +64,9 @@ int JobsCommand(const std::string& cmd, int argc, char** argv) {
     } else if (cmd == "cancel") {
       RETURN_IF_ERROR(client->Cancel(positional));
       std::cout << positional << " cancelled" << std::endl;
+    } else if (cmd == "resume") {
+      RETURN_IF_ERROR(client->Resume(positional));
+      std::cout << positional << " resumed" << std::endl;
     } else if (cmd == "workers") {
       ASSIGN_OR_RETURN(auto ws, client->Workers());
       for (const auto& w : ws) {

@@ -28,7 +28,7 @@ void Usage() {
          "fidelity,\n"
          "             prompt accuracy, diversity, size and latency; eval.json + grid.png\n"
          "  run        job.yaml: the whole job on this machine (embedded coordinator + workers)\n"
-         "  submit     job.yaml; status JOB; list; logs JOB [-f]; cancel JOB; workers\n";
+         "  submit     job.yaml; status JOB; list; logs JOB [-f]; cancel JOB; resume JOB; workers\n";
 }
 }  // namespace
 
@@ -43,7 +43,8 @@ int main(int argc, char** argv) {
   if (cmd == "dataset") return sdctl::DatasetCommand(argc - 2, argv + 2);
   if (cmd == "probe") return sdctl::ProbeCommand(argc - 2, argv + 2);
   if (cmd == "eval") return sdctl::EvalCommand(argc - 2, argv + 2);
-  if (cmd == "submit" || cmd == "status" || cmd == "list" || cmd == "cancel" || cmd == "workers" ||
+  if (cmd == "submit" || cmd == "status" || cmd == "list" || cmd == "cancel" || cmd == "resume" ||
+      cmd == "workers" ||
       cmd == "logs") {
     return sdctl::JobsCommand(cmd, argc - 2, argv + 2);
   }

@@ -136,7 +136,20 @@ absl::Status Run(const std::string& path, int argc, char** argv, int* exit_code)
   for (int i = 0; i < 100 && !job.ok(); ++i) {
     job = client->Submit(yaml, path);
     if (!job.ok() && job.status().code() != absl::StatusCode::kUnavailable) break;
-    if (!job.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (job.ok()) break;
+    // A coordinator that could not start (its storage is another's) says why in its log.
+    if (::waitpid(pids[0], nullptr, WNOHANG) == pids[0]) {
+      pids.erase(pids.begin());
+      auto log = sd::ReadFile((runs / "logs" / "coordinator.log").string());
+      const std::string text = log.ok() ? *log : "";
+      const size_t last = text.find_last_not_of('\n');
+      const size_t from = last == std::string::npos ? 0 : text.rfind('\n', last);
+      job = absl::UnavailableError(absl::StrCat(
+          "the coordinator exited: ",
+          text.substr(from == std::string::npos ? 0 : from + 1, last == std::string::npos ? 0 : last - from)));
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   if (!job.ok()) {
     Stop(pids);

@@ -340,4 +340,11 @@ std::vector<std::string> DataLoader::problems() const {
   return problems_;
 }
 
+std::vector<std::string> DataLoader::skipped() const {
+  std::vector<std::string> out = source_->problems();
+  const auto mine = problems();
+  out.insert(out.end(), mine.begin(), mine.end());
+  return out;
+}
+
 }  // namespace sd

@@ -97,6 +97,11 @@ class DataLoader {
   absl::StatusOr<Batch> Next();
   // Samples skipped because they failed to read or decode (each reported once).
   std::vector<std::string> problems() const;
+  // Everything passed over so far: what indexing the dataset skipped (bad metadata
+  // lines, damaged shards), then problems(); and how many entries the dataset
+  // listed, usable or not, to weigh them against.
+  std::vector<std::string> skipped() const;
+  size_t dataset_entries() const { return source_->size() + source_->problems().size(); }
 
  private:
   absl::StatusOr<Batch> Make(int64_t step);

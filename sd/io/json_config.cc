@@ -31,6 +31,32 @@ absl::Status JsonConfig::Error(const std::string& key, const std::string& what) 
   return absl::InvalidArgumentError(absl::StrCat(origin_, ": key \"", key, "\" ", what, got));
 }
 
+absl::Status JsonConfig::Positive(const std::string& key, int64_t v) const {
+  if (v > 0) return absl::OkStatus();
+  return Error(key, absl::StrCat("must be positive (is ", v, ")"));
+}
+
+absl::Status JsonConfig::Positive(const std::string& key, const std::vector<int64_t>& v) const {
+  if (v.empty()) return Error(key, "must not be empty");
+  for (const int64_t x : v) {
+    if (x <= 0) return Error(key, absl::StrCat("entries must be positive (one is ", x, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status JsonConfig::Divides(const std::string& key, const std::vector<int64_t>& divisor,
+                                 const std::string& widths_key,
+                                 const std::vector<int64_t>& widths) const {
+  for (size_t i = 0; i < widths.size(); ++i) {
+    const int64_t d = divisor.size() == widths.size() ? divisor[i] : divisor.at(0);
+    if (d <= 0) return Error(key, absl::StrCat("must be positive (is ", d, ")"));
+    if (widths[i] % d != 0)
+      return Error(key, absl::StrCat("must divide ", widths_key, " (", d, " does not divide ",
+                                     widths[i], ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int64_t> JsonConfig::Int(const std::string& key) const {
   if (!Has(key)) return Error(key, "is required");
   if (!j_[key].is_number_integer()) return Error(key, "must be an integer");

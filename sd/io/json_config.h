@@ -30,6 +30,14 @@ class JsonConfig {
   const nlohmann::json& json() const { return j_; }
   const std::string& origin() const { return origin_; }
   absl::Status Error(const std::string& key, const std::string& what) const;
+  // Sizes the model code divides by or allocates with: a zero or negative one
+  // would crash (SIGFPE) or build an empty layer instead of failing cleanly.
+  absl::Status Positive(const std::string& key, int64_t v) const;
+  absl::Status Positive(const std::string& key, const std::vector<int64_t>& v) const;
+  // Each of `widths` (read from `widths_key`) must be divisible by `divisor`, the
+  // value of `key` (heads, norm groups), per entry when `divisor` has one per width.
+  absl::Status Divides(const std::string& key, const std::vector<int64_t>& divisor,
+                       const std::string& widths_key, const std::vector<int64_t>& widths) const;
 
  private:
   nlohmann::json j_;

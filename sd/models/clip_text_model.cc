@@ -22,9 +22,14 @@ absl::StatusOr<CLIPTextConfig> CLIPTextConfig::FromJson(const JsonConfig& c) {
   ASSIGN_OR_RETURN(t.layer_norm_eps, c.Double("layer_norm_eps", 1e-5));
   ASSIGN_OR_RETURN(t.eos_token_id, c.Int("eos_token_id", 49407));
   ASSIGN_OR_RETURN(t.projection_dim, c.Int("projection_dim", 512));
-  if (t.hidden_size % t.num_attention_heads != 0) {
-    return c.Error("num_attention_heads", "must divide hidden_size");
-  }
+  RETURN_IF_ERROR(c.Positive("vocab_size", t.vocab_size));
+  RETURN_IF_ERROR(c.Positive("hidden_size", t.hidden_size));
+  RETURN_IF_ERROR(c.Positive("intermediate_size", t.intermediate_size));
+  RETURN_IF_ERROR(c.Positive("num_hidden_layers", t.num_hidden_layers));
+  RETURN_IF_ERROR(c.Positive("max_position_embeddings", t.max_position_embeddings));
+  RETURN_IF_ERROR(c.Positive("projection_dim", t.projection_dim));
+  RETURN_IF_ERROR(
+      c.Divides("num_attention_heads", {t.num_attention_heads}, "hidden_size", {t.hidden_size}));
   if (t.hidden_act != "quick_gelu" && t.hidden_act != "gelu") {
     return c.Error("hidden_act", "is not supported (quick_gelu or gelu)");
   }

@@ -65,6 +65,17 @@ absl::StatusOr<UNetConfig> UNetConfig::FromJson(const JsonConfig& c) {
   }
   ASSIGN_OR_RETURN(u.cross_attention_dim, c.Int("cross_attention_dim", 1280));
   ASSIGN_OR_RETURN(u.norm_num_groups, c.Int("norm_num_groups", 32));
+  RETURN_IF_ERROR(c.Positive("in_channels", u.in_channels));
+  RETURN_IF_ERROR(c.Positive("out_channels", u.out_channels));
+  RETURN_IF_ERROR(c.Positive("sample_size", u.sample_size));
+  RETURN_IF_ERROR(c.Positive("block_out_channels", u.block_out_channels));
+  RETURN_IF_ERROR(c.Positive("layers_per_block", u.layers_per_block));
+  RETURN_IF_ERROR(c.Positive("cross_attention_dim", u.cross_attention_dim));
+  RETURN_IF_ERROR(c.Positive("transformer_layers_per_block", u.transformer_layers_per_block));
+  RETURN_IF_ERROR(
+      c.Divides(heads_key, u.num_attention_heads, "block_out_channels", u.block_out_channels));
+  RETURN_IF_ERROR(
+      c.Divides("norm_num_groups", {u.norm_num_groups}, "block_out_channels", u.block_out_channels));
   ASSIGN_OR_RETURN(u.norm_eps, c.Double("norm_eps", 1e-5));
   ASSIGN_OR_RETURN(u.downsample_padding, c.Int("downsample_padding", 1));
   ASSIGN_OR_RETURN(u.mid_block_scale_factor, c.Double("mid_block_scale_factor", 1.0));

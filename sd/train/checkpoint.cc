@@ -72,8 +72,20 @@ absl::Status WriteCheckpoint(const std::string& root, const TrainingCheckpoint& 
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::optional<TrainingCheckpoint>> LoadLatestCheckpoint(const std::string& root,
-                                                                       std::vector<std::string>* skipped) {
+std::vector<std::string> RemoveUnfinishedCheckpoints(const std::string& root) {
+  std::vector<std::string> removed;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    if (e.path().filename().string().rfind(".tmp-", 0) != 0) continue;
+    fs::remove_all(e.path(), ec);
+    removed.push_back(e.path().string());
+  }
+  return removed;
+}
+
+absl::StatusOr<std::optional<TrainingCheckpoint>> LoadLatestCheckpoint(
+    const std::string& root, std::vector<std::string>* skipped,
+    const std::function<absl::Status(const TrainingCheckpoint&)>& accept) {
   for (const auto& [step, dir] : ListCheckpoints(root)) {
     auto reject = [&, d = dir](const std::string& why) {
       if (skipped) skipped->push_back(absl::StrCat(d.string(), ": ", why));
@@ -83,9 +95,15 @@ absl::StatusOr<std::optional<TrainingCheckpoint>> LoadLatestCheckpoint(const std
       reject("no manifest.json");
       continue;
     }
+    // Valid JSON is not enough: every key read below must be there with its type.
     nlohmann::json m = nlohmann::json::parse(*text, nullptr, false);
-    if (m.is_discarded() || !m.contains("files") || !m.contains("state")) {
-      reject("manifest.json is malformed");
+    if (m.is_discarded() || !m.is_object()) {
+      reject("manifest.json is not a JSON object");
+      continue;
+    }
+    if (!m.contains("files") || !m["files"].is_object() || m["files"].empty() ||
+        !m.contains("state") || !m["state"].is_object()) {
+      reject("manifest.json lacks \"files\" or \"state\"");
       continue;
     }
     TrainingCheckpoint c;
@@ -95,6 +113,12 @@ absl::StatusOr<std::optional<TrainingCheckpoint>> LoadLatestCheckpoint(const std
     bool good = true;
     for (auto it = m["files"].begin(); it != m["files"].end() && good; ++it) {
       const std::string file = (dir / it.key()).string();
+      if (!it.value().is_number_unsigned() ||
+          it.key().size() <= std::string(".safetensors").size()) {
+        reject(absl::StrCat("manifest.json: entry \"", it.key(), "\" is not a file checksum"));
+        good = false;
+        break;
+      }
       auto crc = FileCrc(file);
       if (!crc.ok() || *crc != it.value().get<uint32_t>()) {
         reject(absl::StrCat(it.key(), " fails its checksum (truncated or corrupted)"));
@@ -110,7 +134,14 @@ absl::StatusOr<std::optional<TrainingCheckpoint>> LoadLatestCheckpoint(const std
       std::string stem = it.key().substr(0, it.key().size() - std::string(".safetensors").size());
       c.tensors[stem] = std::move(*tensors);
     }
-    if (good) return std::optional<TrainingCheckpoint>(std::move(c));
+    if (!good) continue;
+    if (accept) {
+      if (absl::Status s = accept(c); !s.ok()) {
+        reject(std::string(s.message()));
+        continue;
+      }
+    }
+    return std::optional<TrainingCheckpoint>(std::move(c));
   }
   return std::optional<TrainingCheckpoint>();
 }

@@ -16,8 +16,11 @@ namespace sd {
 namespace {
 
 absl::Status ErrnoError(std::string_view what, const std::string& path) {
-  return absl::InternalError(
-      absl::StrCat(std::string(what), " ", path, ": ", std::strerror(errno)));
+  const std::string msg = absl::StrCat(std::string(what), " ", path, ": ", std::strerror(errno));
+  // A full disk or quota is not cured by retrying: callers (the coordinator's
+  // restart policy) tell it apart by its code.
+  if (errno == ENOSPC || errno == EDQUOT) return absl::ResourceExhaustedError(msg);
+  return absl::InternalError(msg);
 }
 
 std::string TempNameFor(const std::string& path) {

@@ -111,7 +111,7 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
                                                                            : job.ema_decay)
                        : std::nullopt);
   LoopOptions lo;
-  ASSIGN_OR_RETURN(lo.start_step, trainer.Resume(ctx.checkpoint_dir));
+  ASSIGN_OR_RETURN(lo.start_step, trainer.Resume(ctx));
   lo.total_steps = job.finetune_steps;
   lo.global_batch = job.batch_size * ctx.world_size;
   lo.lr = job.finetune_lr;

@@ -37,7 +37,7 @@ absl::Status TrainVaeStage::Run(StageContext& ctx) {
   const int64_t local_batch = job.vae_batch_size > 0 ? job.vae_batch_size : job.batch_size;
   ParamTrainer trainer("vae", *vae, job.vae_lr, 1e-2, std::nullopt);
   LoopOptions lo;
-  ASSIGN_OR_RETURN(lo.start_step, trainer.Resume(ctx.checkpoint_dir));
+  ASSIGN_OR_RETURN(lo.start_step, trainer.Resume(ctx));
   if (lo.start_step == 0 && vae->quant_conv) {
     // Start from a near-deterministic posterior (std ~0.01), where SD's VAE ends
     // up: from a random init's std ~1 the decoder first learns to ignore the

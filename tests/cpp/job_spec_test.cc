@@ -158,5 +158,46 @@ TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
             std::string::npos);
 }
 
+
+TEST(JobSpecTest, ARepeatedKeyIsAnErrorNotTheFirstValueSilently) {
+  EXPECT_EQ(Err("model: /nonexistent\nstages: [finetune]\nmodel: /m\n"),
+            "job.yaml:3: key \"model\" given twice (first on line 1)");
+  EXPECT_EQ(Err("model: /m\nstages: [finetune]\nfinetune:\n  steps: 1\n  lr: 1e-4\n  steps: 2\n"),
+            "job.yaml:6: key \"steps\" given twice (first on line 4)");
+  EXPECT_EQ(Err("model: /m\nstages:\n  - finetune: {workers: 1, workers: 2}\n"),
+            "job.yaml:3: key \"workers\" given twice (first on line 3)");
+}
+
+TEST(JobSpecTest, AComplexKeyIsAnErrorNotACrash) {
+  EXPECT_EQ(Err("model: /m\n? [a, b]\n: 1\n"),
+            "job.yaml:2: a key must be a plain name, not a list or mapping");
+  EXPECT_EQ(Err("model: /m\nfinetune:\n  ? {x: 1}\n  : 2\n"),
+            "job.yaml:3: a key must be a plain name, not a list or mapping");
+}
+
+TEST(JobSpecTest, ANulByteOrAHugeFileIsRefused) {
+  const std::string nul("model: /m\nstages: [finetune]\n# a\0b\n", 33);
+  EXPECT_EQ(Err(nul), "job.yaml:3: contains a NUL byte; a job file must be text");
+  std::string big = "model: /m\nstages: [finetune]\n";
+  big += "# " + std::string(10 << 20, 'x') + "\n";
+  EXPECT_NE(Err(big).find("job.yaml: the file is 10.0 MiB; a job file may be at most 1024 KiB"),
+            std::string::npos);
+}
+
+TEST(JobSpecTest, FaultToleranceKeys) {
+  auto s = ParseJobSpec("model: /m\nstages: [finetune]\n", "job.yaml");
+  ASSERT_TRUE(s.ok());
+  EXPECT_DOUBLE_EQ(s->max_skipped_fraction, 0.01);
+  EXPECT_FALSE(s->allow_restart_from_zero);
+  s = ParseJobSpec(
+      "model: /m\nstages: [finetune]\nallow_restart_from_zero: true\ndata:\n  max_skipped_fraction: 0.5\n",
+      "job.yaml");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_DOUBLE_EQ(s->max_skipped_fraction, 0.5);
+  EXPECT_TRUE(s->allow_restart_from_zero);
+  EXPECT_EQ(Err("model: /m\nstages: [finetune]\ndata:\n  max_skipped_fraction: 2\n"),
+            "job.yaml:4: key \"data.max_skipped_fraction\" is 2, out of range [0, 1]");
+}
+
 }  // namespace
 }  // namespace sd

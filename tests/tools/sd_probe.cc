@@ -99,14 +99,20 @@ absl::Status TrainStep(const sdctl::Args& a) {
   // Parameters alias the copy-on-write checkpoint mapping: training in place is safe.
   torch::optim::AdamW opt(unet->parameters(), torch::optim::AdamWOptions(lr).weight_decay(1e-2));
   double loss_value = 0;
+  sd::safetensors::TensorMap grads;
   for (int64_t s = 0; s < steps; ++s) {
     opt.zero_grad();
     auto loss = sd::DenoisingLoss(unet, *scheduler, latents, noise, t.to(torch::kLong), ctx);
     loss.backward();
+    // The last step's gradients, so the test can check them and the optimizer apart.
+    grads.clear();
+    for (const auto& p : unet->named_parameters())
+      if (p.value().grad().defined()) grads["__grad__." + p.key()] = p.value().grad().clone();
     opt.step();
     loss_value = loss.item<double>();
   }
   auto out = sd::StateDict(*unet);
+  out.insert(grads.begin(), grads.end());
   out["__loss__"] = torch::tensor(loss_value);
   return sd::safetensors::Save(a.Get("out"), out);
 }

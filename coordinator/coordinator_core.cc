@@ -321,8 +321,12 @@ void CoordinatorCore::Tick(double now) {
     if (t == nullptr || !ParseTaskId(task, &job_id, &stage, &attempt)) return "";
     for (size_t r = 0; r < t->workers.size(); ++r) {
       if (t->workers[r] != worker) continue;
-      auto text = ReadFile(PathsOf(job_id).CrashReport(stage, attempt, r).string());
-      if (text.ok() && !text->empty()) return absl::StrCat("worker ", worker, " crashed: ", *text);
+      const std::string path = PathsOf(job_id).CrashReport(stage, attempt, r).string();
+      auto text = ReadFile(path);
+      if (!text.ok() || text->empty()) continue;
+      // The first line says what happened; the backtrace stays in the file.
+      return absl::StrCat("worker ", worker, " crashed: ", text->substr(0, text->find('\n')),
+                          " (report: ", path, ")");
     }
     return "";
   };

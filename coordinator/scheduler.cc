@@ -431,7 +431,17 @@ std::vector<Action> Scheduler::Tick(
     const bool stopping = w.stopping;
     w.task.clear();
     w.stopping = false;
-    if (t.empty() || stopping) continue;
+    if (t.empty()) continue;
+    if (stopping) {
+      std::string job_id, stage;
+      int64_t attempt = 0;
+      if (ParseTaskId(t, &job_id, &stage, &attempt))
+        Note(job_id, now,
+             absl::StrFormat("worker %s missed heartbeats for %.1fs while stopping %s; counted as "
+                             "stopped",
+                             id, now - w.last_heartbeat, t));
+      continue;
+    }
     std::string why = last_words ? last_words(id, t) : "";
     if (why.empty())
       why = absl::StrFormat("worker %s missed heartbeats for %.1fs", id, now - w.last_heartbeat);

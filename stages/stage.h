@@ -37,9 +37,12 @@ struct StageContext {
   std::string input_model;     // the model to start from: the previous stage's output, or job.model
   torch::Device device = torch::kCPU;
   std::function<void(const StageProgress&)> report = [](const StageProgress&) {};
-  // Polled between steps and before each checkpoint; true stops the stage cleanly
-  // (abort, a lost lease, or test interruption).
+  // Polled between steps; true stops the stage cleanly (abort, a lost lease, or
+  // test interruption).
   std::function<bool(int64_t step)> should_stop = [](int64_t) { return false; };
+  // True once this attempt may write nothing more (superseded, aborted, or its
+  // lease on the coordinator lapsed): checked before every checkpoint.
+  std::function<bool()> fenced = [] { return false; };
   std::function<void(StageEvent, const std::string&)> event = [](StageEvent, const std::string&) {};
   // Data-parallel gradient averaging across ranks; the identity for one worker.
   std::function<void(std::vector<torch::Tensor>& grads)> all_reduce_mean =

@@ -246,7 +246,7 @@ absl::Status RunTrainingLoop(
     pr.data_wait_s = batch.wait_seconds;
     if ((step + 1) % ctx.job.checkpoint_interval == 0 || step + 1 == o.total_steps) {
       // An attempt that lost its lease or was superseded writes nothing more.
-      if (ctx.should_stop(step + 1))
+      if (ctx.fenced())
         return absl::AbortedError(absl::StrCat("stopped before the checkpoint of step ", step + 1));
       const auto c0 = std::chrono::steady_clock::now();
       if (ctx.rank == 0) {

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <iostream>
 #include <mutex>
 #include <thread>
@@ -110,6 +111,7 @@ class Worker {
       ctx.all_reduce_mean = [&group](std::vector<torch::Tensor>& g) { group->AllReduceMean(g); };
     }
     ctx.should_stop = [this](int64_t) { return ShouldStop(); };
+    ctx.fenced = [this] { return ShouldStop(); };
     ctx.event = [&](sd::stages::StageEvent kind, const std::string& text) {
       const sd::metrics::Labels l{{"stage", task.stage}};
       if (kind == sd::stages::StageEvent::kCheckpointRejected)
@@ -183,6 +185,11 @@ class Worker {
         current_rank_ = t.rank;
         abort_ = false;
         log_lines_.clear();
+      }
+      if (!t.crash_report.empty()) {
+        // The handler cannot create folders; make the report's one now.
+        std::error_code ec;
+        std::filesystem::create_directories(std::filesystem::path(t.crash_report).parent_path(), ec);
       }
       sd::worker::SetCrashContext(t.task_id, t.crash_report);
       std::cout << "running " << t.task_id << " as rank " << t.rank << "/" << t.world_size

@@ -33,13 +33,13 @@ absl::Status JsonConfig::Error(const std::string& key, const std::string& what) 
 
 absl::Status JsonConfig::Positive(const std::string& key, int64_t v) const {
   if (v > 0) return absl::OkStatus();
-  return Error(key, absl::StrCat("must be positive (is ", v, ")"));
+  return Error(key, "must be positive");
 }
 
 absl::Status JsonConfig::Positive(const std::string& key, const std::vector<int64_t>& v) const {
   if (v.empty()) return Error(key, "must not be empty");
   for (const int64_t x : v) {
-    if (x <= 0) return Error(key, absl::StrCat("entries must be positive (one is ", x, ")"));
+    if (x <= 0) return Error(key, "entries must be positive");
   }
   return absl::OkStatus();
 }
@@ -49,10 +49,11 @@ absl::Status JsonConfig::Divides(const std::string& key, const std::vector<int64
                                  const std::vector<int64_t>& widths) const {
   for (size_t i = 0; i < widths.size(); ++i) {
     const int64_t d = divisor.size() == widths.size() ? divisor[i] : divisor.at(0);
-    if (d <= 0) return Error(key, absl::StrCat("must be positive (is ", d, ")"));
+    if (d <= 0) return Error(key, "must be positive");
     if (widths[i] % d != 0)
-      return Error(key, absl::StrCat("must divide ", widths_key, " (", d, " does not divide ",
-                                     widths[i], ")"));
+      return Error(key, widths.size() == 1 ? absl::StrCat("must divide ", widths_key)
+                                           : absl::StrCat("must divide each of ", widths_key, " (",
+                                                          d, " does not divide ", widths[i], ")"));
   }
   return absl::OkStatus();
 }

@@ -1,5 +1,6 @@
 """The finetune stage: trains, checkpoints, and resumes exactly after an interruption."""
 import glob
+import json
 import os
 import shutil
 
@@ -10,7 +11,7 @@ from safetensors.numpy import load_file
 from conftest import run_bin
 
 
-def make_dataset(path, n=6):
+def make_dataset(path, n=6, malformed_line=False):
     from PIL import Image
 
     os.makedirs(path, exist_ok=True)
@@ -24,7 +25,8 @@ def make_dataset(path, n=6):
         img[y:y + 16, x:x + 16] = rgb
         Image.fromarray(img).save(os.path.join(path, f"{i}.png"))
         lines.append(f'{{"file_name": "{i}.png", "text": "a {name} square"}}')
-    lines.insert(2, "{not json")  # a malformed line is skipped, the rest is used
+    if malformed_line:
+        lines.insert(2, "{not json")  # skipped and reported; the job says whether that is too many
     with open(os.path.join(path, "metadata.jsonl"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
@@ -108,6 +110,44 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(job, tmp_path):
     a, b = unet(full), unet(out)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_incomplete_manifest_falls_back_and_is_reported(job, tmp_path):
+    """Valid JSON that lacks what a resume needs is passed over like a corrupt file, not fatal."""
+    full = str(tmp_path / "full")
+    run_stage(job, str(tmp_path / "ckpt_full"), full)
+    ckpt = str(tmp_path / "ckpt")
+    out = str(tmp_path / "out")
+    run_stage(job, ckpt, out, stop_at=5, check=False)  # leaves step-2 and step-4
+    manifest = os.path.join(ckpt, "step-00000004", "manifest.json")
+    m = json.load(open(manifest))
+    del m["state"]["adam_step"]
+    json.dump(m, open(manifest, "w"))
+    os.makedirs(os.path.join(ckpt, ".tmp-step-00000006-4242"))  # a write cut short by a kill
+    r = run_stage(job, ckpt, out)
+    assert "step 3/6" in r.stdout  # resumed from step 2
+    assert 'step-00000004: manifest.json state has no integer "adam_step"' in r.stdout, r.stdout
+    assert "event: removed " in r.stdout and not os.path.exists(os.path.join(ckpt, ".tmp-step-00000006-4242"))
+    a, b = unet(full), unet(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_no_usable_checkpoint_fails_unless_a_restart_from_zero_is_allowed(job, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    out = str(tmp_path / "out")
+    run_stage(job, ckpt, out, stop_at=5, check=False)
+    for step in ("step-00000002", "step-00000004"):
+        with open(os.path.join(ckpt, step, "manifest.json"), "w") as f:
+            f.write('{"step": 1}')
+    r = run_stage(job, ckpt, out, check=False)
+    assert r.returncode != 0
+    assert "none is usable" in r.stderr and "allow_restart_from_zero" in r.stderr, r.stderr
+    assert "step 1/6" not in r.stdout  # it did not quietly start over
+    with open(job, "a") as f:
+        f.write("allow_restart_from_zero: true\n")
+    r = run_stage(job, ckpt, out)
+    assert "step 1/6" in r.stdout and "training again from step 0" in r.stdout
 
 
 def test_two_gloo_workers_match_one_worker_with_double_batch(tiny_sd, tmp_path):

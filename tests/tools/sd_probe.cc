@@ -156,6 +156,9 @@ absl::Status RunStage(const sdctl::Args& a) {
     ctx.all_reduce_mean = [&group](std::vector<torch::Tensor>& g) { group->AllReduceMean(g); };
   }
   ctx.should_stop = [stop_at](int64_t step) { return step == stop_at; };
+  ctx.event = [](sd::stages::StageEvent, const std::string& text) {
+    std::cout << "event: " << text << std::endl;
+  };
   ctx.report = [](const sd::stages::StageProgress& p) {
     std::cout << "step " << p.step << "/" << p.total_steps << " loss " << p.loss
               << (p.checkpointed ? " ckpt" : "") << std::endl;

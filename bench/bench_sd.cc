@@ -12,7 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
-#include "cli/sdctl/args.h"
+#include "common/args.h"
 #include "sd/models/unet_2d_condition.h"
 #include "sd/pipeline/stable_diffusion.h"
 #include "sd/util/status_macros.h"
@@ -42,8 +42,8 @@ absl::Status Run(int argc, char** argv) {
   if (argc < 2)
     return absl::InvalidArgumentError("usage: bench_sd unet|unet-train|t2i --model DIR [flags]");
   const std::string mode = argv[1];
-  ASSIGN_OR_RETURN(sdctl::Args a,
-                   sdctl::Args::Parse(
+  ASSIGN_OR_RETURN(sd::Args a,
+                   sd::Args::Parse(
                        argc - 2, argv + 2,
                        {"model", "batch", "size", "iters", "warmup", "threads", "dtype", "device",
                         "steps", "height", "width", "channels-last", "clone", "fuse", "profile"}));

@@ -63,7 +63,7 @@ fs::path JobPaths::CrashReport(const std::string& stage, int64_t attempt, int64_
   return root / "attempts" / absl::StrCat(stage, "-", attempt, ".rank", rank, ".crash");
 }
 
-CoordinatorCore::CoordinatorCore(SchedulerOptions opts, std::unique_ptr<JobStore> store,
+CoordinatorCore::CoordinatorCore(JobSchedulerOptions opts, std::unique_ptr<JobStore> store,
                                  std::string storage_root, metrics::Registry* metrics)
     : sched_(std::move(opts)),
       store_(std::move(store)),
@@ -117,7 +117,7 @@ absl::StatusOr<std::string> CoordinatorCore::Submit(const std::string& yaml,
       if (tries > 1000) return absl::InternalError("no free job id: every run folder exists");
     }
   }
-  JobRecord job = Scheduler::NewJob(id, spec, yaml, now);
+  JobRecord job = JobScheduler::NewJob(id, spec, yaml, now);
   // Stored before it is acknowledged or scheduled: a job the store refused never runs.
   if (absl::Status s = store_->Save(job); !s.ok()) {
     std::error_code ec;

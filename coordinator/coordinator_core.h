@@ -12,7 +12,7 @@
 #include "absl/status/statusor.h"
 #include "common/metrics.h"
 #include "coordinator/job_store.h"
-#include "coordinator/scheduler.h"
+#include "coordinator/job_scheduler.h"
 
 namespace sd::coord {
 
@@ -38,7 +38,7 @@ struct JobPaths {
 
 class CoordinatorCore {
  public:
-  CoordinatorCore(SchedulerOptions opts, std::unique_ptr<JobStore> store, std::string storage_root,
+  CoordinatorCore(JobSchedulerOptions opts, std::unique_ptr<JobStore> store, std::string storage_root,
                   metrics::Registry* metrics);
   absl::Status Recover(double now);
 
@@ -76,7 +76,7 @@ class CoordinatorCore {
   void UpdateGaugesLocked(double now);
 
   mutable std::mutex mu_;
-  Scheduler sched_;
+  JobScheduler sched_;
   std::unique_ptr<JobStore> store_;
   std::string storage_root_;
   metrics::Registry* metrics_;

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "coordinator/scheduler.h"
+#include "coordinator/job_scheduler.h"
 
 namespace sd::coord {
 

@@ -12,7 +12,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "cli/sdctl/args.h"
+#include "common/args.h"
 #include "common/http_exporter.h"
 #include "coordinator/grpc_services.h"
 #include "coordinator/storage_lock.h"
@@ -28,7 +28,7 @@ double Now() {
 }
 
 absl::Status Run(int argc, char** argv) {
-  ASSIGN_OR_RETURN(sdctl::Args a, sdctl::Args::Parse(argc, argv,
+  ASSIGN_OR_RETURN(sd::Args a, sd::Args::Parse(argc, argv,
                                                      {"listen", "store", "storage", "metrics-port",
                                                       "metrics-host", "heartbeat-timeout",
                                                       "rendezvous-host", "rendezvous-base-port",
@@ -45,7 +45,7 @@ absl::Status Run(int argc, char** argv) {
                                              listen, ", started at unix time ",
                                              static_cast<int64_t>(Now()))));
   ASSIGN_OR_RETURN(auto store, sd::coord::JobStore::Open(a.Get("store", storage + "/jobs.db")));
-  sd::coord::SchedulerOptions opts;
+  sd::coord::JobSchedulerOptions opts;
   ASSIGN_OR_RETURN(opts.heartbeat_timeout_s, a.Double("heartbeat-timeout", 10));
   ASSIGN_OR_RETURN(opts.restart_backoff_s, a.Double("restart-backoff", 2));
   ASSIGN_OR_RETURN(opts.restart_backoff_max_s, a.Double("restart-backoff-max", 300));

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "cli/sdctl/args.h"
+#include "common/args.h"
 #include "common/http_exporter.h"
 #include "common/job_spec.h"
 #include "common/metrics.h"
@@ -273,8 +273,8 @@ class Worker {
 };
 
 absl::Status Run(int argc, char** argv) {
-  ASSIGN_OR_RETURN(sdctl::Args a,
-                   sdctl::Args::Parse(argc, argv,
+  ASSIGN_OR_RETURN(sd::Args a,
+                   sd::Args::Parse(argc, argv,
                                       {"coordinator", "id", "threads", "metrics-port",
                                        "metrics-host", "grpc-port"}));
   char host[256] = {0};

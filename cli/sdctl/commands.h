@@ -1,6 +1,10 @@
 #pragma once
 #include <string>
+
+#include "common/args.h"
 namespace sdctl {
+
+using sd::Args;
 int GenerateCommand(int argc, char** argv);
 // submit, status, list, cancel, workers, logs
 int JobsCommand(const std::string& cmd, int argc, char** argv);

@@ -5,7 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "cli/sdctl/args.h"
+#include "common/args.h"
 #include "cli/sdctl/commands.h"
 #include "sd/data/dataset.h"
 #include "sd/data/synth_shapes.h"

@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "cli/sdctl/args.h"
+#include "common/args.h"
 #include "cli/sdctl/commands.h"
 #include "sd/eval/evaluate.h"
 #include "sd/eval/shape_probe.h"

@@ -9,7 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "cli/sdctl/args.h"
+#include "common/args.h"
 #include "cli/sdctl/commands.h"
 #include "sd/image/png_image.h"
 #include "sd/io/safetensors.h"

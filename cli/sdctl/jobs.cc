@@ -3,7 +3,7 @@
 #include <iostream>
 
 #include "absl/strings/str_format.h"
-#include "cli/sdctl/args.h"
+#include "common/args.h"
 #include "cli/sdctl/commands.h"
 #include "cli/sdctl/job_client.h"
 #include "common/job_spec.h"

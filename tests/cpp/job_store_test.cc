@@ -17,7 +17,7 @@ TEST(JobStoreTest, CoordinatorRestartKeepsJobsAndResumesRunningStages) {
   {
     auto store = JobStore::Open(path);
     ASSERT_TRUE(store.ok()) << store.status();
-    Scheduler s({});
+    JobScheduler s({});
     running = s.Submit(*ParseJobSpec(yaml, "a.yaml"), 0, yaml);
     queued = s.Submit(*ParseJobSpec(yaml, "b.yaml"), 0, yaml);
     s.RegisterWorker("w1", "cpu", 1, 0);
@@ -30,7 +30,7 @@ TEST(JobStoreTest, CoordinatorRestartKeepsJobsAndResumesRunningStages) {
   auto jobs = (*store)->LoadAll();
   ASSERT_TRUE(jobs.ok()) << jobs.status();
   ASSERT_EQ(jobs->size(), 2u);
-  Scheduler s({});  // heartbeat timeout 10 s
+  JobScheduler s({});  // heartbeat timeout 10 s
   s.Restore(*jobs, 10);
   const JobRecord* j = s.job(running);
   ASSERT_NE(j, nullptr);
@@ -73,7 +73,7 @@ TEST(JobStoreTest, JobNumbersAreNeverHandedOutTwice) {
   ASSERT_TRUE(store.ok());
   EXPECT_EQ(*(*store)->AllocateJobNumber(), 3);  // durable across a restart
   // A store from before the counter continues after the jobs it holds.
-  JobRecord j = Scheduler::NewJob("job-000041", *ParseJobSpec("model: /m\nstages: [finetune]\n", "a"), "model: /m\n", 0);
+  JobRecord j = JobScheduler::NewJob("job-000041", *ParseJobSpec("model: /m\nstages: [finetune]\n", "a"), "model: /m\n", 0);
   ASSERT_TRUE((*store)->Save(j).ok());
   EXPECT_EQ(*(*store)->AllocateJobNumber(), 42);
   std::filesystem::remove(path);
@@ -85,11 +85,11 @@ TEST(JobStoreTest, StoredJobTextComesBackByteForByteAndABadOneLoadsAsFailed) {
   {
     auto store = JobStore::Open(path);
     ASSERT_TRUE(store.ok());
-    JobRecord a = Scheduler::NewJob("job-000001", *ParseJobSpec("model: /m\nstages: [finetune]\n", "a"), with_nul, 0);
+    JobRecord a = JobScheduler::NewJob("job-000001", *ParseJobSpec("model: /m\nstages: [finetune]\n", "a"), with_nul, 0);
     ASSERT_TRUE((*store)->Save(a).ok());
     // Written by another build: a key this one does not know.
     const std::string old_yaml = "model: /m\nstages: [finetune]\nfinetune:\n  renamed_key: 1\n";
-    JobRecord b = Scheduler::NewJob("job-000002", *ParseJobSpec("model: /m\nstages: [finetune]\n", "b"), old_yaml, 0);
+    JobRecord b = JobScheduler::NewJob("job-000002", *ParseJobSpec("model: /m\nstages: [finetune]\n", "b"), old_yaml, 0);
     b.stages[0].state = StageState::kRunning;
     b.state = JobState::kRunning;
     ASSERT_TRUE((*store)->Save(b).ok());

@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
-#include "cli/sdctl/args.h"
+#include "common/args.h"
 #include "common/job_spec.h"
 #include "sd/io/safetensors.h"
 #include "sd/models/autoencoder_kl.h"
@@ -32,7 +32,7 @@ absl::StatusOr<torch::Tensor> Need(const TensorMap& m, const std::string& name) 
   return it->second;
 }
 
-absl::Status Tokenize(const sdctl::Args& a) {
+absl::Status Tokenize(const sd::Args& a) {
   ASSIGN_OR_RETURN(sd::CLIPTokenizer tok, sd::CLIPTokenizer::Load(a.Get("model")));
   ASSIGN_OR_RETURN(std::string text, sd::ReadFile(a.Get("inputs")));
   nlohmann::json prompts = nlohmann::json::parse(text);
@@ -42,7 +42,7 @@ absl::Status Tokenize(const sdctl::Args& a) {
   return sd::WriteFileAtomic(a.Get("out"), out.dump());
 }
 
-absl::Status TextEncoder(const sdctl::Args& a) {
+absl::Status TextEncoder(const sd::Args& a) {
   ASSIGN_OR_RETURN(auto model, sd::LoadCLIPTextModel(a.Get("model")));
   ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
   ASSIGN_OR_RETURN(auto ids, Need(in, "input_ids"));
@@ -54,7 +54,7 @@ absl::Status TextEncoder(const sdctl::Args& a) {
   return sd::safetensors::Save(a.Get("out"), out);
 }
 
-absl::Status UNet(const sdctl::Args& a) {
+absl::Status UNet(const sd::Args& a) {
   ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model")));
   ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
   ASSIGN_OR_RETURN(auto sample, Need(in, "sample"));
@@ -72,7 +72,7 @@ absl::Status UNet(const sdctl::Args& a) {
   return sd::safetensors::Save(a.Get("out"), out);
 }
 
-absl::Status Vae(const sdctl::Args& a) {
+absl::Status Vae(const sd::Args& a) {
   ASSIGN_OR_RETURN(auto vae, sd::LoadVAE(a.Get("model")));
   ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
   ASSIGN_OR_RETURN(auto images, Need(in, "images"));
@@ -84,7 +84,7 @@ absl::Status Vae(const sdctl::Args& a) {
       {{"mean", post.mean}, {"logvar", post.logvar}, {"decoded", vae->decode(latents)}});
 }
 
-absl::Status TrainStep(const sdctl::Args& a) {
+absl::Status TrainStep(const sd::Args& a) {
   ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model")));
   ASSIGN_OR_RETURN(auto json, sd::JsonConfig::Load(a.Get("scheduler-config")));
   ASSIGN_OR_RETURN(auto scheduler, sd::MakeScheduler("ddim", json));
@@ -118,7 +118,7 @@ absl::Status TrainStep(const sdctl::Args& a) {
 }
 
 // One AdamW step on the text encoder: loss = mean((last_hidden_state - target)^2).
-absl::Status TrainTextEncoder(const sdctl::Args& a) {
+absl::Status TrainTextEncoder(const sd::Args& a) {
   ASSIGN_OR_RETURN(auto model, sd::LoadCLIPTextModel(a.Get("model")));
   ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
   ASSIGN_OR_RETURN(auto ids, Need(in, "input_ids"));
@@ -137,7 +137,7 @@ absl::Status TrainTextEncoder(const sdctl::Args& a) {
 
 // Runs one stage of a job in this process (rank 0 of 1), optionally stopping
 // before a given step to simulate a crash.
-absl::Status RunStage(const sdctl::Args& a) {
+absl::Status RunStage(const sd::Args& a) {
   ASSIGN_OR_RETURN(sd::JobSpec job, sd::LoadJobSpec(a.Get("job")));
   ASSIGN_OR_RETURN(auto stage, sd::stages::MakeStage(a.Get("stage", "finetune")));
   sd::stages::StageContext ctx;
@@ -175,7 +175,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string cmd = argv[1];
-  auto args = sdctl::Args::Parse(
+  auto args = sd::Args::Parse(
       argc - 2, argv + 2,
       {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads", "job", "stage",
        "checkpoint-dir", "stop-at", "rank", "world-size", "rendezvous", "device"},

@@ -86,7 +86,7 @@ struct Action {
   int64_t rank = 0;
 };
 
-struct SchedulerOptions {
+struct JobSchedulerOptions {
   double heartbeat_timeout_s = 10;
   std::string rendezvous_host = "127.0.0.1";
   int64_t rendezvous_base_port = 29500;
@@ -95,9 +95,9 @@ struct SchedulerOptions {
   double restart_backoff_max_s = 300;
 };
 
-class Scheduler {
+class JobScheduler {
  public:
-  explicit Scheduler(SchedulerOptions options) : opt_(std::move(options)) {}
+  explicit JobScheduler(JobSchedulerOptions options) : opt_(std::move(options)) {}
 
   // A new job record (not yet scheduled): the caller stores it durably, then Add()s it.
   static JobRecord NewJob(const std::string& id, const JobSpec& spec, const std::string& yaml,
@@ -168,7 +168,7 @@ class Scheduler {
   // Whether a live worker may still be running some attempt of this stage.
   bool StageBusy(const std::string& job_id, const std::string& stage) const;
 
-  SchedulerOptions opt_;
+  JobSchedulerOptions opt_;
   std::map<std::string, JobRecord> jobs_;
   std::vector<std::string> job_order_;
   std::map<std::string, WorkerRecord> workers_;

@@ -1,12 +1,12 @@
 #pragma once
-// A small `--flag value` parser for sdctl subcommands; errors name the flag.
+// A small `--flag value` parser for sdctl, the daemons and the tools; errors name the flag.
 #include <map>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 
-namespace sdctl {
+namespace sd {
 
 class Args {
  public:
@@ -24,4 +24,4 @@ class Args {
   std::map<std::string, std::vector<std::string>> values_;
 };
 
-}  // namespace sdctl
+}  // namespace sd

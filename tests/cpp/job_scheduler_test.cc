@@ -3,7 +3,7 @@
 
 #include <set>
 
-#include "coordinator/scheduler.h"
+#include "coordinator/job_scheduler.h"
 
 namespace sd::coord {
 namespace {
@@ -23,8 +23,8 @@ std::vector<Action> Starts(const std::vector<Action>& a) {
   return out;
 }
 
-TEST(SchedulerStateTest, StageWaitsForEnoughWorkersThenStartsAllRanks) {
-  Scheduler s({});
+TEST(JobSchedulerTest, StageWaitsForEnoughWorkersThenStartsAllRanks) {
+  JobScheduler s({});
   const std::string job = s.Submit(Spec(2), 0);
   s.RegisterWorker("w1", "cpu", 1, 0);
   EXPECT_TRUE(s.Tick(1).empty());
@@ -42,8 +42,8 @@ TEST(SchedulerStateTest, StageWaitsForEnoughWorkersThenStartsAllRanks) {
   EXPECT_EQ(t->backend, "gloo");
 }
 
-TEST(SchedulerStateTest, NcclOnlyWhenEveryRankHasAGpu) {
-  Scheduler s({});
+TEST(JobSchedulerTest, NcclOnlyWhenEveryRankHasAGpu) {
+  JobScheduler s({});
   const std::string a = s.Submit(Spec(2), 0);
   s.RegisterWorker("g1", "cuda", 1, 0);
   s.RegisterWorker("g2", "cuda", 2, 0);
@@ -51,7 +51,7 @@ TEST(SchedulerStateTest, NcclOnlyWhenEveryRankHasAGpu) {
   ASSERT_EQ(actions.size(), 2u);
   EXPECT_EQ(s.task(actions[0].task)->backend, "nccl");
   // A CPU worker in the group: Gloo for everyone.
-  Scheduler m({});
+  JobScheduler m({});
   m.Submit(Spec(2), 0);
   m.RegisterWorker("g1", "cuda", 1, 0);
   m.RegisterWorker("c1", "cpu", 0, 0);
@@ -61,8 +61,8 @@ TEST(SchedulerStateTest, NcclOnlyWhenEveryRankHasAGpu) {
   (void)a;
 }
 
-TEST(SchedulerStateTest, JobSucceedsWhenEveryRankCompletes) {
-  Scheduler s({});
+TEST(JobSchedulerTest, JobSucceedsWhenEveryRankCompletes) {
+  JobScheduler s({});
   const std::string job = s.Submit(Spec(2), 0);
   s.RegisterWorker("w1", "cpu", 1, 0);
   s.RegisterWorker("w2", "cpu", 1, 0);
@@ -78,10 +78,10 @@ TEST(SchedulerStateTest, JobSucceedsWhenEveryRankCompletes) {
   EXPECT_EQ(s.Complete(job + "/finetune/7", "w2", 3).code(), absl::StatusCode::kFailedPrecondition);
 }
 
-TEST(SchedulerStateTest, MissedHeartbeatRestartsTheStageUntilMaxRestarts) {
-  SchedulerOptions o;
+TEST(JobSchedulerTest, MissedHeartbeatRestartsTheStageUntilMaxRestarts) {
+  JobSchedulerOptions o;
   o.heartbeat_timeout_s = 5;
-  Scheduler s(o);
+  JobScheduler s(o);
   const std::string job = s.Submit(Spec(1, 1), 0);
   s.RegisterWorker("w1", "cpu", 1, 0);
   s.RegisterWorker("w2", "cpu", 1, 0);
@@ -110,8 +110,8 @@ TEST(SchedulerStateTest, MissedHeartbeatRestartsTheStageUntilMaxRestarts) {
   EXPECT_NE(s.job(job)->events.back().find("out of memory"), std::string::npos);
 }
 
-TEST(SchedulerStateTest, OneRankFailingAbortsTheOthers) {
-  Scheduler s({});
+TEST(JobSchedulerTest, OneRankFailingAbortsTheOthers) {
+  JobScheduler s({});
   s.Submit(Spec(2), 0);
   s.RegisterWorker("w1", "cpu", 1, 0);
   s.RegisterWorker("w2", "cpu", 1, 0);
@@ -129,8 +129,8 @@ TEST(SchedulerStateTest, OneRankFailingAbortsTheOthers) {
   EXPECT_EQ(Starts(s.Tick(5)).size(), 2u);  // restarted on both
 }
 
-TEST(SchedulerStateTest, CancelAbortsRunningTaskAndIsFinal) {
-  Scheduler s({});
+TEST(JobSchedulerTest, CancelAbortsRunningTaskAndIsFinal) {
+  JobScheduler s({});
   const std::string job = s.Submit(Spec(1), 0);
   s.RegisterWorker("w1", "cpu", 1, 0);
   auto a = s.Tick(0);
@@ -145,8 +145,8 @@ TEST(SchedulerStateTest, CancelAbortsRunningTaskAndIsFinal) {
   EXPECT_TRUE(s.workers().at("w1").task.empty());
 }
 
-TEST(SchedulerStateTest, TwentyJobsOnTwoWorkersNeverOverlap) {
-  Scheduler s({});
+TEST(JobSchedulerTest, TwentyJobsOnTwoWorkersNeverOverlap) {
+  JobScheduler s({});
   std::vector<std::string> jobs;
   jobs.reserve(20);
   for (int i = 0; i < 20; ++i) jobs.push_back(s.Submit(Spec(1), 0));
@@ -174,14 +174,14 @@ TEST(SchedulerStateTest, TwentyJobsOnTwoWorkersNeverOverlap) {
 // The coordinator restarts while w1 trains attempt 0: its records come back from
 // the store, and w1 re-registers saying what it runs.
 struct Restarted {
-  Scheduler s{[] {
-    SchedulerOptions o;
+  JobScheduler s{[] {
+    JobSchedulerOptions o;
     o.heartbeat_timeout_s = 5;
     return o;
   }()};
   std::string job, task;
   explicit Restarted(int64_t workers = 1) {
-    Scheduler before({});
+    JobScheduler before({});
     job = before.Submit(Spec(workers), 0);
     for (int64_t i = 1; i <= workers; ++i) before.RegisterWorker("w" + std::to_string(i), "cpu", 1, 0);
     task = Starts(before.Tick(1))[0].task;
@@ -191,7 +191,7 @@ struct Restarted {
   }
 };
 
-TEST(SchedulerStateTest, RestartAdoptsTheRunningAttemptInsteadOfStartingAnother) {
+TEST(JobSchedulerTest, RestartAdoptsTheRunningAttemptInsteadOfStartingAnother) {
   Restarted r(2);
   EXPECT_EQ(r.s.job(r.job)->stages[0].state, StageState::kRunning);
   EXPECT_TRUE(r.s.RegisterWorker("w3", "cpu", 1, 10).empty());  // an idle newcomer
@@ -212,7 +212,7 @@ TEST(SchedulerStateTest, RestartAdoptsTheRunningAttemptInsteadOfStartingAnother)
   EXPECT_EQ(r.s.job(r.job)->stages[0].restarts, 0);
 }
 
-TEST(SchedulerStateTest, AStaleAttemptIsStoppedAndNothingOverlapsIt) {
+TEST(JobSchedulerTest, AStaleAttemptIsStoppedAndNothingOverlapsIt) {
   Restarted r;
   // Nobody reports back in time: the attempt is given up (not counted as a restart).
   r.s.RegisterWorker("w2", "cpu", 1, 16);
@@ -241,7 +241,7 @@ TEST(SchedulerStateTest, AStaleAttemptIsStoppedAndNothingOverlapsIt) {
   EXPECT_EQ(commits, 1);
 }
 
-TEST(SchedulerStateTest, AStoppingWorkerHoldsItsStageUntilItHasStopped) {
+TEST(JobSchedulerTest, AStoppingWorkerHoldsItsStageUntilItHasStopped) {
   Restarted r;
   EXPECT_TRUE(Starts(r.s.Tick(16)).empty());  // given up; no workers yet
   EXPECT_EQ(r.s.job(r.job)->stages[0].state, StageState::kPending);
@@ -253,8 +253,8 @@ TEST(SchedulerStateTest, AStoppingWorkerHoldsItsStageUntilItHasStopped) {
   EXPECT_EQ(Starts(r.s.Tick(19)).size(), 1u);
 }
 
-TEST(SchedulerStateTest, AWorkerBackWithNothingRunningLostItsTask) {
-  Scheduler s({});
+TEST(JobSchedulerTest, AWorkerBackWithNothingRunningLostItsTask) {
+  JobScheduler s({});
   const std::string job = s.Submit(Spec(1), 0);
   s.RegisterWorker("w1", "cpu", 1, 0);
   ASSERT_EQ(Starts(s.Tick(0)).size(), 1u);
@@ -264,13 +264,13 @@ TEST(SchedulerStateTest, AWorkerBackWithNothingRunningLostItsTask) {
   EXPECT_NE(s.job(job)->events.back().find("worker w1 restarted"), std::string::npos);
 }
 
-TEST(SchedulerStateTest, PermanentFailuresEndTheJobAtOnceAndResumeRunsItAgain) {
+TEST(JobSchedulerTest, PermanentFailuresEndTheJobAtOnceAndResumeRunsItAgain) {
   EXPECT_EQ(Classify(absl::StatusCode::kNotFound), Failure::kPermanent);
   EXPECT_EQ(Classify(absl::StatusCode::kResourceExhausted), Failure::kPermanent);
   EXPECT_EQ(Classify(absl::StatusCode::kInvalidArgument), Failure::kPermanent);
   EXPECT_EQ(Classify(absl::StatusCode::kUnavailable), Failure::kTransient);
   EXPECT_EQ(Classify(absl::StatusCode::kInternal), Failure::kTransient);
-  Scheduler s({});
+  JobScheduler s({});
   const std::string job = s.Submit(Spec(1, 5), 0);
   s.RegisterWorker("w1", "cpu", 1, 0);
   auto a = Starts(s.Tick(0));
@@ -288,11 +288,11 @@ TEST(SchedulerStateTest, PermanentFailuresEndTheJobAtOnceAndResumeRunsItAgain) {
   EXPECT_EQ(s.Resume(job, 3).code(), absl::StatusCode::kFailedPrecondition);  // running
 }
 
-TEST(SchedulerStateTest, TransientFailuresBackOffExponentially) {
-  SchedulerOptions o;
+TEST(JobSchedulerTest, TransientFailuresBackOffExponentially) {
+  JobSchedulerOptions o;
   o.restart_backoff_s = 2;
   o.restart_backoff_max_s = 5;
-  Scheduler s(o);
+  JobScheduler s(o);
   const std::string job = s.Submit(Spec(1, 10), 0);
   s.RegisterWorker("w1", "cpu", 1, 0);
   double now = 0;
@@ -313,10 +313,10 @@ TEST(SchedulerStateTest, TransientFailuresBackOffExponentially) {
   EXPECT_EQ(s.job(job)->stages[0].restarts, 4);
 }
 
-TEST(SchedulerStateTest, ADeadWorkersLastWordsAreTheStagesError) {
-  SchedulerOptions o;
+TEST(JobSchedulerTest, ADeadWorkersLastWordsAreTheStagesError) {
+  JobSchedulerOptions o;
   o.heartbeat_timeout_s = 5;
-  Scheduler s(o);
+  JobScheduler s(o);
   const std::string job = s.Submit(Spec(1), 0);
   s.RegisterWorker("w1", "cpu", 1, 0);
   const std::string task = Starts(s.Tick(0))[0].task;

@@ -1,4 +1,4 @@
-#include "coordinator/scheduler.h"
+#include "coordinator/job_scheduler.h"
 
 #include <algorithm>
 #include <cmath>
@@ -68,15 +68,15 @@ bool ParseTaskId(const std::string& id, std::string* job, std::string* stage, in
   return true;
 }
 
-void Scheduler::Event(JobRecord& job, double now, const std::string& what) {
+void JobScheduler::Event(JobRecord& job, double now, const std::string& what) {
   job.events.push_back(absl::StrFormat("%.3f %s", now, what));
 }
 
-void Scheduler::Note(const std::string& job_id, double now, const std::string& what) {
+void JobScheduler::Note(const std::string& job_id, double now, const std::string& what) {
   if (auto it = jobs_.find(job_id); it != jobs_.end()) Event(it->second, now, what);
 }
 
-JobRecord Scheduler::NewJob(const std::string& id, const JobSpec& spec, const std::string& yaml,
+JobRecord JobScheduler::NewJob(const std::string& id, const JobSpec& spec, const std::string& yaml,
                             double now) {
   JobRecord job;
   job.id = id;
@@ -92,7 +92,7 @@ JobRecord Scheduler::NewJob(const std::string& id, const JobSpec& spec, const st
   return job;
 }
 
-void Scheduler::Add(JobRecord job) {
+void JobScheduler::Add(JobRecord job) {
   int64_t n = 0;
   if (sscanf(job.id.c_str(), "job-%ld", &n) == 1) next_job_ = std::max(next_job_, n + 1);
   const std::string id = job.id;
@@ -100,13 +100,13 @@ void Scheduler::Add(JobRecord job) {
   jobs_[id] = std::move(job);
 }
 
-std::string Scheduler::Submit(const JobSpec& spec, double now, const std::string& yaml) {
+std::string JobScheduler::Submit(const JobSpec& spec, double now, const std::string& yaml) {
   const std::string id = absl::StrFormat("job-%06d", next_job_);
   Add(NewJob(id, spec, yaml, now));
   return id;
 }
 
-void Scheduler::Restore(std::vector<JobRecord> jobs, double now) {
+void JobScheduler::Restore(std::vector<JobRecord> jobs, double now) {
   for (auto& job : jobs) {
     for (size_t i = 0; i < job.stages.size(); ++i) {
       StageRecord& st = job.stages[i];
@@ -142,17 +142,17 @@ void Scheduler::Restore(std::vector<JobRecord> jobs, double now) {
   std::sort(job_order_.begin(), job_order_.end());
 }
 
-const TaskRecord* Scheduler::task(const std::string& id) const {
+const TaskRecord* JobScheduler::task(const std::string& id) const {
   auto it = tasks_.find(id);
   return it == tasks_.end() ? nullptr : &it->second;
 }
 
-const JobRecord* Scheduler::job(const std::string& id) const {
+const JobRecord* JobScheduler::job(const std::string& id) const {
   auto it = jobs_.find(id);
   return it == jobs_.end() ? nullptr : &it->second;
 }
 
-std::vector<Action> Scheduler::RegisterWorker(const std::string& id, const std::string& device,
+std::vector<Action> JobScheduler::RegisterWorker(const std::string& id, const std::string& device,
                                               int64_t device_count, double now,
                                               int64_t memory_bytes,
                                               const std::string& running_task, int64_t rank) {
@@ -210,7 +210,7 @@ std::vector<Action> Scheduler::RegisterWorker(const std::string& id, const std::
   return actions;
 }
 
-absl::Status Scheduler::Heartbeat(const std::string& id, double now) {
+absl::Status JobScheduler::Heartbeat(const std::string& id, double now) {
   auto it = workers_.find(id);
   if (it == workers_.end() || !it->second.alive) {
     return absl::NotFoundError(absl::StrCat("worker ", id, " is not registered; register again"));
@@ -219,7 +219,7 @@ absl::Status Scheduler::Heartbeat(const std::string& id, double now) {
   return absl::OkStatus();
 }
 
-void Scheduler::AbortTask(const std::string& task_id, std::vector<Action>* actions) {
+void JobScheduler::AbortTask(const std::string& task_id, std::vector<Action>* actions) {
   auto it = tasks_.find(task_id);
   if (it == tasks_.end()) return;
   for (size_t r = 0; r < it->second.workers.size(); ++r) {
@@ -236,7 +236,7 @@ void Scheduler::AbortTask(const std::string& task_id, std::vector<Action>* actio
   tasks_.erase(it);
 }
 
-bool Scheduler::ReleaseStopping(const std::string& worker, const std::string& task) {
+bool JobScheduler::ReleaseStopping(const std::string& worker, const std::string& task) {
   auto w = workers_.find(worker);
   if (w == workers_.end() || w->second.task != task || !w->second.stopping) return false;
   w->second.task.clear();
@@ -244,14 +244,14 @@ bool Scheduler::ReleaseStopping(const std::string& worker, const std::string& ta
   return true;
 }
 
-bool Scheduler::StageBusy(const std::string& job_id, const std::string& stage) const {
+bool JobScheduler::StageBusy(const std::string& job_id, const std::string& stage) const {
   const std::string prefix = absl::StrCat(job_id, "/", stage, "/");
   return std::any_of(workers_.begin(), workers_.end(), [&](const auto& kv) {
     return kv.second.alive && kv.second.task.rfind(prefix, 0) == 0;
   });
 }
 
-absl::Status Scheduler::Cancel(const std::string& job_id, double now,
+absl::Status JobScheduler::Cancel(const std::string& job_id, double now,
                                std::vector<Action>* actions) {
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
@@ -272,7 +272,7 @@ absl::Status Scheduler::Cancel(const std::string& job_id, double now,
   return absl::OkStatus();
 }
 
-absl::Status Scheduler::Resume(const std::string& job_id, double now) {
+absl::Status JobScheduler::Resume(const std::string& job_id, double now) {
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
   JobRecord& job = it->second;
@@ -293,7 +293,7 @@ absl::Status Scheduler::Resume(const std::string& job_id, double now) {
   return absl::OkStatus();
 }
 
-absl::Status Scheduler::Progress(const std::string& task_id, const std::string& worker,
+absl::Status JobScheduler::Progress(const std::string& task_id, const std::string& worker,
                                  int64_t step, double loss) {
   auto it = tasks_.find(task_id);
   const bool member = it != tasks_.end() &&
@@ -308,7 +308,7 @@ absl::Status Scheduler::Progress(const std::string& task_id, const std::string& 
   return absl::OkStatus();
 }
 
-absl::Status Scheduler::Complete(const std::string& task_id, const std::string& worker, double now,
+absl::Status JobScheduler::Complete(const std::string& task_id, const std::string& worker, double now,
                                  const std::function<absl::Status()>& commit) {
   auto it = tasks_.find(task_id);
   if (it == tasks_.end()) {
@@ -358,7 +358,7 @@ absl::Status Scheduler::Complete(const std::string& task_id, const std::string& 
   return absl::OkStatus();
 }
 
-void Scheduler::FailTask(const std::string& task_id, const std::string& reason, Failure kind,
+void JobScheduler::FailTask(const std::string& task_id, const std::string& reason, Failure kind,
                          bool count_restart, double now, std::vector<Action>* actions) {
   auto it = tasks_.find(task_id);
   if (it == tasks_.end()) return;
@@ -401,7 +401,7 @@ void Scheduler::FailTask(const std::string& task_id, const std::string& reason, 
   }
 }
 
-absl::Status Scheduler::Fail(const std::string& task_id, const std::string& worker,
+absl::Status JobScheduler::Fail(const std::string& task_id, const std::string& worker,
                              const std::string& reason, double now, std::vector<Action>* actions,
                              Failure kind) {
   auto it = tasks_.find(task_id);
@@ -420,7 +420,7 @@ absl::Status Scheduler::Fail(const std::string& task_id, const std::string& work
   return absl::OkStatus();
 }
 
-std::vector<Action> Scheduler::Tick(
+std::vector<Action> JobScheduler::Tick(
     double now,
     const std::function<std::string(const std::string&, const std::string&)>& last_words) {
   std::vector<Action> actions;

@@ -1,4 +1,4 @@
-#include "cli/sdctl/args.h"
+#include "common/args.h"
 
 #include <algorithm>
 
@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
-namespace sdctl {
+namespace sd {
 
 absl::StatusOr<Args> Args::Parse(int argc, char** argv, const std::vector<std::string>& known,
                                  const std::vector<std::string>& repeatable,
@@ -80,4 +80,4 @@ absl::StatusOr<double> Args::Double(const std::string& flag, double def) const {
   return v;
 }
 
-}  // namespace sdctl
+}  // namespace sd

@@ -1,5 +1,7 @@
 #include "coordinator/coordinator_core.h"
 
+#include "stages/catalog.h"
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -190,11 +192,11 @@ absl::StatusOr<std::string> CoordinatorCore::Heartbeat(const std::string& worker
   return task;
 }
 
-std::optional<PendingTask> CoordinatorCore::Poll(const std::string& worker) {
+std::optional<TaskAssignment> CoordinatorCore::Poll(const std::string& worker) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = to_start_.find(worker);
   if (it == to_start_.end()) return std::nullopt;
-  PendingTask t = it->second;
+  TaskAssignment t = it->second;
   to_start_.erase(it);
   return t;
 }
@@ -271,7 +273,7 @@ void CoordinatorCore::ApplyLocked(const std::vector<Action>& actions) {
     const JobRecord* j = sched_.job(t->job_id);
     const std::string stage = j->stages[t->stage].spec.name;
     const JobPaths paths = PathsOf(t->job_id);
-    PendingTask p;
+    TaskAssignment p;
     p.task_id = a.task;
     p.job_id = t->job_id;
     p.stage = stage;
@@ -283,9 +285,18 @@ void CoordinatorCore::ApplyLocked(const std::vector<Action>& actions) {
     p.checkpoint_dir = paths.Checkpoints(stage).string();
     p.output_dir = paths.Attempt(stage, t->attempt).string();
     p.crash_report = paths.CrashReport(stage, t->attempt, a.rank).string();
-    // Stages chain: each starts from the model the previous one published.
-    p.input_model =
-        t->stage == 0 ? j->spec.model : paths.Stage(j->stages[t->stage - 1].spec.name).string();
+    // Stages chain: each starts from the model the last model-producing stage
+    // before it published (an artifact stage, such as a report, is beside the chain).
+    p.input_model = j->spec.model;
+    for (size_t i = t->stage; i-- > 0;) {
+      const stages::StageDescriptor* d = stages::FindStage(j->stages[i].spec.name);
+      if (d != nullptr && d->produces == stages::Produces::kModel) {
+        p.input_model = paths.Stage(j->stages[i].spec.name).string();
+        break;
+      }
+    }
+    p.teacher_model = j->spec.model;
+    p.artifacts_dir = paths.Artifacts().string();
     to_start_[a.worker] = p;
   }
 }

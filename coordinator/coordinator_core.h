@@ -11,16 +11,12 @@
 
 #include "absl/status/statusor.h"
 #include "common/metrics.h"
+#include "common/task.h"
 #include "coordinator/job_store.h"
 #include "coordinator/job_scheduler.h"
 
 namespace sd::coord {
 
-struct PendingTask {
-  std::string task_id, job_id, stage, rendezvous, backend, job_yaml, checkpoint_dir, output_dir,
-      input_model, crash_report;
-  int64_t rank = 0, world_size = 1;
-};
 
 // Where a job's files live under the storage root. Each attempt writes its model
 // into a folder of its own; only the coordinator, for the current attempt, renames
@@ -34,6 +30,7 @@ struct JobPaths {
   std::filesystem::path Attempt(const std::string& stage, int64_t attempt) const;
   // What a worker's crash handler writes (signal, task, last log lines).
   std::filesystem::path CrashReport(const std::string& stage, int64_t attempt, int64_t rank) const;
+  std::filesystem::path Artifacts() const { return root / "artifacts"; }
 };
 
 class CoordinatorCore {
@@ -55,7 +52,7 @@ class CoordinatorCore {
                 int64_t memory_bytes, const std::string& running_task, int64_t rank, double now);
   // Returns the task to abort, if any.
   absl::StatusOr<std::string> Heartbeat(const std::string& worker, double now);
-  std::optional<PendingTask> Poll(const std::string& worker);
+  std::optional<TaskAssignment> Poll(const std::string& worker);
   // NotFound: the worker is not registered (it registers again and retries);
   // FailedPrecondition: the attempt is not current and must stop.
   absl::StatusOr<bool> Progress(const std::string& worker, const std::string& task, int64_t step,
@@ -80,7 +77,7 @@ class CoordinatorCore {
   std::unique_ptr<JobStore> store_;
   std::string storage_root_;
   metrics::Registry* metrics_;
-  std::map<std::string, PendingTask> to_start_;  // worker -> task
+  std::map<std::string, TaskAssignment> to_start_;  // worker -> task
   std::map<std::string, std::string> to_abort_;  // worker -> task
 };
 

@@ -1,5 +1,7 @@
 #include "coordinator/grpc_services.h"
 
+#include "stages/catalog.h"
+
 #include <chrono>
 #include <thread>
 
@@ -130,11 +132,13 @@ grpc::Status WorkerServiceImpl::PollTask(grpc::ServerContext*, const sd::v1::Pol
   task->set_rank(static_cast<int32_t>(t->rank));
   task->set_world_size(static_cast<int32_t>(t->world_size));
   task->set_rendezvous(t->rendezvous);
+  task->set_backend(t->backend);
   task->set_job_yaml(t->job_yaml);
   task->set_checkpoint_dir(t->checkpoint_dir);
   task->set_output_dir(t->output_dir);
   task->set_input_model(t->input_model);
-  task->set_backend(t->backend);
+  task->set_teacher_model(t->teacher_model);
+  task->set_artifacts_dir(t->artifacts_dir);
   task->set_crash_report(t->crash_report);
   return grpc::Status::OK;
 }

@@ -1,5 +1,7 @@
 #include "coordinator/job_store.h"
 
+#include "stages/catalog.h"
+
 #include <algorithm>
 #include <cstdio>
 

@@ -1,5 +1,8 @@
 #include "stages/training.h"
 
+#include <ATen/autocast_mode.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -127,14 +130,13 @@ absl::StatusOr<int64_t> ParamTrainer::Resume(const StageContext& ctx) {
   return Resume(ctx.checkpoint_dir, o);
 }
 
-void ParamTrainer::Step(double lr, double max_grad_norm,
-                        const std::function<void(std::vector<torch::Tensor>&)>& all_reduce_mean) {
+void ParamTrainer::Step(double lr, double max_grad_norm, Collectives& collectives) {
   std::vector<torch::Tensor> grads;
   for (auto& p : params_) {
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
     grads.push_back(p.grad());
   }
-  all_reduce_mean(grads);
+  collectives.AllReduceMean(grads);
   torch::nn::utils::clip_grad_norm_(params_, max_grad_norm);
   for (auto& group : opt_->param_groups())
     static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
@@ -236,7 +238,7 @@ absl::Status RunTrainingLoop(
     RETURN_IF_ERROR(skipped.Check(ctx, loader));
     ASSIGN_OR_RETURN(torch::Tensor loss, loss_fn(step, batch));
     loss.backward();
-    trainer.Step(LearningRate(o, step), o.max_grad_norm, ctx.all_reduce_mean);
+    trainer.Step(LearningRate(o, step), o.max_grad_norm, *ctx.collectives);
     StageProgress pr;
     pr.step = step + 1;
     pr.total_steps = o.total_steps;
@@ -262,12 +264,6 @@ absl::Status RunTrainingLoop(
     ctx.report(pr);
   }
   return absl::OkStatus();
-}
-
-absl::Status RequireDataset(const JobSpec& job, const std::string& stage) {
-  if (!job.dataset.empty()) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      stage, " needs \"dataset\" (an image folder with metadata.jsonl, or WebDataset shards)"));
 }
 
 absl::StatusOr<std::string> InputModel(const StageContext& ctx) {
@@ -315,6 +311,104 @@ absl::Status WriteModelWithComponents(const std::string& input, const std::strin
 
 std::string WeightsFileName(const std::string& component) {
   return component == "text_encoder" ? "model.safetensors" : "diffusion_pytorch_model.safetensors";
+}
+
+AutocastGuard::AutocastGuard(const std::string& mixed_precision, const torch::Device& device)
+    : on_(mixed_precision == "bf16" && device.is_cuda()) {
+  if (!on_) return;
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!on_) return;
+  at::autocast::set_autocast_enabled(at::kCUDA, false);
+  at::autocast::clear_cache();
+}
+
+absl::StatusOr<StableDiffusion> LoadForTraining(const StageContext& ctx,
+                                               StableDiffusion::LoadOptions what) {
+  ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
+  what.device = torch::kCPU;
+  what.dtype = torch::kFloat32;
+  what.inference_layout = false;
+  return StableDiffusion::Load(input, what);
+}
+
+absl::Status RunTrainingStage(StageContext& ctx, TrainingPlan plan) {
+  ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
+  ASSIGN_OR_RETURN(std::shared_ptr<const CaptionedSource> data, OpenDataset(ctx.job.dataset));
+  ParamTrainer trainer(plan.parts, plan.lr, plan.weight_decay, plan.ema_decay);
+  LoopOptions lo;
+  ASSIGN_OR_RETURN(lo.start_step, trainer.Resume(ctx));
+  if (plan.on_start) plan.on_start(lo.start_step);
+  lo.total_steps = plan.total_steps;
+  lo.global_batch = plan.local_batch * ctx.world_size;
+  lo.lr = plan.lr;
+  lo.warmup_steps = plan.warmup_steps;
+  lo.schedule = plan.lr_scheduler;
+  lo.max_grad_norm = plan.max_grad_norm;
+  lo.seed = ctx.job.seed;
+  const LoaderOptions opts =
+      MakeLoaderOptions(ctx, plan.resolution, plan.local_batch, plan.caption_dropout);
+  {
+    DataLoader loader(data, opts, lo.start_step);
+    RETURN_IF_ERROR(RunTrainingLoop(ctx, trainer, loader, lo, plan.loss));
+  }
+  if (ctx.rank != 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(auto replaced, plan.outputs(trainer, data, opts));
+  return WriteModelWithComponents(input, ctx.output_dir, replaced);
+}
+
+namespace {
+
+// Hard links where the filesystem allows (no second copy of a model), else copies.
+absl::Status LinkTree(const fs::path& from, const fs::path& to) {
+  std::error_code ec;
+  fs::create_directories(to, ec);
+  for (const auto& e : fs::recursive_directory_iterator(from, ec)) {
+    const fs::path dst = to / fs::relative(e.path(), from);
+    if (e.is_directory()) {
+      fs::create_directories(dst, ec);
+      continue;
+    }
+    fs::remove(dst, ec);
+    fs::create_hard_link(e.path(), dst, ec);
+    if (ec) fs::copy_file(e.path(), dst, fs::copy_options::overwrite_existing, ec);
+    if (ec)
+      return absl::InternalError(absl::StrCat("cannot link or copy ", e.path().string(), " to ",
+                                              dst.string(), ": ", ec.message()));
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot read ", from.string(), ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status RunTransformStage(
+    StageContext& ctx, const std::function<absl::Status(const std::string& dir)>& transform) {
+  if (ctx.rank != 0) return absl::OkStatus();
+  const fs::path root(ctx.checkpoint_dir), result = root / "result", done = root / "DONE";
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  if (fs::exists(done) && fs::is_directory(result)) {
+    ctx.event(StageEvent::kInfo, absl::StrCat("result kept by an earlier attempt: ", result.string()));
+  } else {
+    const fs::path tmp = root / absl::StrCat(".tmp-result-", ::getpid());
+    fs::remove_all(tmp, ec);
+    fs::remove_all(result, ec);
+    RETURN_IF_ERROR(transform(tmp.string()));
+    fs::rename(tmp, result, ec);
+    if (ec)
+      return absl::InternalError(absl::StrCat("cannot keep ", tmp.string(), " as ", result.string(),
+                                              ": ", ec.message()));
+    RETURN_IF_ERROR(WriteFileAtomic(done.string(), "done\n"));
+  }
+  RETURN_IF_ERROR(LinkTree(result, ctx.output_dir));
+  StageProgress p;
+  p.step = p.total_steps = 1;
+  ctx.report(p);
+  return absl::OkStatus();
 }
 
 }  // namespace sd::stages

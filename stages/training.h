@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "sd/data/dataset.h"
 #include "sd/io/safetensors.h"
+#include "sd/pipeline/stable_diffusion.h"
 #include "sd/train/checkpoint.h"
 #include "stages/stage.h"
 
@@ -51,8 +53,7 @@ class ParamTrainer {
   // As a stage resumes: the job's allow_restart_from_zero, events from rank 0.
   absl::StatusOr<int64_t> Resume(const StageContext& ctx);
   // After loss.backward(): average gradients across ranks, clip, set lr, step, EMA.
-  void Step(double lr, double max_grad_norm,
-            const std::function<void(std::vector<torch::Tensor>&)>& all_reduce_mean);
+  void Step(double lr, double max_grad_norm, Collectives& collectives);
   absl::Status Save(const std::string& checkpoint_dir, int64_t step, const nlohmann::json& extra);
   // Every parameter of part `stem`, on the CPU: the trained ones as trained (the
   // EMA when one is kept), frozen ones as they are.
@@ -103,9 +104,8 @@ absl::Status RunTrainingLoop(
     StageContext& ctx, ParamTrainer& trainer, DataLoader& loader, const LoopOptions& o,
     const std::function<absl::StatusOr<torch::Tensor>(int64_t, const Batch&)>& loss_fn);
 
-// The checks every training stage makes on its inputs: a dataset is named and
-// the model it starts from (ctx.input_model, else job.model) is a diffusers folder.
-absl::Status RequireDataset(const JobSpec& job, const std::string& stage);
+// The model a stage starts from (ctx.input_model, else job.model), which must be a
+// diffusers folder.
 absl::StatusOr<std::string> InputModel(const StageContext& ctx);
 
 // The data pipeline's options for this rank, from the job's data: settings.
@@ -124,5 +124,62 @@ absl::Status WriteModelWithComponents(const std::string& input, const std::strin
 // The weights file of a diffusers component: transformers' name for the text
 // encoder, diffusers' for the rest.
 std::string WeightsFileName(const std::string& component);
+
+// bf16 autocast on CUDA for a scope (matmuls and convolutions in bf16; weights,
+// optimizer and loss stay fp32), switched off again however the scope is left.
+class AutocastGuard {
+ public:
+  AutocastGuard(const std::string& mixed_precision, const torch::Device& device);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool on_;
+};
+
+// The training-stage helper. A stage loads its model (LoadForTraining), says what
+// it trains, how its loss is computed and what it writes; RunTrainingStage does the
+// rest: the dataset and its loader, AdamW (and EMA), resume from the newest usable
+// checkpoint, warm-up and schedule, clipping, data-parallel averaging, periodic
+// checkpoints, progress, and on rank 0 the result model in ctx.output_dir.
+struct TrainingPlan {
+  std::vector<TrainedPart> parts;
+  double lr = 1e-4;
+  double weight_decay = 1e-2;
+  std::optional<double> ema_decay;
+  int64_t total_steps = 0;
+  int64_t warmup_steps = 0;
+  std::string lr_scheduler = "constant";
+  double max_grad_norm = 1.0;
+  int64_t local_batch = 1;   // per rank
+  int64_t resolution = 512;  // pixels
+  double caption_dropout = 0;
+  // After resuming, before the first step, with the step it starts from.
+  std::function<void(int64_t start_step)> on_start;
+  // The local loss of one step (the helper backpropagates and steps).
+  std::function<absl::StatusOr<torch::Tensor>(int64_t step, const Batch& batch)> loss;
+  // Rank 0, after the last step: the components that replace the input model's.
+  std::function<absl::StatusOr<std::map<std::string, ComponentWeights>>(
+      ParamTrainer& trainer, const std::shared_ptr<const CaptionedSource>& data,
+      const LoaderOptions& loader)>
+      outputs;
+};
+absl::Status RunTrainingStage(StageContext& ctx, TrainingPlan plan);
+
+// The stage's input model through StableDiffusion::Load, in the training layout
+// (no fused projections), on the CPU; `what` says which components to load.
+absl::StatusOr<StableDiffusion> LoadForTraining(const StageContext& ctx,
+                                               StableDiffusion::LoadOptions what);
+
+// The transform-stage helper, for load -> transform -> write stages (init; prune,
+// quantize, export, report). Rank 0 runs `transform(dir)`, which writes the
+// result into a fresh folder; the helper keeps it under ctx.checkpoint_dir with a
+// done marker, then links it into ctx.output_dir. An attempt that finds the
+// marker (its predecessor finished, its result was not yet published) links the
+// kept result instead of computing it again; a transform cut short leaves no
+// marker and is redone.
+absl::Status RunTransformStage(StageContext& ctx,
+                               const std::function<absl::Status(const std::string& dir)>& transform);
 
 }  // namespace sd::stages

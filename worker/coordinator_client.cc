@@ -112,7 +112,7 @@ absl::StatusOr<std::string> CoordinatorClient::Heartbeat() {
   return resp.abort_task_id();
 }
 
-absl::StatusOr<std::optional<TaskSpec>> CoordinatorClient::Poll() {
+absl::StatusOr<std::optional<TaskAssignment>> CoordinatorClient::Poll() {
   sd::v1::PollTaskRequest req;
   req.set_worker_id(impl_->id);
   sd::v1::PollTaskResponse resp;
@@ -120,12 +120,24 @@ absl::StatusOr<std::optional<TaskSpec>> CoordinatorClient::Poll() {
   Deadline(ctx, 5);
   auto s = FromGrpc(impl_->stub->PollTask(&ctx, req, &resp), "poll");
   if (!s.ok()) return s;
-  if (!resp.has_task()) return std::optional<TaskSpec>();
+  if (!resp.has_task()) return std::optional<TaskAssignment>();
   const auto& t = resp.task();
-  TaskSpec spec{t.task_id(),        t.job_id(),     t.stage(),   t.rendezvous(), t.job_yaml(),
-                t.checkpoint_dir(), t.output_dir(), t.backend(), t.input_model(),
-                t.crash_report(),   t.rank(),       t.world_size()};
-  return std::optional<TaskSpec>(spec);
+  TaskAssignment a;
+  a.task_id = t.task_id();
+  a.job_id = t.job_id();
+  a.stage = t.stage();
+  a.rank = t.rank();
+  a.world_size = t.world_size();
+  a.rendezvous = t.rendezvous();
+  a.backend = t.backend();
+  a.job_yaml = t.job_yaml();
+  a.checkpoint_dir = t.checkpoint_dir();
+  a.output_dir = t.output_dir();
+  a.input_model = t.input_model();
+  a.teacher_model = t.teacher_model();
+  a.artifacts_dir = t.artifacts_dir();
+  a.crash_report = t.crash_report();
+  return std::optional<TaskAssignment>(std::move(a));
 }
 
 absl::StatusOr<bool> CoordinatorClient::Progress(const std::string& task_id, int64_t step,

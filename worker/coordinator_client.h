@@ -10,14 +10,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/task.h"
 
 namespace sd::worker {
 
-struct TaskSpec {
-  std::string task_id, job_id, stage, rendezvous, job_yaml, checkpoint_dir, output_dir, backend,
-      input_model, crash_report;
-  int64_t rank = 0, world_size = 1;
-};
 
 struct Registration {
   double heartbeat_interval_s = 1;
@@ -57,7 +53,7 @@ class CoordinatorClient {
                                         const std::string& running_task, int64_t rank);
   // Returns the id of a task to abort, or "". NotFound: register again.
   absl::StatusOr<std::string> Heartbeat();
-  absl::StatusOr<std::optional<TaskSpec>> Poll();
+  absl::StatusOr<std::optional<TaskAssignment>> Poll();
   // Returns true when the coordinator wants the task aborted. FailedPrecondition:
   // the attempt is not current (stop it); NotFound: register again.
   absl::StatusOr<bool> Progress(const std::string& task_id, int64_t step, int64_t total,

@@ -101,4 +101,27 @@ void DataParallelGroup::Barrier() {
   if (world_size_ > 1) pg_->barrier()->wait();
 }
 
+void DataParallelGroup::Broadcast(std::vector<torch::Tensor>& tensors, int64_t root) {
+  if (world_size_ == 1) return;
+  torch::NoGradGuard ng;
+  for (auto& t : tensors) {
+    if (!t.defined()) continue;
+    std::vector<torch::Tensor> one{t.is_contiguous() ? t : t.contiguous()};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    pg_->broadcast(one, o)->wait();
+    if (!one[0].is_same(t)) t.copy_(one[0]);
+  }
+}
+
+std::vector<torch::Tensor> DataParallelGroup::AllGather(const torch::Tensor& t) {
+  if (world_size_ == 1) return {t};
+  torch::NoGradGuard ng;
+  std::vector<torch::Tensor> in{t.contiguous()};
+  std::vector<std::vector<torch::Tensor>> out(1);
+  for (int64_t r = 0; r < world_size_; ++r) out[0].push_back(torch::empty_like(in[0]));
+  pg_->allgather(out, in)->wait();
+  return out[0];
+}
+
 }  // namespace sd::worker

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "stages/stage.h"
 
 namespace c10d {
 class Store;
@@ -18,7 +19,7 @@ class Backend;
 
 namespace sd::worker {
 
-class DataParallelGroup {
+class DataParallelGroup : public sd::stages::Collectives {
  public:
   // address: "host:port"; backend: "gloo" or "nccl" (tensors then live on this
   // rank's current CUDA device). Blocks until all `world_size` ranks have joined.
@@ -30,8 +31,13 @@ class DataParallelGroup {
   ~DataParallelGroup();
 
   // grads[i] /= world_size after summing across ranks; undefined tensors are skipped.
-  void AllReduceMean(std::vector<torch::Tensor>& grads, size_t bucket_bytes = 25u << 20);
-  void Barrier();
+  void AllReduceMean(std::vector<torch::Tensor>& grads) override {
+    AllReduceMean(grads, 25u << 20);
+  }
+  void AllReduceMean(std::vector<torch::Tensor>& grads, size_t bucket_bytes);
+  void Broadcast(std::vector<torch::Tensor>& tensors, int64_t root) override;
+  void Barrier() override;
+  std::vector<torch::Tensor> AllGather(const torch::Tensor& t) override;
   int64_t rank() const { return rank_; }
   int64_t world_size() const { return world_size_; }
 

@@ -17,7 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/args.h"
 #include "common/http_exporter.h"
-#include "common/job_spec.h"
+#include "stages/catalog.h"
 #include "common/metrics.h"
 #include "sd/util/status_macros.h"
 #include "stages/stage.h"
@@ -88,27 +88,15 @@ class Worker {
     }
   }
 
-  absl::Status RunTask(const sd::worker::TaskSpec& task) {
+  absl::Status RunTask(const sd::TaskAssignment& task) {
     ASSIGN_OR_RETURN(sd::JobSpec job, sd::ParseJobSpec(task.job_yaml, task.job_id));
     ASSIGN_OR_RETURN(auto stage, sd::stages::MakeStage(task.stage));
-    sd::stages::StageContext ctx;
-    ctx.job = job;
-    ctx.rank = task.rank;
-    ctx.world_size = task.world_size;
-    ctx.checkpoint_dir = task.checkpoint_dir;
-    ctx.output_dir = task.output_dir;
-    ctx.input_model = task.input_model.empty() ? job.model : task.input_model;
-    if (torch::cuda::is_available()) {
-      // One GPU per rank on multi-GPU hosts (NCCL wants its rank's device current).
-      ctx.device =
-          torch::Device(torch::kCUDA, static_cast<int>(task.rank % torch::cuda::device_count()));
-    }
-    std::unique_ptr<sd::worker::DataParallelGroup> group;
+    sd::stages::StageContext ctx = sd::stages::MakeStageContext(task, std::move(job));
     if (ctx.world_size > 1) {
       ASSIGN_OR_RETURN(
-          group, sd::worker::DataParallelGroup::Join(task.rendezvous, ctx.rank, ctx.world_size,
-                                                     task.backend.empty() ? "gloo" : task.backend));
-      ctx.all_reduce_mean = [&group](std::vector<torch::Tensor>& g) { group->AllReduceMean(g); };
+          ctx.collectives,
+          sd::worker::DataParallelGroup::Join(task.rendezvous, ctx.rank, ctx.world_size,
+                                              task.backend.empty() ? "gloo" : task.backend));
     }
     ctx.should_stop = [this](int64_t) { return ShouldStop(); };
     ctx.fenced = [this] { return ShouldStop(); };
@@ -178,7 +166,7 @@ class Worker {
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
         continue;
       }
-      const sd::worker::TaskSpec& t = **task;
+      const sd::TaskAssignment& t = **task;
       {
         std::lock_guard<std::mutex> lock(mu_);
         current_task_ = t.task_id;

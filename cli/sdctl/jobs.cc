@@ -6,7 +6,7 @@
 #include "common/args.h"
 #include "cli/sdctl/commands.h"
 #include "cli/sdctl/job_client.h"
-#include "common/job_spec.h"
+#include "stages/catalog.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
 

@@ -19,8 +19,10 @@ absl::StatusOr<torch::Dtype> ParseDtypeName(const std::string& name) {
       absl::StrCat("unknown dtype \"", name, "\" (fp32, fp16 or bf16)"));
 }
 
-absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, torch::Device device,
-                                                      torch::Dtype dtype) {
+absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir,
+                                                      const LoadOptions& options) {
+  const torch::Device device = options.device;
+  const torch::Dtype dtype = options.dtype;
   namespace fs = std::filesystem;
   const fs::path root(dir);
   if (!fs::exists(root / "model_index.json")) {
@@ -47,15 +49,25 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, to
     }
   }
   StableDiffusion sd;
-  ASSIGN_OR_RETURN(sd.tokenizer, CLIPTokenizer::Load((root / "tokenizer").string()));
+  if (options.tokenizer) {
+    ASSIGN_OR_RETURN(sd.tokenizer, CLIPTokenizer::Load((root / "tokenizer").string()));
+  }
   // Copies, not aliases of the mapping: the UNet and VAE are re-laid-out below
-  // anyway, and copying with page release keeps peak memory at one set of weights.
-  ASSIGN_OR_RETURN(sd.text_encoder, LoadCLIPTextModel((root / "text_encoder").string(), true));
-  ASSIGN_OR_RETURN(sd.unet, LoadUNet((root / "unet").string(), true));
-  ASSIGN_OR_RETURN(sd.vae, LoadVAE((root / "vae").string(), true));
+  // anyway (or trained), and copying with page release keeps peak memory at one
+  // set of weights.
+  if (options.text_encoder) {
+    ASSIGN_OR_RETURN(sd.text_encoder, LoadCLIPTextModel((root / "text_encoder").string(), true));
+  }
+  if (options.unet) {
+    ASSIGN_OR_RETURN(sd.unet, LoadUNet((root / "unet").string(), true));
+  }
+  if (options.vae) {
+    ASSIGN_OR_RETURN(sd.vae, LoadVAE((root / "vae").string(), true));
+  }
   ASSIGN_OR_RETURN(sd.scheduler_config,
                    JsonConfig::Load((root / "scheduler" / "scheduler_config.json").string()));
-  if (sd.unet->config().cross_attention_dim != sd.text_encoder->config().hidden_size) {
+  if (sd.unet && sd.text_encoder &&
+      sd.unet->config().cross_attention_dim != sd.text_encoder->config().hidden_size) {
     return absl::InvalidArgumentError(absl::StrCat(
         dir, ": unet cross_attention_dim ", sd.unet->config().cross_attention_dim,
         " does not match text_encoder hidden_size ", sd.text_encoder->config().hidden_size));
@@ -63,14 +75,18 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir, to
   sd.device = device;
   sd.dtype = dtype;
   try {
-    sd.text_encoder->to(device, dtype);
-    sd.unet->to(device, dtype);
-    sd.vae->to(device, dtype);
+    if (sd.text_encoder) sd.text_encoder->to(device, dtype);
+    if (sd.unet) sd.unet->to(device, dtype);
+    if (sd.vae) sd.vae->to(device, dtype);
     // Inference layout: NHWC convolutions and fused attention projections measured
     // about 10% faster on CPU (docs/benchmarks.md); the numbers stay within 1e-4.
-    sd.unet->set_channels_last(true);
-    sd.unet->fuse_qkv_projections(true);
-    sd.vae->set_channels_last(true);
+    if (options.inference_layout) {
+      if (sd.unet) {
+        sd.unet->set_channels_last(true);
+        sd.unet->fuse_qkv_projections(true);
+      }
+      if (sd.vae) sd.vae->set_channels_last(true);
+    }
   } catch (const c10::Error& e) {
     return absl::FailedPreconditionError(
         absl::StrCat("cannot move the model to ", device.str(), ": ", e.what_without_backtrace()));

@@ -26,11 +26,27 @@ struct StableDiffusion {
   torch::Device device = torch::kCPU;
   torch::Dtype dtype = torch::kFloat32;
 
+  struct LoadOptions {
+    torch::Device device = torch::kCPU;
+    torch::Dtype dtype = torch::kFloat32;
+    // Channels-last convolutions and fused attention projections: faster for
+    // sampling, but they change parameter layouts, so training loads without.
+    bool inference_layout = true;
+    // Which of tokenizer, text_encoder, unet, vae to load (the scheduler config
+    // always is); the others stay null. A training stage loads what it trains and uses.
+    bool tokenizer = true, text_encoder = true, unet = true, vae = true;
+  };
   // Loads a diffusers folder (model_index.json, tokenizer/, text_encoder/, unet/,
-  // vae/, scheduler/) onto `device` in `dtype`.
+  // vae/, scheduler/): the one loading path of sampling, evaluation and training.
+  static absl::StatusOr<StableDiffusion> Load(const std::string& dir, const LoadOptions& options);
   static absl::StatusOr<StableDiffusion> Load(const std::string& dir,
                                               torch::Device device = torch::kCPU,
-                                              torch::Dtype dtype = torch::kFloat32);
+                                              torch::Dtype dtype = torch::kFloat32) {
+    LoadOptions o;
+    o.device = device;
+    o.dtype = dtype;
+    return Load(dir, o);
+  }
   int64_t vae_scale_factor() const;
   // [B, 77, D] prompt embeddings (last_hidden_state).
   torch::Tensor EncodePrompts(const std::vector<std::string>& prompts);

@@ -1,7 +1,5 @@
 #include "stages/finetune/finetune_stage.h"
 
-#include <ATen/autocast_mode.h>
-
 #include <filesystem>
 #include <map>
 #include <optional>
@@ -18,6 +16,7 @@
 #include "sd/train/denoising_loss.h"
 #include "sd/train/foreground_weights.h"
 #include "sd/util/status_macros.h"
+#include "stages/finetune/finetune_options.h"
 #include "stages/training.h"
 
 namespace sd::stages {
@@ -60,27 +59,14 @@ class PosteriorCache {
 };
 }  // namespace
 
-absl::Status FinetuneStage::Validate(const JobSpec& job) const {
-  return RequireDataset(job, name());
-}
-
 absl::Status FinetuneStage::Run(StageContext& ctx) {
   const JobSpec& job = ctx.job;
-  RETURN_IF_ERROR(Validate(job));
-  ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
-  const fs::path model(input);
-  ASSIGN_OR_RETURN(CLIPTokenizer tokenizer, CLIPTokenizer::Load((model / "tokenizer").string()));
-  ASSIGN_OR_RETURN(CLIPTextModel text_encoder,
-                   LoadCLIPTextModel((model / "text_encoder").string(), true));
-  ASSIGN_OR_RETURN(AutoencoderKL vae, LoadVAE((model / "vae").string(), true));
-  ASSIGN_OR_RETURN(UNet2DConditionModel unet, LoadUNet((model / "unet").string(), true));
-  ASSIGN_OR_RETURN(JsonConfig sched_json,
-                   JsonConfig::Load((model / "scheduler" / "scheduler_config.json").string()));
-  ASSIGN_OR_RETURN(auto scheduler, MakeScheduler("ddim", sched_json));
-  const int64_t resolution =
-      unet->config().sample_size * (int64_t{1} << (vae->config().block_out_channels.size() - 1));
-  ASSIGN_OR_RETURN(std::shared_ptr<const CaptionedSource> data, OpenDataset(job.dataset));
-
+  const auto& o = ctx.options<FinetuneOptions>("finetune");
+  ASSIGN_OR_RETURN(StableDiffusion m, LoadForTraining(ctx, {}));
+  CLIPTextModel& text_encoder = m.text_encoder;
+  AutoencoderKL& vae = m.vae;
+  UNet2DConditionModel& unet = m.unet;
+  ASSIGN_OR_RETURN(auto scheduler, MakeScheduler("ddim", m.scheduler_config));
   text_encoder->to(ctx.device);
   vae->to(ctx.device);
   unet->to(ctx.device);
@@ -90,10 +76,10 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   // The text encoder learns with the UNet when asked (a teacher trained from
   // scratch needs words that mean something); otherwise it stays frozen as in
   // diffusers' train_text_to_image.
-  const bool train_te = job.finetune_text_encoder;
+  const bool train_te = o.train_text_encoder;
   if (train_te) {
     text_encoder->train();
-    if (!job.finetune_token_embedding) {
+    if (!o.train_token_embedding) {
       auto params = text_encoder->named_parameters();
       if (auto* table = params.find("text_model.embeddings.token_embedding.weight"))
         table->requires_grad_(false);
@@ -102,40 +88,32 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     text_encoder->eval();
     for (auto& p : text_encoder->parameters()) p.requires_grad_(false);
   }
-  std::vector<TrainedPart> parts = {{"unet", unet.get()}};
-  if (train_te) parts.push_back({"text_encoder", text_encoder.get()});
 
-  ParamTrainer trainer(
-      parts, job.finetune_lr, 1e-2,
-      job.finetune_ema ? std::optional<double>(job.finetune_ema_decay >= 0 ? job.finetune_ema_decay
-                                                                           : job.ema_decay)
-                       : std::nullopt);
-  LoopOptions lo;
-  ASSIGN_OR_RETURN(lo.start_step, trainer.Resume(ctx));
-  lo.total_steps = job.finetune_steps;
-  lo.global_batch = job.batch_size * ctx.world_size;
-  lo.lr = job.finetune_lr;
-  lo.warmup_steps =
-      job.lr_warmup_steps >= 0 ? job.lr_warmup_steps : std::min<int64_t>(500, lo.total_steps / 10);
-  lo.schedule = job.finetune_lr_scheduler;
-  lo.max_grad_norm = job.max_grad_norm;
-  lo.seed = job.seed;
+  TrainingPlan plan;
+  plan.parts = {{"unet", unet.get()}};
+  if (train_te) plan.parts.push_back({"text_encoder", text_encoder.get()});
+  plan.lr = o.lr;
+  if (o.ema) plan.ema_decay = o.ema_decay;
+  plan.total_steps = o.steps;
+  plan.warmup_steps =
+      o.lr_warmup_steps >= 0 ? o.lr_warmup_steps : std::min<int64_t>(500, o.steps / 10);
+  plan.lr_scheduler = o.lr_scheduler;
+  plan.max_grad_norm = o.max_grad_norm;
+  plan.local_batch = job.batch_size;
+  plan.resolution = unet->config().sample_size * m.vae_scale_factor();
+  plan.caption_dropout = job.caption_dropout;
 
-  const LoaderOptions opts =
-      MakeLoaderOptions(ctx, resolution, job.batch_size, job.caption_dropout);
-  DataLoader loader(data, opts, lo.start_step);
+  const int64_t global_batch = job.batch_size * ctx.world_size;
   const int64_t T = scheduler->config().num_train_timesteps;
-  const TimestepSampling sampling{job.finetune_timestep_sampling == "logit_normal",
-                                  job.finetune_logit_mean, job.finetune_logit_std};
-  PosteriorCache cache(job.finetune_cache_latents);
-
-  auto loss_fn = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
+  const TimestepSampling sampling{o.timestep_sampling == "logit_normal", o.logit_mean, o.logit_std};
+  PosteriorCache cache(o.cache_latents);
+  plan.loss = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
     const int64_t b = batch.pixels.size(0);
     // One stream per sample: its timestep, posterior sample and noise.
     std::vector<at::Generator> gens;
     std::vector<int64_t> timesteps;
     for (int64_t j = 0; j < b; ++j) {
-      const int64_t g = step * lo.global_batch + ctx.rank * b + j;
+      const int64_t g = step * global_batch + ctx.rank * b + j;
       gens.push_back(SampleGenerator(job.seed, step, g));
       timesteps.push_back(SampleTimestep(sampling, T, gens.back()));
     }
@@ -156,41 +134,35 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
     {
       std::optional<torch::NoGradGuard> ng;
       if (!train_te) ng.emplace();
-      context = text_encoder->forward(tokenizer.Tokenize(batch.captions).to(ctx.device))
+      context = text_encoder->forward(m.tokenizer.Tokenize(batch.captions).to(ctx.device))
                     .last_hidden_state;
     }
     auto t = torch::tensor(timesteps, torch::kLong).to(ctx.device);
-    // bf16 autocast on CUDA: matmuls/convs in bf16, weights, optimizer and loss in fp32.
-    const bool autocast = job.mixed_precision == "bf16" && ctx.device.is_cuda();
-    if (autocast) {
-      at::autocast::set_autocast_enabled(at::kCUDA, true);
-      at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    }
-    const torch::Tensor weights = job.finetune_foreground_weight > 0
-                                      ? ForegroundWeights(latents, job.finetune_foreground_weight)
+    const torch::Tensor weights = o.foreground_weight > 0
+                                      ? ForegroundWeights(latents, o.foreground_weight)
                                       : torch::Tensor();
-    const torch::Tensor sample_weights = job.finetune_snr_gamma > 0
-                                             ? MinSnrWeights(*scheduler, t, job.finetune_snr_gamma)
-                                             : torch::Tensor();
-    auto loss =
-        DenoisingLoss(unet, *scheduler, latents, noise, t, context, weights, sample_weights);
-    if (autocast) {
-      at::autocast::set_autocast_enabled(at::kCUDA, false);
-      at::autocast::clear_cache();
-    }
-    return loss;
+    const torch::Tensor sample_weights =
+        o.snr_gamma > 0 ? MinSnrWeights(*scheduler, t, o.snr_gamma) : torch::Tensor();
+    AutocastGuard autocast(o.mixed_precision, ctx.device);  // the UNet's forward only
+    return DenoisingLoss(unet, *scheduler, latents, noise, t, context, weights, sample_weights);
   };
-  RETURN_IF_ERROR(RunTrainingLoop(ctx, trainer, loader, lo, loss_fn));
-  if (ctx.rank != 0) return absl::OkStatus();
-  std::map<std::string, ComponentWeights> out = {
-      {"unet", {unet->config().ToJson(), trainer.Weights("unet")}}};
-  if (train_te) {
-    // Its config is unchanged: keep the file as transformers wrote it.
-    ASSIGN_OR_RETURN(JsonConfig te_json,
-                     JsonConfig::Load((model / "text_encoder" / "config.json").string()));
-    out["text_encoder"] = {te_json.json(), trainer.Weights("text_encoder")};
-  }
-  return WriteModelWithComponents(model.string(), ctx.output_dir, out);
+  plan.outputs = [&](ParamTrainer& trainer, const std::shared_ptr<const CaptionedSource>&,
+                     const LoaderOptions&)
+      -> absl::StatusOr<std::map<std::string, ComponentWeights>> {
+    std::map<std::string, ComponentWeights> out = {
+        {"unet", {unet->config().ToJson(), trainer.Weights("unet")}}};
+    if (train_te) {
+      // Its config is unchanged: keep the file as transformers wrote it.
+      ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
+      ASSIGN_OR_RETURN(JsonConfig te_json,
+                       JsonConfig::Load((fs::path(input) / "text_encoder" / "config.json").string()));
+      out["text_encoder"] = {te_json.json(), trainer.Weights("text_encoder")};
+    }
+    return out;
+  };
+  return RunTrainingStage(ctx, std::move(plan));
 }
+
+std::unique_ptr<Stage> MakeFinetuneStage() { return std::make_unique<FinetuneStage>(); }
 
 }  // namespace sd::stages

@@ -11,8 +11,6 @@ namespace sd::stages {
 // one worker with batch N*b, and a resumed run continues exactly.
 class FinetuneStage : public Stage {
  public:
-  std::string name() const override { return "finetune"; }
-  absl::Status Validate(const JobSpec& job) const override;
   absl::Status Run(StageContext& ctx) override;
 };
 

@@ -12,6 +12,7 @@
 #include "sd/models/unet_2d_condition.h"
 #include "sd/tokenizer/clip_tokenizer.h"
 #include "sd/util/status_macros.h"
+#include "stages/init/init_options.h"
 #include "stages/training.h"
 
 namespace sd::stages {
@@ -67,36 +68,33 @@ absl::StatusOr<std::string> FindClipBpe(const std::string& setting) {
       "$SD_CLIP_BPE to bpe_simple_vocab_16e6.txt.gz");
 }
 
-absl::Status InitStage::Validate(const JobSpec& job) const {
-  return CheckInput(fs::path(job.model));
-}
-
 absl::Status InitStage::Run(StageContext& ctx) {
   const fs::path in(ctx.input_model.empty() ? ctx.job.model : ctx.input_model);
   RETURN_IF_ERROR(CheckInput(in));
-  if (ctx.rank != 0) return absl::OkStatus();
-  const fs::path out(ctx.output_dir);
-  std::error_code ec;
-  fs::create_directories(out, ec);
-  fs::copy(in, out, fs::copy_options::recursive | fs::copy_options::overwrite_existing, ec);
-  if (ec)
-    return absl::InternalError(
-        absl::StrCat("cannot copy ", in.string(), " to ", out.string(), ": ", ec.message()));
-  // Every component from one seeded stream, so the same job gives the same model.
-  torch::manual_seed(static_cast<uint64_t>(ctx.job.seed));
-  RETURN_IF_ERROR((WriteRandom<CLIPTextModel, CLIPTextConfig>(in, out, "text_encoder")));
-  RETURN_IF_ERROR((WriteRandom<AutoencoderKL, VAEConfig>(in, out, "vae")));
-  RETURN_IF_ERROR((WriteRandom<UNet2DConditionModel, UNetConfig>(in, out, "unet")));
-  const fs::path tok = out / "tokenizer";
-  if (!(fs::exists(tok / "vocab.json") && fs::exists(tok / "merges.txt")) &&
-      !fs::exists(tok / "tokenizer.json")) {
-    ASSIGN_OR_RETURN(std::string bpe, FindClipBpe(ctx.job.clip_bpe));
-    RETURN_IF_ERROR(WriteCLIPTokenizerFiles(bpe, tok.string()));
-  }
-  StageProgress p;
-  p.step = p.total_steps = 1;
-  ctx.report(p);
-  return absl::OkStatus();
+  const auto& o = ctx.options<InitOptions>("init");
+  return RunTransformStage(ctx, [&](const std::string& dir) -> absl::Status {
+    const fs::path out(dir);
+    std::error_code ec;
+    fs::create_directories(out, ec);
+    fs::copy(in, out, fs::copy_options::recursive | fs::copy_options::overwrite_existing, ec);
+    if (ec)
+      return absl::InternalError(
+          absl::StrCat("cannot copy ", in.string(), " to ", out.string(), ": ", ec.message()));
+    // Every component from one seeded stream, so the same job gives the same model.
+    torch::manual_seed(static_cast<uint64_t>(ctx.job.seed));
+    RETURN_IF_ERROR((WriteRandom<CLIPTextModel, CLIPTextConfig>(in, out, "text_encoder")));
+    RETURN_IF_ERROR((WriteRandom<AutoencoderKL, VAEConfig>(in, out, "vae")));
+    RETURN_IF_ERROR((WriteRandom<UNet2DConditionModel, UNetConfig>(in, out, "unet")));
+    const fs::path tok = out / "tokenizer";
+    if (!(fs::exists(tok / "vocab.json") && fs::exists(tok / "merges.txt")) &&
+        !fs::exists(tok / "tokenizer.json")) {
+      ASSIGN_OR_RETURN(std::string bpe, FindClipBpe(o.clip_bpe));
+      RETURN_IF_ERROR(WriteCLIPTokenizerFiles(bpe, tok.string()));
+    }
+    return absl::OkStatus();
+  });
 }
+
+std::unique_ptr<Stage> MakeInitStage() { return std::make_unique<InitStage>(); }
 
 }  // namespace sd::stages

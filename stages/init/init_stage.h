@@ -10,8 +10,6 @@ namespace sd::stages {
 // the merges file named by init.clip_bpe ("auto" finds open_clip's copy).
 class InitStage : public Stage {
  public:
-  std::string name() const override { return "init"; }
-  absl::Status Validate(const JobSpec& job) const override;
   absl::Status Run(StageContext& ctx) override;
 };
 

@@ -10,8 +10,6 @@ namespace sd::stages {
 // For teachers built from scratch (the toy world); SD1.5's own VAE is kept as is.
 class TrainVaeStage : public Stage {
  public:
-  std::string name() const override { return "train_vae"; }
-  absl::Status Validate(const JobSpec& job) const override;
   absl::Status Run(StageContext& ctx) override;
 };
 

@@ -1,4 +1,5 @@
 #include "coordinator/job_store.h"
+#include "stages/catalog.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -12,7 +13,7 @@ TEST(JobStoreTest, CoordinatorRestartKeepsJobsAndResumesRunningStages) {
   const std::string path =
       std::filesystem::temp_directory_path() / ("jobs_" + std::to_string(::getpid()) + ".db");
   std::filesystem::remove(path);
-  const std::string yaml = "model: /m\nstages: [finetune]\n";
+  const std::string yaml = "model: /m\ndataset: /d\nstages: [finetune]\n";
   std::string running, queued;
   {
     auto store = JobStore::Open(path);
@@ -73,7 +74,7 @@ TEST(JobStoreTest, JobNumbersAreNeverHandedOutTwice) {
   ASSERT_TRUE(store.ok());
   EXPECT_EQ(*(*store)->AllocateJobNumber(), 3);  // durable across a restart
   // A store from before the counter continues after the jobs it holds.
-  JobRecord j = JobScheduler::NewJob("job-000041", *ParseJobSpec("model: /m\nstages: [finetune]\n", "a"), "model: /m\n", 0);
+  JobRecord j = JobScheduler::NewJob("job-000041", *ParseJobSpec("model: /m\ndataset: /d\nstages: [finetune]\n", "a"), "model: /m\n", 0);
   ASSERT_TRUE((*store)->Save(j).ok());
   EXPECT_EQ(*(*store)->AllocateJobNumber(), 42);
   std::filesystem::remove(path);
@@ -85,11 +86,11 @@ TEST(JobStoreTest, StoredJobTextComesBackByteForByteAndABadOneLoadsAsFailed) {
   {
     auto store = JobStore::Open(path);
     ASSERT_TRUE(store.ok());
-    JobRecord a = JobScheduler::NewJob("job-000001", *ParseJobSpec("model: /m\nstages: [finetune]\n", "a"), with_nul, 0);
+    JobRecord a = JobScheduler::NewJob("job-000001", *ParseJobSpec("model: /m\ndataset: /d\nstages: [finetune]\n", "a"), with_nul, 0);
     ASSERT_TRUE((*store)->Save(a).ok());
     // Written by another build: a key this one does not know.
     const std::string old_yaml = "model: /m\nstages: [finetune]\nfinetune:\n  renamed_key: 1\n";
-    JobRecord b = JobScheduler::NewJob("job-000002", *ParseJobSpec("model: /m\nstages: [finetune]\n", "b"), old_yaml, 0);
+    JobRecord b = JobScheduler::NewJob("job-000002", *ParseJobSpec("model: /m\ndataset: /d\nstages: [finetune]\n", "b"), old_yaml, 0);
     b.stages[0].state = StageState::kRunning;
     b.state = JobState::kRunning;
     ASSERT_TRUE((*store)->Save(b).ok());

@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/args.h"
-#include "common/job_spec.h"
+#include "stages/catalog.h"
 #include "sd/io/safetensors.h"
 #include "sd/models/autoencoder_kl.h"
 #include "sd/models/clip_text_model.h"
@@ -139,21 +139,21 @@ absl::Status TrainTextEncoder(const sd::Args& a) {
 // before a given step to simulate a crash.
 absl::Status RunStage(const sd::Args& a) {
   ASSIGN_OR_RETURN(sd::JobSpec job, sd::LoadJobSpec(a.Get("job")));
-  ASSIGN_OR_RETURN(auto stage, sd::stages::MakeStage(a.Get("stage", "finetune")));
-  sd::stages::StageContext ctx;
-  ctx.job = job;
-  ctx.checkpoint_dir = a.Get("checkpoint-dir");
-  ctx.output_dir = a.Get("out");
-  ctx.input_model = a.Get("model", job.model);
-  ctx.device = torch::Device(a.Get("device", "cpu"));
+  sd::TaskAssignment task;
+  task.stage = a.Get("stage", "finetune");
+  task.checkpoint_dir = a.Get("checkpoint-dir");
+  task.output_dir = a.Get("out");
+  task.input_model = a.Get("model", job.model);
+  task.rendezvous = a.Get("rendezvous");
+  ASSIGN_OR_RETURN(task.rank, a.Int("rank", 0));
+  ASSIGN_OR_RETURN(task.world_size, a.Int("world-size", 1));
   ASSIGN_OR_RETURN(int64_t stop_at, a.Int("stop-at", -1));
-  ASSIGN_OR_RETURN(ctx.rank, a.Int("rank", 0));
-  ASSIGN_OR_RETURN(ctx.world_size, a.Int("world-size", 1));
-  std::unique_ptr<sd::worker::DataParallelGroup> group;
+  ASSIGN_OR_RETURN(auto stage, sd::stages::MakeStage(task.stage));
+  sd::stages::StageContext ctx = sd::stages::MakeStageContext(task, std::move(job));
+  ctx.device = torch::Device(a.Get("device", "cpu"));
   if (ctx.world_size > 1) {
-    ASSIGN_OR_RETURN(
-        group, sd::worker::DataParallelGroup::Join(a.Get("rendezvous"), ctx.rank, ctx.world_size));
-    ctx.all_reduce_mean = [&group](std::vector<torch::Tensor>& g) { group->AllReduceMean(g); };
+    ASSIGN_OR_RETURN(ctx.collectives, sd::worker::DataParallelGroup::Join(
+                                          task.rendezvous, ctx.rank, ctx.world_size));
   }
   ctx.should_stop = [stop_at](int64_t step) { return step == stop_at; };
   ctx.event = [](sd::stages::StageEvent, const std::string& text) {

@@ -42,11 +42,11 @@ absl::Status Run(int argc, char** argv) {
   if (argc < 2)
     return absl::InvalidArgumentError("usage: bench_sd unet|unet-train|t2i --model DIR [flags]");
   const std::string mode = argv[1];
-  ASSIGN_OR_RETURN(sd::Args a,
-                   sd::Args::Parse(
-                       argc - 2, argv + 2,
-                       {"model", "batch", "size", "iters", "warmup", "threads", "dtype", "device",
-                        "steps", "height", "width", "channels-last", "clone", "fuse", "profile"}));
+  ASSIGN_OR_RETURN(
+      sd::Args a,
+      sd::Args::Parse(argc - 2, argv + 2,
+                      {"model", "batch", "size", "iters", "warmup", "threads", "dtype", "device",
+                       "steps", "height", "width", "channels-last", "clone", "fuse", "profile"}));
   ASSIGN_OR_RETURN(int64_t threads, a.Int("threads", 0));
   if (threads > 0) {
     torch::set_num_threads(static_cast<int>(threads));

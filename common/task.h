@@ -13,8 +13,8 @@ struct TaskAssignment {
   std::string stage;
   int64_t rank = 0;
   int64_t world_size = 1;
-  std::string rendezvous;      // host:port of the c10d TCPStore served by rank 0
-  std::string backend;         // "gloo" or "nccl"
+  std::string rendezvous;  // host:port of the c10d TCPStore served by rank 0
+  std::string backend;     // "gloo" or "nccl"
   std::string job_yaml;
   std::string checkpoint_dir;  // shared storage for this stage's checkpoints
   std::string output_dir;      // where this attempt writes its result

@@ -48,14 +48,13 @@ absl::Status CheckMappings(const YAML::Node& node, const std::string& origin) {
   for (const auto& kv : node) {
     const int line = kv.first.Mark().line + 1;
     if (!kv.first.IsScalar())
-      return absl::InvalidArgumentError(absl::StrCat(
-          origin, ":", line, ": a key must be a plain name, not a list or mapping"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ":", line, ": a key must be a plain name, not a list or mapping"));
     const auto [it, fresh] = first_line.emplace(kv.first.Scalar(), line);
     if (!fresh)
-      return absl::InvalidArgumentError(absl::StrCat(origin, ":", line, ": key \"",
-                                                     kv.first.Scalar(),
-                                                     "\" given twice (first on line ", it->second,
-                                                     ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(origin, ":", line, ": key \"", kv.first.Scalar(),
+                       "\" given twice (first on line ", it->second, ")"));
     RETURN_IF_ERROR(CheckMappings(kv.second, origin));
   }
   return absl::OkStatus();
@@ -115,8 +114,7 @@ absl::Status SectionReader::Bool(const std::string& key, bool& out) {
 
 absl::Status SectionReader::Int(const std::string& key, int64_t& out, double lo, double hi) {
   RETURN_IF_ERROR(Get(key, out, "an integer"));
-  return Has(key) ? Range(key, static_cast<double>(out), lo, hi, false, false)
-                  : absl::OkStatus();
+  return Has(key) ? Range(key, static_cast<double>(out), lo, hi, false, false) : absl::OkStatus();
 }
 
 absl::Status SectionReader::Number(const std::string& key, double& out, double lo, double hi,

@@ -43,8 +43,8 @@ absl::Status CommitOutput(const JobPaths& paths, const std::string& stage, int64
   fs::remove_all(to, ec);  // left by a build that wrote results in place
   fs::rename(from, to, ec);
   if (ec)
-    return absl::InternalError(absl::StrCat("cannot publish ", from.string(), " as ", to.string(),
-                                            ": ", ec.message()));
+    return absl::InternalError(
+        absl::StrCat("cannot publish ", from.string(), " as ", to.string(), ": ", ec.message()));
   FsyncDir(paths.root);
   // Folders of attempts that did not succeed are of no further use.
   const std::string prefix = stage + "-";
@@ -87,10 +87,10 @@ absl::Status CoordinatorCore::Recover(double now) {
   return absl::OkStatus();
 }
 
-absl::Status CoordinatorCore::PersistLocked(const std::string& job_id) {
+absl::Status CoordinatorCore::PersistLocked(const std::string& job_id, JobStore::Durability d) {
   const JobRecord* j = sched_.job(job_id);
   if (j == nullptr) return absl::OkStatus();
-  absl::Status s = store_->Save(*j);
+  absl::Status s = store_->Save(*j, d);
   if (!s.ok()) std::fprintf(stderr, "coordinator: %s\n", std::string(s.message()).c_str());
   return s;
 }
@@ -110,9 +110,8 @@ absl::StatusOr<std::string> CoordinatorCore::Submit(const std::string& yaml,
     if (fs::create_directory(PathsOf(candidate).root, ec)) {
       id = candidate;
     } else if (ec) {
-      return absl::UnavailableError(absl::StrCat("cannot create the run folder ",
-                                                 PathsOf(candidate).root.string(), ": ",
-                                                 ec.message()));
+      return absl::UnavailableError(absl::StrCat(
+          "cannot create the run folder ", PathsOf(candidate).root.string(), ": ", ec.message()));
     } else {
       std::fprintf(stderr, "coordinator: %s already exists (not from this store); skipping %s\n",
                    PathsOf(candidate).root.c_str(), candidate.c_str());
@@ -169,7 +168,8 @@ std::vector<WorkerRecord> CoordinatorCore::ListWorkers() const {
 
 void CoordinatorCore::Register(const std::string& worker, const std::string& device,
                                int64_t devices, int64_t memory_bytes,
-                               const std::string& running_task, int64_t rank, double now) {
+                               const std::string& metrics_address, const std::string& running_task,
+                               int64_t rank, double now) {
   std::lock_guard<std::mutex> lock(mu_);
   to_start_.erase(worker);
   to_abort_.erase(worker);
@@ -177,6 +177,7 @@ void CoordinatorCore::Register(const std::string& worker, const std::string& dev
   for (const auto& [id, j] : sched_.jobs()) before[id] = j.events.size();
   ApplyLocked(
       sched_.RegisterWorker(worker, device, devices, now, memory_bytes, running_task, rank));
+  sched_.SetMetricsAddress(worker, metrics_address);
   for (const auto& [id, j] : sched_.jobs()) {
     if (before[id] != j.events.size()) PersistLocked(id).IgnoreError();
   }
@@ -227,8 +228,10 @@ absl::StatusOr<bool> CoordinatorCore::Progress(const std::string& worker, const 
                      labels, samples_per_s);
   metrics_->HistogramObserve("sd_step_seconds", "Training step time.",
                              {{"stage", j->stages[t->stage].spec.name}}, step_time);
+  stage_gauges_.emplace(t->job_id, j->stages[t->stage].spec.name);
   LogLinesLocked(task, worker, log_lines, now);
-  PersistLocked(t->job_id).IgnoreError();
+  // One report per training step: no fsync for it (docs/operations.md).
+  PersistLocked(t->job_id, JobStore::Durability::kRelaxed).IgnoreError();
   return to_abort_.count(worker) > 0;
 }
 
@@ -318,6 +321,21 @@ void CoordinatorCore::UpdateGaugesLocked(double now) {
   metrics_->GaugeSet("sd_workers", "Registered workers.", {{"state", "alive"}}, alive);
   metrics_->GaugeSet("sd_workers", "Registered workers.", {{"state", "busy"}}, busy);
   metrics_->GaugeSet("sd_queue_depth", "Jobs waiting for workers.", {}, by_state["QUEUED"]);
+  // A finished job's series would otherwise stay on /metrics for the daemon's life,
+  // one set per job ever run.
+  for (auto it = stage_gauges_.begin(); it != stage_gauges_.end();) {
+    const JobRecord* j = sched_.job(it->first);
+    const bool ended = j == nullptr || j->state == JobState::kSucceeded ||
+                       j->state == JobState::kFailed || j->state == JobState::kCancelled;
+    if (!ended) {
+      ++it;
+      continue;
+    }
+    const metrics::Labels labels{{"job_id", it->first}, {"stage", it->second}};
+    for (const char* g : {"sd_stage_step", "sd_stage_loss", "sd_stage_samples_per_second"})
+      metrics_->Remove(g, labels);
+    it = stage_gauges_.erase(it);
+  }
 }
 
 void CoordinatorCore::Tick(double now) {

@@ -6,17 +6,17 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/metrics.h"
 #include "common/task.h"
-#include "coordinator/job_store.h"
 #include "coordinator/job_scheduler.h"
+#include "coordinator/job_store.h"
 
 namespace sd::coord {
-
 
 // Where a job's files live under the storage root. Each attempt writes its model
 // into a folder of its own; only the coordinator, for the current attempt, renames
@@ -35,8 +35,8 @@ struct JobPaths {
 
 class CoordinatorCore {
  public:
-  CoordinatorCore(JobSchedulerOptions opts, std::unique_ptr<JobStore> store, std::string storage_root,
-                  metrics::Registry* metrics);
+  CoordinatorCore(JobSchedulerOptions opts, std::unique_ptr<JobStore> store,
+                  std::string storage_root, metrics::Registry* metrics);
   absl::Status Recover(double now);
 
   absl::StatusOr<std::string> Submit(const std::string& yaml, const std::string& origin,
@@ -49,7 +49,8 @@ class CoordinatorCore {
 
   // `running_task`/`rank`: what the worker says it still runs (empty: nothing).
   void Register(const std::string& worker, const std::string& device, int64_t devices,
-                int64_t memory_bytes, const std::string& running_task, int64_t rank, double now);
+                int64_t memory_bytes, const std::string& metrics_address,
+                const std::string& running_task, int64_t rank, double now);
   // Returns the task to abort, if any.
   absl::StatusOr<std::string> Heartbeat(const std::string& worker, double now);
   std::optional<TaskAssignment> Poll(const std::string& worker);
@@ -66,7 +67,8 @@ class CoordinatorCore {
 
  private:
   void ApplyLocked(const std::vector<Action>& actions);
-  absl::Status PersistLocked(const std::string& job_id);
+  absl::Status PersistLocked(const std::string& job_id,
+                             JobStore::Durability d = JobStore::Durability::kSynced);
   JobPaths PathsOf(const std::string& job_id) const;
   void LogLinesLocked(const std::string& task, const std::string& worker,
                       const std::vector<std::string>& lines, double now);
@@ -78,7 +80,9 @@ class CoordinatorCore {
   std::string storage_root_;
   metrics::Registry* metrics_;
   std::map<std::string, TaskAssignment> to_start_;  // worker -> task
-  std::map<std::string, std::string> to_abort_;  // worker -> task
+  std::map<std::string, std::string> to_abort_;     // worker -> task
+  // (job, stage) pairs with per-job gauges on /metrics; removed when the job ends.
+  std::set<std::pair<std::string, std::string>> stage_gauges_;
 };
 
 }  // namespace sd::coord

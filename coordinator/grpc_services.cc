@@ -3,6 +3,7 @@
 #include "stages/catalog.h"
 
 #include <chrono>
+#include <cstdlib>
 #include <thread>
 
 namespace sd::coord {
@@ -13,8 +14,17 @@ grpc::Status ToGrpc(const absl::Status& s) {
                       std::string(s.message()));
 }
 
+namespace {
+// Events are stored as "<unix time> <text>"; a worker's lines read "<id>: ...".
+double EventTime(const std::string& event) { return std::strtod(event.c_str(), nullptr); }
+}  // namespace
+
 void ToProto(const JobRecord& j, sd::v1::Job* out) {
   out->set_job_id(j.id);
+  if (!j.events.empty()) {
+    out->set_submitted_at(EventTime(j.events.front()));
+    out->set_updated_at(EventTime(j.events.back()));
+  }
   out->set_name(j.spec.name);
   out->set_state(static_cast<sd::v1::JobState>(static_cast<int>(j.state) + 1));
   for (const auto& st : j.stages) {
@@ -71,9 +81,16 @@ grpc::Status JobServiceImpl::StreamEvents(grpc::ServerContext* ctx,
     if (!j.ok()) return ToGrpc(j.status());
     for (; next < static_cast<int64_t>(j->events.size()); ++next) {
       sd::v1::JobEvent ev;
+      const std::string& e = j->events[next];
       ev.set_seq(next + 1);
-      ev.set_source("coordinator");
-      ev.set_text(j->events[next]);
+      ev.set_time(EventTime(e));
+      // "<time> <worker>: <line>" for what a worker reported: its first word ends
+      // in a colon, which no event of the coordinator's own does.
+      const size_t space = e.find(' ');
+      const size_t word_end = space == std::string::npos ? space : e.find(' ', space + 1);
+      const bool from_worker = word_end != std::string::npos && e[word_end - 1] == ':';
+      ev.set_source(from_worker ? e.substr(space + 1, word_end - space - 2) : "coordinator");
+      ev.set_text(e);
       ToProto(*j, ev.mutable_job());
       if (!writer->Write(ev)) return grpc::Status::OK;
     }
@@ -97,6 +114,7 @@ grpc::Status JobServiceImpl::ListWorkers(grpc::ServerContext*, const sd::v1::Lis
     o->set_task_id(w.task);
     o->set_heartbeat_age_s(now - w.last_heartbeat);
     o->set_alive(w.alive);
+    o->set_metrics_address(w.metrics_address);
   }
   return grpc::Status::OK;
 }
@@ -106,8 +124,8 @@ grpc::Status WorkerServiceImpl::Register(grpc::ServerContext*, const sd::v1::Reg
   if (req->worker_id().empty())
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "worker_id is empty");
   core_->Register(req->worker_id(), req->resources().device(), req->resources().device_count(),
-                  req->resources().memory_bytes(), req->running_task_id(), req->running_rank(),
-                  now_());
+                  req->resources().memory_bytes(), req->metrics_address(), req->running_task_id(),
+                  req->running_rank(), now_());
   resp->set_heartbeat_interval_s(heartbeat_interval_s_);
   resp->set_lease_s(lease_s_);
   return grpc::Status::OK;
@@ -146,9 +164,9 @@ grpc::Status WorkerServiceImpl::PollTask(grpc::ServerContext*, const sd::v1::Pol
 grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext*,
                                                const sd::v1::ProgressRequest* req,
                                                sd::v1::ProgressResponse* resp) {
-  auto abort = core_->Progress(
-      req->worker_id(), req->task_id(), req->step(), req->loss(), req->step_time_s(),
-      req->samples_per_s(), {req->log_lines().begin(), req->log_lines().end()}, now_());
+  auto abort = core_->Progress(req->worker_id(), req->task_id(), req->step(), req->loss(),
+                               req->step_time_s(), req->samples_per_s(),
+                               {req->log_lines().begin(), req->log_lines().end()}, now_());
   if (!abort.ok()) return ToGrpc(abort.status());
   resp->set_abort(*abort);
   return grpc::Status::OK;

@@ -34,8 +34,7 @@ class JobServiceImpl final : public sd::v1::JobService::Service {
 
 class WorkerServiceImpl final : public sd::v1::WorkerService::Service {
  public:
-  WorkerServiceImpl(CoordinatorCore* core, Clock now, double heartbeat_interval_s,
-                    double lease_s)
+  WorkerServiceImpl(CoordinatorCore* core, Clock now, double heartbeat_interval_s, double lease_s)
       : core_(core),
         now_(std::move(now)),
         heartbeat_interval_s_(heartbeat_interval_s),

@@ -43,10 +43,10 @@ const char* Name(StageState s) {
 
 Failure Classify(absl::StatusCode code) {
   switch (code) {
-    case absl::StatusCode::kInvalidArgument:     // a bad option or model config
-    case absl::StatusCode::kNotFound:            // a missing model or dataset
-    case absl::StatusCode::kResourceExhausted:   // no space left
-    case absl::StatusCode::kDataLoss:            // every checkpoint corrupt, the data unusable
+    case absl::StatusCode::kInvalidArgument:    // a bad option or model config
+    case absl::StatusCode::kNotFound:           // a missing model or dataset
+    case absl::StatusCode::kResourceExhausted:  // no space left
+    case absl::StatusCode::kDataLoss:           // every checkpoint corrupt, the data unusable
     case absl::StatusCode::kUnimplemented:
     case absl::StatusCode::kPermissionDenied:
     case absl::StatusCode::kOutOfRange:
@@ -77,7 +77,7 @@ void JobScheduler::Note(const std::string& job_id, double now, const std::string
 }
 
 JobRecord JobScheduler::NewJob(const std::string& id, const JobSpec& spec, const std::string& yaml,
-                            double now) {
+                               double now) {
   JobRecord job;
   job.id = id;
   job.yaml = yaml;
@@ -153,9 +153,9 @@ const JobRecord* JobScheduler::job(const std::string& id) const {
 }
 
 std::vector<Action> JobScheduler::RegisterWorker(const std::string& id, const std::string& device,
-                                              int64_t device_count, double now,
-                                              int64_t memory_bytes,
-                                              const std::string& running_task, int64_t rank) {
+                                                 int64_t device_count, double now,
+                                                 int64_t memory_bytes,
+                                                 const std::string& running_task, int64_t rank) {
   std::vector<Action> actions;
   WorkerRecord& w = workers_[id];
   w.id = id;
@@ -210,6 +210,10 @@ std::vector<Action> JobScheduler::RegisterWorker(const std::string& id, const st
   return actions;
 }
 
+void JobScheduler::SetMetricsAddress(const std::string& id, const std::string& address) {
+  if (auto it = workers_.find(id); it != workers_.end()) it->second.metrics_address = address;
+}
+
 absl::Status JobScheduler::Heartbeat(const std::string& id, double now) {
   auto it = workers_.find(id);
   if (it == workers_.end() || !it->second.alive) {
@@ -231,7 +235,8 @@ void JobScheduler::AbortTask(const std::string& task_id, std::vector<Action>* ac
     }
     // Busy until it confirms: a new attempt must not overlap this one.
     w->second.stopping = true;
-    if (actions) actions->push_back({Action::kAbortTask, w->first, task_id, static_cast<int64_t>(r)});
+    if (actions)
+      actions->push_back({Action::kAbortTask, w->first, task_id, static_cast<int64_t>(r)});
   }
   tasks_.erase(it);
 }
@@ -252,7 +257,7 @@ bool JobScheduler::StageBusy(const std::string& job_id, const std::string& stage
 }
 
 absl::Status JobScheduler::Cancel(const std::string& job_id, double now,
-                               std::vector<Action>* actions) {
+                                  std::vector<Action>* actions) {
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
   JobRecord& job = it->second;
@@ -294,22 +299,22 @@ absl::Status JobScheduler::Resume(const std::string& job_id, double now) {
 }
 
 absl::Status JobScheduler::Progress(const std::string& task_id, const std::string& worker,
-                                 int64_t step, double loss) {
+                                    int64_t step, double loss) {
   auto it = tasks_.find(task_id);
   const bool member = it != tasks_.end() &&
                       std::find(it->second.workers.begin(), it->second.workers.end(), worker) !=
                           it->second.workers.end();
   if (!member)
-    return absl::FailedPreconditionError(absl::StrCat(
-        task_id, " is not a current attempt of worker ", worker, "; stop it"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(task_id, " is not a current attempt of worker ", worker, "; stop it"));
   StageRecord& st = jobs_[it->second.job_id].stages[it->second.stage];
   st.step = std::max(st.step, step);
   st.loss = loss;
   return absl::OkStatus();
 }
 
-absl::Status JobScheduler::Complete(const std::string& task_id, const std::string& worker, double now,
-                                 const std::function<absl::Status()>& commit) {
+absl::Status JobScheduler::Complete(const std::string& task_id, const std::string& worker,
+                                    double now, const std::function<absl::Status()>& commit) {
   auto it = tasks_.find(task_id);
   if (it == tasks_.end()) {
     ReleaseStopping(worker, task_id);
@@ -359,7 +364,7 @@ absl::Status JobScheduler::Complete(const std::string& task_id, const std::strin
 }
 
 void JobScheduler::FailTask(const std::string& task_id, const std::string& reason, Failure kind,
-                         bool count_restart, double now, std::vector<Action>* actions) {
+                            bool count_restart, double now, std::vector<Action>* actions) {
   auto it = tasks_.find(task_id);
   if (it == tasks_.end()) return;
   JobRecord& job = jobs_[it->second.job_id];
@@ -370,24 +375,27 @@ void JobScheduler::FailTask(const std::string& task_id, const std::string& reaso
   if (kind == Failure::kPermanent) {
     st.state = StageState::kFailed;
     job.state = JobState::kFailed;
-    Event(job, now,
-          absl::StrCat("stage ", st.spec.name, " failed (", reason,
-                       "); a restart cannot fix this, so the job failed: fix the cause, then `sdctl "
-                       "resume ",
-                       job.id, "`"));
+    Event(
+        job, now,
+        absl::StrCat("stage ", st.spec.name, " failed (", reason,
+                     "); a restart cannot fix this, so the job failed: fix the cause, then `sdctl "
+                     "resume ",
+                     job.id, "`"));
     return;
   }
   if (!count_restart) {
     st.state = StageState::kPending;
     Event(job, now,
-          absl::StrCat("stage ", st.spec.name, ": ", reason, "; it resumes from its latest checkpoint"));
+          absl::StrCat("stage ", st.spec.name, ": ", reason,
+                       "; it resumes from its latest checkpoint"));
     return;
   }
   if (st.restarts < st.spec.max_restarts) {
     ++st.restarts;
     st.state = StageState::kPending;
-    const double wait = std::min(opt_.restart_backoff_max_s,
-                                 opt_.restart_backoff_s * std::pow(2.0, static_cast<double>(st.restarts - 1)));
+    const double wait =
+        std::min(opt_.restart_backoff_max_s,
+                 opt_.restart_backoff_s * std::pow(2.0, static_cast<double>(st.restarts - 1)));
     st.not_before = now + wait;
     Event(job, now,
           absl::StrFormat("stage %s failed (%s); restart %d/%d from the latest checkpoint in %.0fs",
@@ -402,8 +410,8 @@ void JobScheduler::FailTask(const std::string& task_id, const std::string& reaso
 }
 
 absl::Status JobScheduler::Fail(const std::string& task_id, const std::string& worker,
-                             const std::string& reason, double now, std::vector<Action>* actions,
-                             Failure kind) {
+                                const std::string& reason, double now, std::vector<Action>* actions,
+                                Failure kind) {
   auto it = tasks_.find(task_id);
   const bool member = it != tasks_.end() &&
                       std::find(it->second.workers.begin(), it->second.workers.end(), worker) !=

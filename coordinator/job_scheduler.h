@@ -38,8 +38,9 @@ struct WorkerRecord {
   int64_t device_count = 0;
   int64_t memory_bytes = 0;
   double last_heartbeat = 0;
-  std::string task;       // task it runs, empty when idle
-  bool stopping = false;  // told to abort `task`: busy until it finishes or expires
+  std::string metrics_address;  // host:port of its /metrics (for operators; not policy)
+  std::string task;             // task it runs, empty when idle
+  bool stopping = false;        // told to abort `task`: busy until it finishes or expires
   bool alive = true;
 };
 
@@ -123,6 +124,7 @@ class JobScheduler {
                                      int64_t device_count, double now, int64_t memory_bytes = 0,
                                      const std::string& running_task = "", int64_t rank = 0);
   absl::Status Heartbeat(const std::string& id, double now);
+  void SetMetricsAddress(const std::string& id, const std::string& address);
 
   // FailedPrecondition: the attempt is not current (superseded, aborted or
   // unknown); the worker must stop it.
@@ -137,8 +139,7 @@ class JobScheduler {
   // stage from its latest checkpoint (after a back-off) unless it has used up
   // max_restarts, a permanent one fails the job.
   absl::Status Fail(const std::string& task, const std::string& worker, const std::string& reason,
-                    double now, std::vector<Action>* actions,
-                    Failure kind = Failure::kTransient);
+                    double now, std::vector<Action>* actions, Failure kind = Failure::kTransient);
 
   // Expires workers whose heartbeat is older than the timeout (their tasks fail
   // and restart; `last_words(worker, task)` may say why a worker died), gives up

@@ -76,7 +76,8 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
       "  PRIMARY KEY (job_id, seq));"
       "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"));
   // Columns added since the first release; a store written before them gets them here.
-  for (const char* col : {"attempts INTEGER NOT NULL DEFAULT 0", "error TEXT NOT NULL DEFAULT ''"}) {
+  for (const char* col :
+       {"attempts INTEGER NOT NULL DEFAULT 0", "error TEXT NOT NULL DEFAULT ''"}) {
     absl::Status s = store->Exec(absl::StrCat("ALTER TABLE stages ADD COLUMN ", col));
     if (!s.ok() && s.message().find("duplicate column") == std::string_view::npos) return s;
   }
@@ -114,7 +115,8 @@ absl::StatusOr<int64_t> JobStore::AllocateJobNumber() {
     if (!s.ok()) return fail("reading job ids");
     while (sqlite3_step(s.get()) == SQLITE_ROW) {
       long long n = 0;
-      if (sscanf(Col(s.get(), 0).c_str(), "job-%lld", &n) == 1) next = std::max<int64_t>(next, n + 1);
+      if (sscanf(Col(s.get(), 0).c_str(), "job-%lld", &n) == 1)
+        next = std::max<int64_t>(next, n + 1);
     }
   }
   {
@@ -126,7 +128,17 @@ absl::StatusOr<int64_t> JobStore::AllocateJobNumber() {
   return next;
 }
 
-absl::Status JobStore::Save(const JobRecord& job) {
+absl::Status JobStore::Save(const JobRecord& job, Durability durability) {
+  // In WAL mode synchronous=NORMAL commits without an fsync (the WAL is synced at
+  // checkpoints); the setting applies per connection, between transactions.
+  const bool relaxed = durability == Durability::kRelaxed;
+  if (relaxed) RETURN_IF_ERROR(Exec("PRAGMA synchronous=NORMAL"));
+  absl::Status s = SaveLocked(job);
+  if (relaxed) Exec("PRAGMA synchronous=FULL").IgnoreError();
+  return s;
+}
+
+absl::Status JobStore::SaveLocked(const JobRecord& job) {
   RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
   auto fail = [&](const char* what) {
     std::string msg = absl::StrCat("job store: ", what, ": ", sqlite3_errmsg(db_));

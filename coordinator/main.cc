@@ -28,22 +28,22 @@ double Now() {
 }
 
 absl::Status Run(int argc, char** argv) {
-  ASSIGN_OR_RETURN(sd::Args a, sd::Args::Parse(argc, argv,
-                                                     {"listen", "store", "storage", "metrics-port",
-                                                      "metrics-host", "heartbeat-timeout",
-                                                      "rendezvous-host", "rendezvous-base-port",
-                                                      "restart-backoff", "restart-backoff-max"}));
+  ASSIGN_OR_RETURN(sd::Args a,
+                   sd::Args::Parse(argc, argv,
+                                   {"listen", "store", "storage", "metrics-port", "metrics-host",
+                                    "heartbeat-timeout", "rendezvous-host", "rendezvous-base-port",
+                                    "restart-backoff", "restart-backoff-max"}));
   const std::string listen = a.Get("listen", "127.0.0.1:50051");
   const std::string storage = a.Get("storage", "output/runs");
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
   // Held until the process exits: before the store is opened, so two
   // coordinators never share one.
-  ASSIGN_OR_RETURN(auto lock,
-                   sd::coord::StorageLock::Acquire(
-                       storage, absl::StrCat("pid ", ::getpid(), " on ", host, ", listening on ",
-                                             listen, ", started at unix time ",
-                                             static_cast<int64_t>(Now()))));
+  ASSIGN_OR_RETURN(
+      auto lock,
+      sd::coord::StorageLock::Acquire(
+          storage, absl::StrCat("pid ", ::getpid(), " on ", host, ", listening on ", listen,
+                                ", started at unix time ", static_cast<int64_t>(Now()))));
   ASSIGN_OR_RETURN(auto store, sd::coord::JobStore::Open(a.Get("store", storage + "/jobs.db")));
   sd::coord::JobSchedulerOptions opts;
   ASSIGN_OR_RETURN(opts.heartbeat_timeout_s, a.Double("heartbeat-timeout", 10));

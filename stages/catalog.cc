@@ -67,8 +67,7 @@ std::vector<std::string> SectionKeys(const StageDescriptor& d) {
   return r.keys();
 }
 
-absl::Status ParseShared(SectionReader& top, JobSpec& s, int64_t& workers,
-                         int64_t& max_restarts) {
+absl::Status ParseShared(SectionReader& top, JobSpec& s, int64_t& workers, int64_t& max_restarts) {
   RETURN_IF_ERROR(top.String("name", s.name));
   RETURN_IF_ERROR(top.String("model", s.model, "a path"));
   RETURN_IF_ERROR(top.String("dataset", s.dataset, "a path"));
@@ -165,8 +164,7 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
   }
   // Every stage's section, listed or not: a mistake in one is reported either way.
   for (const auto& desc : Catalog()) {
-    SectionReader r(origin, desc.section.empty() ? YAML::Node() : root[desc.section],
-                    desc.section);
+    SectionReader r(origin, desc.section.empty() ? YAML::Node() : root[desc.section], desc.section);
     RETURN_IF_ERROR(r.CheckKeys(stages::SectionKeys(desc)));
     ASSIGN_OR_RETURN(s.options[desc.name], desc.parse(r, s));
   }
@@ -183,8 +181,8 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
       } else if (e.IsMap() && e.size() == 1) {
         listed.emplace_back(e.begin()->first.Scalar(), e);
       } else {
-        return SectionReader(origin, e, "").Error(
-            "", "stages entries must be a stage name or {name: {workers: N}}");
+        return SectionReader(origin, e, "")
+            .Error("", "stages entries must be a stage name or {name: {workers: N}}");
       }
     }
   } else {

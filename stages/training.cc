@@ -90,18 +90,20 @@ absl::StatusOr<int64_t> ParamTrainer::Resume(const std::string& checkpoint_dir,
   }
   std::vector<std::string> rejected;
   ASSIGN_OR_RETURN(auto ckpt,
-                   LoadLatestCheckpoint(checkpoint_dir, &rejected, [this](const TrainingCheckpoint& c) {
-                     return Usable(c);
-                   }));
-  for (const auto& r : rejected) note(StageEvent::kCheckpointRejected, absl::StrCat("checkpoint rejected: ", r));
+                   LoadLatestCheckpoint(checkpoint_dir, &rejected,
+                                        [this](const TrainingCheckpoint& c) { return Usable(c); }));
+  for (const auto& r : rejected)
+    note(StageEvent::kCheckpointRejected, absl::StrCat("checkpoint rejected: ", r));
   if (!ckpt.has_value()) {
     if (rejected.empty()) return 0;
     // Silently starting over would throw away the training the log claims it resumed.
     if (!o.allow_restart_from_zero)
       return absl::DataLossError(absl::StrCat(
-          "checkpoints exist in ", checkpoint_dir, " but none is usable (", absl::StrJoin(rejected, "; "),
+          "checkpoints exist in ", checkpoint_dir, " but none is usable (",
+          absl::StrJoin(rejected, "; "),
           "); set allow_restart_from_zero: true in job.yaml to train again from step 0"));
-    note(StageEvent::kInfo, "no usable checkpoint: training again from step 0 (allow_restart_from_zero)");
+    note(StageEvent::kInfo,
+         "no usable checkpoint: training again from step 0 (allow_restart_from_zero)");
     return 0;
   }
   torch::NoGradGuard ng;
@@ -222,7 +224,8 @@ absl::Status SkippedSamples::Check(const StageContext& ctx, const DataLoader& lo
       "dataset %s: %d of %d samples skipped (%.1f%%), more than data.max_skipped_fraction "
       "%.4g allows; first: %s",
       ctx.job.dataset, static_cast<int>(problems.size()), static_cast<int>(total),
-      100.0 * static_cast<double>(problems.size()) / static_cast<double>(std::max<size_t>(1, total)),
+      100.0 * static_cast<double>(problems.size()) /
+          static_cast<double>(std::max<size_t>(1, total)),
       ctx.job.max_skipped_fraction, problems.front()));
 }
 
@@ -327,7 +330,7 @@ AutocastGuard::~AutocastGuard() {
 }
 
 absl::StatusOr<StableDiffusion> LoadForTraining(const StageContext& ctx,
-                                               StableDiffusion::LoadOptions what) {
+                                                StableDiffusion::LoadOptions what) {
   ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
   what.device = torch::kCPU;
   what.dtype = torch::kFloat32;
@@ -379,7 +382,8 @@ absl::Status LinkTree(const fs::path& from, const fs::path& to) {
       return absl::InternalError(absl::StrCat("cannot link or copy ", e.path().string(), " to ",
                                               dst.string(), ": ", ec.message()));
   }
-  if (ec) return absl::InternalError(absl::StrCat("cannot read ", from.string(), ": ", ec.message()));
+  if (ec)
+    return absl::InternalError(absl::StrCat("cannot read ", from.string(), ": ", ec.message()));
   return absl::OkStatus();
 }
 
@@ -392,7 +396,8 @@ absl::Status RunTransformStage(
   std::error_code ec;
   fs::create_directories(root, ec);
   if (fs::exists(done) && fs::is_directory(result)) {
-    ctx.event(StageEvent::kInfo, absl::StrCat("result kept by an earlier attempt: ", result.string()));
+    ctx.event(StageEvent::kInfo,
+              absl::StrCat("result kept by an earlier attempt: ", result.string()));
   } else {
     const fs::path tmp = root / absl::StrCat(".tmp-result-", ::getpid());
     fs::remove_all(tmp, ec);
@@ -400,8 +405,8 @@ absl::Status RunTransformStage(
     RETURN_IF_ERROR(transform(tmp.string()));
     fs::rename(tmp, result, ec);
     if (ec)
-      return absl::InternalError(absl::StrCat("cannot keep ", tmp.string(), " as ", result.string(),
-                                              ": ", ec.message()));
+      return absl::InternalError(
+          absl::StrCat("cannot keep ", tmp.string(), " as ", result.string(), ": ", ec.message()));
     RETURN_IF_ERROR(WriteFileAtomic(done.string(), "done\n"));
   }
   RETURN_IF_ERROR(LinkTree(result, ctx.output_dir));

@@ -170,7 +170,7 @@ absl::Status RunTrainingStage(StageContext& ctx, TrainingPlan plan);
 // The stage's input model through StableDiffusion::Load, in the training layout
 // (no fused projections), on the CPU; `what` says which components to load.
 absl::StatusOr<StableDiffusion> LoadForTraining(const StageContext& ctx,
-                                               StableDiffusion::LoadOptions what);
+                                                StableDiffusion::LoadOptions what);
 
 // The transform-stage helper, for load -> transform -> write stages (init; prune,
 // quantize, export, report). Rank 0 runs `transform(dir)`, which writes the
@@ -179,7 +179,7 @@ absl::StatusOr<StableDiffusion> LoadForTraining(const StageContext& ctx,
 // marker (its predecessor finished, its result was not yet published) links the
 // kept result instead of computing it again; a transform cut short leaves no
 // marker and is redone.
-absl::Status RunTransformStage(StageContext& ctx,
-                               const std::function<absl::Status(const std::string& dir)>& transform);
+absl::Status RunTransformStage(
+    StageContext& ctx, const std::function<absl::Status(const std::string& dir)>& transform);
 
 }  // namespace sd::stages

@@ -78,12 +78,9 @@ std::unique_ptr<CoordinatorClient> CoordinatorClient::Connect(const std::string&
   return std::unique_ptr<CoordinatorClient>(new CoordinatorClient(std::move(impl)));
 }
 
-absl::StatusOr<Registration> CoordinatorClient::Register(const std::string& device,
-                                                         int64_t device_count, int64_t cpu_cores,
-                                                         int64_t memory_bytes,
-                                                         const std::string& metrics_address,
-                                                         const std::string& running_task,
-                                                         int64_t rank) {
+absl::StatusOr<Registration> CoordinatorClient::Register(
+    const std::string& device, int64_t device_count, int64_t cpu_cores, int64_t memory_bytes,
+    const std::string& metrics_address, const std::string& running_task, int64_t rank) {
   sd::v1::RegisterRequest req;
   req.set_worker_id(impl_->id);
   req.mutable_resources()->set_device(device);
@@ -141,14 +138,13 @@ absl::StatusOr<std::optional<TaskAssignment>> CoordinatorClient::Poll() {
 }
 
 absl::StatusOr<bool> CoordinatorClient::Progress(const std::string& task_id, int64_t step,
-                                                 int64_t total, double loss, double step_time_s,
+                                                 double loss, double step_time_s,
                                                  double samples_per_s,
                                                  const std::vector<std::string>& log_lines) {
   sd::v1::ProgressRequest req;
   req.set_worker_id(impl_->id);
   req.set_task_id(task_id);
   req.set_step(step);
-  req.set_total_steps(total);
   req.set_loss(loss);
   req.set_step_time_s(step_time_s);
   req.set_samples_per_s(samples_per_s);

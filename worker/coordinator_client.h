@@ -14,7 +14,6 @@
 
 namespace sd::worker {
 
-
 struct Registration {
   double heartbeat_interval_s = 1;
   double lease_s = 0;  // 0: no lease (an older coordinator)
@@ -56,8 +55,8 @@ class CoordinatorClient {
   absl::StatusOr<std::optional<TaskAssignment>> Poll();
   // Returns true when the coordinator wants the task aborted. FailedPrecondition:
   // the attempt is not current (stop it); NotFound: register again.
-  absl::StatusOr<bool> Progress(const std::string& task_id, int64_t step, int64_t total,
-                                double loss, double step_time_s, double samples_per_s,
+  absl::StatusOr<bool> Progress(const std::string& task_id, int64_t step, double loss,
+                                double step_time_s, double samples_per_s,
                                 const std::vector<std::string>& log_lines);
   absl::Status Finish(const std::string& task_id, const absl::Status& result,
                       const std::vector<std::string>& log_lines);

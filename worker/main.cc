@@ -17,9 +17,9 @@
 #include "absl/strings/str_cat.h"
 #include "common/args.h"
 #include "common/http_exporter.h"
-#include "stages/catalog.h"
 #include "common/metrics.h"
 #include "sd/util/status_macros.h"
+#include "stages/catalog.h"
 #include "stages/stage.h"
 #include "worker/coordinator_client.h"
 #include "worker/crash_report.h"
@@ -93,10 +93,9 @@ class Worker {
     ASSIGN_OR_RETURN(auto stage, sd::stages::MakeStage(task.stage));
     sd::stages::StageContext ctx = sd::stages::MakeStageContext(task, std::move(job));
     if (ctx.world_size > 1) {
-      ASSIGN_OR_RETURN(
-          ctx.collectives,
-          sd::worker::DataParallelGroup::Join(task.rendezvous, ctx.rank, ctx.world_size,
-                                              task.backend.empty() ? "gloo" : task.backend));
+      ASSIGN_OR_RETURN(ctx.collectives, sd::worker::DataParallelGroup::Join(
+                                            task.rendezvous, ctx.rank, ctx.world_size,
+                                            task.backend.empty() ? "gloo" : task.backend));
     }
     ctx.should_stop = [this](int64_t) { return ShouldStop(); };
     ctx.fenced = [this] { return ShouldStop(); };
@@ -142,8 +141,8 @@ class Worker {
       }
       sd::worker::SetLastWords(absl::StrCat("step ", p.step, "/", p.total_steps, " loss ", p.loss));
       std::vector<std::string> lines = TakeLogLines();
-      auto abort = client_->Progress(task.task_id, p.step, p.total_steps, p.loss, p.step_time_s,
-                                     p.samples_per_s, lines);
+      auto abort =
+          client_->Progress(task.task_id, p.step, p.loss, p.step_time_s, p.samples_per_s, lines);
       if (abort.ok()) {
         Acked();
         if (*abort) abort_ = true;
@@ -155,7 +154,12 @@ class Worker {
         PutBackLogLines(std::move(lines));
       }
     };
-    return stage->Run(ctx);
+    absl::Status result = stage->Run(ctx);
+    // Per-task series end with the task.
+    const sd::metrics::Labels l{{"worker", id_}, {"job_id", task.job_id}, {"stage", task.stage}};
+    for (const char* g : {"sd_worker_step", "sd_worker_loss", "sd_worker_samples_per_second"})
+      metrics_->Remove(g, l);
+    return result;
   }
 
   void Loop() {
@@ -177,7 +181,8 @@ class Worker {
       if (!t.crash_report.empty()) {
         // The handler cannot create folders; make the report's one now.
         std::error_code ec;
-        std::filesystem::create_directories(std::filesystem::path(t.crash_report).parent_path(), ec);
+        std::filesystem::create_directories(std::filesystem::path(t.crash_report).parent_path(),
+                                            ec);
       }
       sd::worker::SetCrashContext(t.task_id, t.crash_report);
       std::cout << "running " << t.task_id << " as rank " << t.rank << "/" << t.world_size
@@ -213,8 +218,8 @@ class Worker {
         return;  // a stale attempt: another one owns the stage
       }
       PutBackLogLines(lines);
-      std::cout << task << ": finish not acknowledged (attempt " << attempt << ": "
-                << s.message() << "); retrying in " << wait << "s" << std::endl;
+      std::cout << task << ": finish not acknowledged (attempt " << attempt << ": " << s.message()
+                << "); retrying in " << wait << "s" << std::endl;
       std::this_thread::sleep_for(std::chrono::duration<double>(wait));
       wait = std::min(5.0, wait * 2);
     }
@@ -224,9 +229,8 @@ class Worker {
     if (abort_) return true;
     const double lease = lease_s_.load();
     if (lease <= 0) return false;
-    const double since = std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                                       last_ack_.load())
-                             .count();
+    const double since =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - last_ack_.load()).count();
     if (since <= lease) return false;
     std::cout << "no word from the coordinator for " << since << "s (lease " << lease
               << "s): stopping the task, which may be running elsewhere by now" << std::endl;
@@ -261,10 +265,9 @@ class Worker {
 };
 
 absl::Status Run(int argc, char** argv) {
-  ASSIGN_OR_RETURN(sd::Args a,
-                   sd::Args::Parse(argc, argv,
-                                      {"coordinator", "id", "threads", "metrics-port",
-                                       "metrics-host", "grpc-port"}));
+  ASSIGN_OR_RETURN(sd::Args a, sd::Args::Parse(argc, argv,
+                                               {"coordinator", "id", "threads", "metrics-port",
+                                                "metrics-host", "grpc-port"}));
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
   const std::string id = a.Get("id", absl::StrCat(host, "-", ::getpid()));

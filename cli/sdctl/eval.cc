@@ -5,8 +5,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/args.h"
 #include "cli/sdctl/commands.h"
+#include "common/args.h"
 #include "sd/eval/evaluate.h"
 #include "sd/eval/shape_probe.h"
 #include "sd/image/png_image.h"

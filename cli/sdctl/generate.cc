@@ -9,8 +9,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/args.h"
 #include "cli/sdctl/commands.h"
+#include "common/args.h"
 #include "sd/image/png_image.h"
 #include "sd/io/safetensors.h"
 #include "sd/pipeline/stable_diffusion.h"

@@ -114,7 +114,7 @@ absl::StatusOr<std::vector<WorkerView>> JobClient::Workers() {
   std::vector<WorkerView> out;
   for (const auto& w : resp.workers()) {
     out.push_back({w.worker_id(), w.device(), w.task_id(), w.device_count(), w.memory_bytes(),
-                   w.heartbeat_age_s(), w.alive()});
+                   w.heartbeat_age_s(), w.alive(), w.metrics_address()});
   }
   return out;
 }

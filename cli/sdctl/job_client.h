@@ -25,6 +25,7 @@ struct WorkerView {
   int64_t memory_bytes = 0;
   double heartbeat_age_s = 0;
   bool alive = false;
+  std::string metrics_address;
 };
 
 class JobClient {

@@ -3,12 +3,12 @@
 #include <iostream>
 
 #include "absl/strings/str_format.h"
-#include "common/args.h"
 #include "cli/sdctl/commands.h"
 #include "cli/sdctl/job_client.h"
-#include "stages/catalog.h"
+#include "common/args.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
+#include "stages/catalog.h"
 
 namespace sdctl {
 namespace {
@@ -41,8 +41,8 @@ int JobsCommand(const std::string& cmd, int argc, char** argv) {
   auto run = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(Args a, Args::Parse(argc, argv, {"coordinator"}, {}, {"f", "follow"}));
     auto client = JobClient::Connect(Address(a));
-    const bool needs_arg = cmd == "submit" || cmd == "status" || cmd == "cancel" ||
-                           cmd == "resume" || cmd == "logs";
+    const bool needs_arg =
+        cmd == "submit" || cmd == "status" || cmd == "cancel" || cmd == "resume" || cmd == "logs";
     if (needs_arg && positional.empty()) {
       return absl::InvalidArgumentError(cmd == "submit" ? "usage: sdctl submit job.yaml"
                                                         : "usage: sdctl " + cmd + " JOB_ID");
@@ -71,9 +71,11 @@ int JobsCommand(const std::string& cmd, int argc, char** argv) {
       ASSIGN_OR_RETURN(auto ws, client->Workers());
       for (const auto& w : ws) {
         std::cout << absl::StrFormat(
-            "%-24s %-5s x%lld  %6.1f GiB  %-6s heartbeat %.1fs ago  %s\n", w.id, w.device,
-            static_cast<long long>(w.device_count), static_cast<double>(w.memory_bytes) / (1 << 30),
-            w.alive ? "alive" : "lost", w.heartbeat_age_s, w.task.empty() ? "idle" : w.task);
+            "%-24s %-5s x%lld  %6.1f GiB  %-6s heartbeat %.1fs ago  metrics %s  %s\n", w.id,
+            w.device, static_cast<long long>(w.device_count),
+            static_cast<double>(w.memory_bytes) / (1 << 30), w.alive ? "alive" : "lost",
+            w.heartbeat_age_s, w.metrics_address.empty() ? "-" : w.metrics_address,
+            w.task.empty() ? "idle" : w.task);
       }
     } else if (cmd == "logs") {
       const bool follow = a.Has("f") || a.Has("follow");

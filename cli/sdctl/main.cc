@@ -19,16 +19,20 @@ void Usage() {
          "             [--prompts-file FILE] (--out FILE.png | --out-dir DIR) [--latents "
          "FILE.safetensors]\n"
          "             [--threads N] [--vae-slicing]\n"
-         "  dataset    synth --out DIR [--count N] [--seed S] [--split train|heldout] ...: the toy\n"
+         "  dataset    synth --out DIR [--count N] [--seed S] [--split train|heldout] ...: the "
+         "toy\n"
          "             world's captioned shapes (image folder or WebDataset shards)\n"
          "  probe      train --data DIR --out FILE [--heldout DIR]: the toy world's attribute "
          "classifier\n"
-         "  eval       --model DIR [--reference DIR] --prompts DIR --probe FILE --out DIR [--steps 50]\n"
-         "             [--reference-steps 50] [--guidance 7.5] [--count 100] [--seeds-per-prompt 2]: "
+         "  eval       --model DIR [--reference DIR] --prompts DIR --probe FILE --out DIR [--steps "
+         "50]\n"
+         "             [--reference-steps 50] [--guidance 7.5] [--count 100] [--seeds-per-prompt "
+         "2]: "
          "fidelity,\n"
          "             prompt accuracy, diversity, size and latency; eval.json + grid.png\n"
          "  run        job.yaml: the whole job on this machine (embedded coordinator + workers)\n"
-         "  submit     job.yaml; status JOB; list; logs JOB [-f]; cancel JOB; resume JOB; workers\n";
+         "  submit     job.yaml; status JOB; list; logs JOB [-f]; cancel JOB; resume JOB; "
+         "workers\n";
 }
 }  // namespace
 
@@ -44,8 +48,7 @@ int main(int argc, char** argv) {
   if (cmd == "probe") return sdctl::ProbeCommand(argc - 2, argv + 2);
   if (cmd == "eval") return sdctl::EvalCommand(argc - 2, argv + 2);
   if (cmd == "submit" || cmd == "status" || cmd == "list" || cmd == "cancel" || cmd == "resume" ||
-      cmd == "workers" ||
-      cmd == "logs") {
+      cmd == "workers" || cmd == "logs") {
     return sdctl::JobsCommand(cmd, argc - 2, argv + 2);
   }
   std::cerr << "sdctl: unknown command \"" << cmd << "\"\n";

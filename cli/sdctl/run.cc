@@ -18,12 +18,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/args.h"
 #include "cli/sdctl/commands.h"
 #include "cli/sdctl/job_client.h"
-#include "stages/catalog.h"
+#include "common/args.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
+#include "stages/catalog.h"
 
 namespace sdctl {
 namespace {
@@ -145,8 +145,8 @@ absl::Status Run(const std::string& path, int argc, char** argv, int* exit_code)
       const size_t last = text.find_last_not_of('\n');
       const size_t from = last == std::string::npos ? 0 : text.rfind('\n', last);
       job = absl::UnavailableError(absl::StrCat(
-          "the coordinator exited: ",
-          text.substr(from == std::string::npos ? 0 : from + 1, last == std::string::npos ? 0 : last - from)));
+          "the coordinator exited: ", text.substr(from == std::string::npos ? 0 : from + 1,
+                                                  last == std::string::npos ? 0 : last - from)));
       break;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));

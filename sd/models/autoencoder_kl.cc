@@ -32,8 +32,8 @@ absl::StatusOr<VAEConfig> VAEConfig::FromJson(const JsonConfig& c) {
   RETURN_IF_ERROR(c.Positive("block_out_channels", v.block_out_channels));
   RETURN_IF_ERROR(c.Positive("layers_per_block", v.layers_per_block));
   RETURN_IF_ERROR(c.Positive("sample_size", v.sample_size));
-  RETURN_IF_ERROR(
-      c.Divides("norm_num_groups", {v.norm_num_groups}, "block_out_channels", v.block_out_channels));
+  RETURN_IF_ERROR(c.Divides("norm_num_groups", {v.norm_num_groups}, "block_out_channels",
+                            v.block_out_channels));
   ASSIGN_OR_RETURN(v.use_quant_conv, c.Bool("use_quant_conv", true));
   ASSIGN_OR_RETURN(v.use_post_quant_conv, c.Bool("use_post_quant_conv", true));
   ASSIGN_OR_RETURN(v.mid_block_add_attention, c.Bool("mid_block_add_attention", true));

@@ -74,8 +74,8 @@ absl::StatusOr<UNetConfig> UNetConfig::FromJson(const JsonConfig& c) {
   RETURN_IF_ERROR(c.Positive("transformer_layers_per_block", u.transformer_layers_per_block));
   RETURN_IF_ERROR(
       c.Divides(heads_key, u.num_attention_heads, "block_out_channels", u.block_out_channels));
-  RETURN_IF_ERROR(
-      c.Divides("norm_num_groups", {u.norm_num_groups}, "block_out_channels", u.block_out_channels));
+  RETURN_IF_ERROR(c.Divides("norm_num_groups", {u.norm_num_groups}, "block_out_channels",
+                            u.block_out_channels));
   ASSIGN_OR_RETURN(u.norm_eps, c.Double("norm_eps", 1e-5));
   ASSIGN_OR_RETURN(u.downsample_padding, c.Int("downsample_padding", 1));
   ASSIGN_OR_RETURN(u.mid_block_scale_factor, c.Double("mid_block_scale_factor", 1.0));

@@ -39,10 +39,6 @@ struct UNetConfig {
   nlohmann::json ToJson() const;
 };
 
-struct UNetOutput {
-  torch::Tensor sample;
-};
-
 struct UNetBlockImpl : torch::nn::Module {
   torch::nn::ModuleList resnets{nullptr}, attentions{nullptr}, downsamplers{nullptr},
       upsamplers{nullptr};

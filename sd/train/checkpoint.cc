@@ -36,7 +36,8 @@ std::vector<std::pair<int64_t, fs::path>> ListCheckpoints(const std::string& roo
   for (const auto& e : fs::directory_iterator(root, ec)) {
     const std::string name = e.path().filename().string();
     long long step = 0;
-    if (e.is_directory() && name.rfind("step-", 0) == 0 && sscanf(name.c_str(), "step-%lld", &step) == 1) {
+    if (e.is_directory() && name.rfind("step-", 0) == 0 &&
+        sscanf(name.c_str(), "step-%lld", &step) == 1) {
       out.emplace_back(step, e.path());
     }
   }
@@ -53,7 +54,8 @@ absl::Status WriteCheckpoint(const std::string& root, const TrainingCheckpoint& 
   const fs::path tmp_dir = fs::path(root) / absl::StrCat(".tmp-", name, "-", ::getpid());
   fs::remove_all(tmp_dir);
   fs::create_directories(tmp_dir);
-  nlohmann::json manifest = {{"step", ckpt.step}, {"state", ckpt.state}, {"files", nlohmann::json::object()}};
+  nlohmann::json manifest = {
+      {"step", ckpt.step}, {"state", ckpt.state}, {"files", nlohmann::json::object()}};
   for (const auto& [stem, tensors] : ckpt.tensors) {
     const std::string file = (tmp_dir / (stem + ".safetensors")).string();
     RETURN_IF_ERROR(safetensors::Save(file, tensors));
@@ -65,10 +67,13 @@ absl::Status WriteCheckpoint(const std::string& root, const TrainingCheckpoint& 
   std::error_code ec;
   fs::remove_all(final_dir, ec);  // a re-run of the same step replaces it
   fs::rename(tmp_dir, final_dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot publish checkpoint ", final_dir.string(), ": ", ec.message()));
+  if (ec)
+    return absl::InternalError(
+        absl::StrCat("cannot publish checkpoint ", final_dir.string(), ": ", ec.message()));
   FsyncDir(root);
   auto all = ListCheckpoints(root);
-  for (size_t i = static_cast<size_t>(std::max(keep, 1)); i < all.size(); ++i) fs::remove_all(all[i].second, ec);
+  for (size_t i = static_cast<size_t>(std::max(keep, 1)); i < all.size(); ++i)
+    fs::remove_all(all[i].second, ec);
   return absl::OkStatus();
 }
 

@@ -138,24 +138,24 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
                     .last_hidden_state;
     }
     auto t = torch::tensor(timesteps, torch::kLong).to(ctx.device);
-    const torch::Tensor weights = o.foreground_weight > 0
-                                      ? ForegroundWeights(latents, o.foreground_weight)
-                                      : torch::Tensor();
+    const torch::Tensor weights =
+        o.foreground_weight > 0 ? ForegroundWeights(latents, o.foreground_weight) : torch::Tensor();
     const torch::Tensor sample_weights =
         o.snr_gamma > 0 ? MinSnrWeights(*scheduler, t, o.snr_gamma) : torch::Tensor();
     AutocastGuard autocast(o.mixed_precision, ctx.device);  // the UNet's forward only
     return DenoisingLoss(unet, *scheduler, latents, noise, t, context, weights, sample_weights);
   };
-  plan.outputs = [&](ParamTrainer& trainer, const std::shared_ptr<const CaptionedSource>&,
-                     const LoaderOptions&)
-      -> absl::StatusOr<std::map<std::string, ComponentWeights>> {
+  plan.outputs =
+      [&](ParamTrainer& trainer, const std::shared_ptr<const CaptionedSource>&,
+          const LoaderOptions&) -> absl::StatusOr<std::map<std::string, ComponentWeights>> {
     std::map<std::string, ComponentWeights> out = {
         {"unet", {unet->config().ToJson(), trainer.Weights("unet")}}};
     if (train_te) {
       // Its config is unchanged: keep the file as transformers wrote it.
       ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
-      ASSIGN_OR_RETURN(JsonConfig te_json,
-                       JsonConfig::Load((fs::path(input) / "text_encoder" / "config.json").string()));
+      ASSIGN_OR_RETURN(
+          JsonConfig te_json,
+          JsonConfig::Load((fs::path(input) / "text_encoder" / "config.json").string()));
       out["text_encoder"] = {te_json.json(), trainer.Weights("text_encoder")};
     }
     return out;

@@ -72,9 +72,9 @@ absl::Status TrainVaeStage::Run(StageContext& ctx) {
     const auto err = recon - x;
     return (w * err.abs()).mean() + (w * err.pow(2)).mean() + o.kl_weight * kl;
   };
-  plan.outputs = [&](ParamTrainer& trainer, const std::shared_ptr<const CaptionedSource>& data,
-                     const LoaderOptions& opts)
-      -> absl::StatusOr<std::map<std::string, ComponentWeights>> {
+  plan.outputs =
+      [&](ParamTrainer& trainer, const std::shared_ptr<const CaptionedSource>& data,
+          const LoaderOptions& opts) -> absl::StatusOr<std::map<std::string, ComponentWeights>> {
     // As for SD's VAE, scaling_factor = 1 / std of the latents over the data, so
     // the diffusion model sees unit-variance latents.
     vae->eval();

@@ -170,7 +170,6 @@ TEST(JobSchedulerTest, TwentyJobsOnTwoWorkersNeverOverlap) {
   EXPECT_EQ(started.size(), 20u);
 }
 
-
 // The coordinator restarts while w1 trains attempt 0: its records come back from
 // the store, and w1 re-registers saying what it runs.
 struct Restarted {
@@ -183,7 +182,8 @@ struct Restarted {
   explicit Restarted(int64_t workers = 1) {
     JobScheduler before({});
     job = before.Submit(Spec(workers), 0);
-    for (int64_t i = 1; i <= workers; ++i) before.RegisterWorker("w" + std::to_string(i), "cpu", 1, 0);
+    for (int64_t i = 1; i <= workers; ++i)
+      before.RegisterWorker("w" + std::to_string(i), "cpu", 1, 0);
     task = Starts(before.Tick(1))[0].task;
     std::vector<JobRecord> stored;
     for (const auto& [id, j] : before.jobs()) stored.push_back(j);
@@ -275,7 +275,8 @@ TEST(JobSchedulerTest, PermanentFailuresEndTheJobAtOnceAndResumeRunsItAgain) {
   s.RegisterWorker("w1", "cpu", 1, 0);
   auto a = Starts(s.Tick(0));
   std::vector<Action> none;
-  ASSERT_TRUE(s.Fail(a[0].task, "w1", "no space left on device", 1, &none, Failure::kPermanent).ok());
+  ASSERT_TRUE(
+      s.Fail(a[0].task, "w1", "no space left on device", 1, &none, Failure::kPermanent).ok());
   EXPECT_EQ(s.job(job)->state, JobState::kFailed);
   EXPECT_EQ(s.job(job)->stages[0].restarts, 0);  // no restart spent on it
   EXPECT_NE(s.job(job)->events.back().find("sdctl resume " + job), std::string::npos);

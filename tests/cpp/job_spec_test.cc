@@ -30,8 +30,8 @@ TEST(JobSpecTest, DefaultsAreThoseOfTheSeedPipeline) {
   auto s = Parse("model: /m\nstages: [finetune]\n");
   ASSERT_TRUE(s.ok()) << s.status();
   const auto& f = s->Options<stages::FinetuneOptions>("finetune");
-  EXPECT_EQ(f.steps, 200);        // FINETUNE_STEPS
-  EXPECT_DOUBLE_EQ(f.lr, 5e-6);   // FINETUNE_LR
+  EXPECT_EQ(f.steps, 200);                // FINETUNE_STEPS
+  EXPECT_DOUBLE_EQ(f.lr, 5e-6);           // FINETUNE_LR
   EXPECT_DOUBLE_EQ(f.ema_decay, 0.9999);  // EMA_DECAY
   EXPECT_EQ(s->checkpoint_interval, 100);
   ASSERT_EQ(s->stages.size(), 1u);
@@ -91,7 +91,8 @@ TEST(JobSpecTest, MissingModelAndBadYaml) {
 }
 
 TEST(JobSpecTest, TeacherStagesDataAndTheirKeys) {
-  auto s = Parse("model: /m\nstages: [finetune, train_vae, init]\ndata: {caption_dropout: 0.1, random_flip: "
+  auto s = Parse(
+      "model: /m\nstages: [finetune, train_vae, init]\ndata: {caption_dropout: 0.1, random_flip: "
       "true}\ntrain_vae: {steps: 30, foreground_weight: 10}\nfinetune: {ema: true, ema_decay: "
       "0.99}\n");
   ASSERT_TRUE(s.ok()) << s.status();
@@ -119,7 +120,8 @@ TEST(JobSpecTest, TeacherStagesDataAndTheirKeys) {
 }
 
 TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
-  auto s = Parse("model: /m\nstages: [finetune]\ntrain_vae: {lr_scheduler: linear}\nfinetune: "
+  auto s = Parse(
+      "model: /m\nstages: [finetune]\ntrain_vae: {lr_scheduler: linear}\nfinetune: "
       "{lr_scheduler: cosine, train_text_encoder: true, train_token_embedding: false, "
       "cache_latents: true, foreground_weight: 10, snr_gamma: 5}\n");
   ASSERT_TRUE(s.ok()) << s.status();
@@ -131,7 +133,8 @@ TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
   EXPECT_DOUBLE_EQ(FT(*s).foreground_weight, 10);
   EXPECT_DOUBLE_EQ(FT(*s).snr_gamma, 5);
   EXPECT_EQ(FT(*s).timestep_sampling, "uniform");
-  auto ln = Parse("model: /m\nstages: [finetune]\nfinetune: {timestep_sampling: logit_normal, "
+  auto ln = Parse(
+      "model: /m\nstages: [finetune]\nfinetune: {timestep_sampling: logit_normal, "
       "logit_mean: 1, logit_std: 0.5}\n");
   ASSERT_TRUE(ln.ok()) << ln.status();
   EXPECT_EQ(FT(*ln).timestep_sampling, "logit_normal");
@@ -147,8 +150,7 @@ TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
   EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  snr_gamma: -1\n")
                 .find("job.yaml:4: key \"finetune.snr_gamma\""),
             std::string::npos);
-  EXPECT_EQ(FT(*Parse("model: /m\nstages: [finetune]\n")).lr_scheduler,
-            "constant");
+  EXPECT_EQ(FT(*Parse("model: /m\nstages: [finetune]\n")).lr_scheduler, "constant");
   EXPECT_NE(Err("model: /m\nstages: [finetune]\nfinetune:\n  lr_scheduler: cosin\n")
                 .find("job.yaml:4: key \"finetune.lr_scheduler\" must be one of constant, cosine, "
                       "linear, got \"cosin\" (did you mean \"cosine\"?)"),
@@ -159,7 +161,6 @@ TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {
                 .find("job.yaml:5: key \"finetune.cache_latents\" needs a deterministic transform"),
             std::string::npos);
 }
-
 
 TEST(JobSpecTest, ARepeatedKeyIsAnErrorNotTheFirstValueSilently) {
   EXPECT_EQ(Err("model: /nonexistent\nstages: [finetune]\nmodel: /m\n"),
@@ -191,7 +192,9 @@ TEST(JobSpecTest, FaultToleranceKeys) {
   ASSERT_TRUE(s.ok());
   EXPECT_DOUBLE_EQ(s->max_skipped_fraction, 0.01);
   EXPECT_FALSE(s->allow_restart_from_zero);
-  s = Parse("model: /m\nstages: [finetune]\nallow_restart_from_zero: true\ndata:\n  max_skipped_fraction: 0.5\n");
+  s = Parse(
+      "model: /m\nstages: [finetune]\nallow_restart_from_zero: true\ndata:\n  "
+      "max_skipped_fraction: 0.5\n");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_DOUBLE_EQ(s->max_skipped_fraction, 0.5);
   EXPECT_TRUE(s->allow_restart_from_zero);

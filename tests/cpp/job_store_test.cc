@@ -2,6 +2,7 @@
 #include "stages/catalog.h"
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -54,10 +55,9 @@ TEST(JobStoreTest, CoordinatorRestartKeepsJobsAndResumesRunningStages) {
   std::filesystem::remove(path);
 }
 
-
 std::string TempDb(const std::string& name) {
-  const std::string path = std::filesystem::temp_directory_path() /
-                           (name + "_" + std::to_string(::getpid()) + ".db");
+  const std::string path =
+      std::filesystem::temp_directory_path() / (name + "_" + std::to_string(::getpid()) + ".db");
   std::filesystem::remove(path);
   return path;
 }
@@ -74,7 +74,9 @@ TEST(JobStoreTest, JobNumbersAreNeverHandedOutTwice) {
   ASSERT_TRUE(store.ok());
   EXPECT_EQ(*(*store)->AllocateJobNumber(), 3);  // durable across a restart
   // A store from before the counter continues after the jobs it holds.
-  JobRecord j = JobScheduler::NewJob("job-000041", *ParseJobSpec("model: /m\ndataset: /d\nstages: [finetune]\n", "a"), "model: /m\n", 0);
+  JobRecord j = JobScheduler::NewJob(
+      "job-000041", *ParseJobSpec("model: /m\ndataset: /d\nstages: [finetune]\n", "a"),
+      "model: /m\n", 0);
   ASSERT_TRUE((*store)->Save(j).ok());
   EXPECT_EQ(*(*store)->AllocateJobNumber(), 42);
   std::filesystem::remove(path);
@@ -86,11 +88,15 @@ TEST(JobStoreTest, StoredJobTextComesBackByteForByteAndABadOneLoadsAsFailed) {
   {
     auto store = JobStore::Open(path);
     ASSERT_TRUE(store.ok());
-    JobRecord a = JobScheduler::NewJob("job-000001", *ParseJobSpec("model: /m\ndataset: /d\nstages: [finetune]\n", "a"), with_nul, 0);
+    JobRecord a = JobScheduler::NewJob(
+        "job-000001", *ParseJobSpec("model: /m\ndataset: /d\nstages: [finetune]\n", "a"), with_nul,
+        0);
     ASSERT_TRUE((*store)->Save(a).ok());
     // Written by another build: a key this one does not know.
     const std::string old_yaml = "model: /m\nstages: [finetune]\nfinetune:\n  renamed_key: 1\n";
-    JobRecord b = JobScheduler::NewJob("job-000002", *ParseJobSpec("model: /m\ndataset: /d\nstages: [finetune]\n", "b"), old_yaml, 0);
+    JobRecord b = JobScheduler::NewJob(
+        "job-000002", *ParseJobSpec("model: /m\ndataset: /d\nstages: [finetune]\n", "b"), old_yaml,
+        0);
     b.stages[0].state = StageState::kRunning;
     b.state = JobState::kRunning;
     ASSERT_TRUE((*store)->Save(b).ok());
@@ -106,6 +112,33 @@ TEST(JobStoreTest, StoredJobTextComesBackByteForByteAndABadOneLoadsAsFailed) {
   EXPECT_EQ(b.stages[0].state, StageState::kFailed);
   EXPECT_NE(b.events.back().find("no longer parses"), std::string::npos);
   EXPECT_NE(b.events.back().find("renamed_key"), std::string::npos) << b.events.back();
+  std::filesystem::remove(path);
+}
+
+TEST(JobStoreTest, AProgressSaveWithoutFsyncSurvivesACoordinatorCrash) {
+  const std::string path = TempDb("jobs_relaxed");
+  const std::string yaml = "model: /m\ndataset: /d\nstages: [finetune]\n";
+  const pid_t child = ::fork();
+  if (child == 0) {
+    auto store = JobStore::Open(path);
+    if (!store.ok()) ::_exit(2);
+    JobRecord j = JobScheduler::NewJob("job-000001", *ParseJobSpec(yaml, "a"), yaml, 0);
+    if (!(*store)->Save(j).ok()) ::_exit(3);
+    j.stages[0].step = 77;
+    j.events.push_back("1.000 w1: checkpoint rejected: step-00000004: ...");
+    if (!(*store)->Save(j, JobStore::Durability::kRelaxed).ok()) ::_exit(4);
+    ::_exit(0);  // dies without closing the database, as a killed coordinator does
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  auto store = JobStore::Open(path);
+  ASSERT_TRUE(store.ok());
+  auto jobs = (*store)->LoadAll();
+  ASSERT_TRUE(jobs.ok());
+  ASSERT_EQ(jobs->size(), 1u);
+  EXPECT_EQ((*jobs)[0].stages[0].step, 77);
+  EXPECT_EQ((*jobs)[0].events.size(), 2u);
   std::filesystem::remove(path);
 }
 

@@ -41,11 +41,10 @@ TEST(JobYamlDocsTest, DocumentedKeysAreExactlyTheParsedOnes) {
     for (const auto& k : keys) parsed.insert(section.empty() ? k : section + "." + k);
   }
   for (const auto& k : documented)
-    EXPECT_TRUE(parsed.contains(k)) << "docs/job-yaml.md documents \"" << k
-                                    << "\", which no parser reads";
+    EXPECT_TRUE(parsed.contains(k))
+        << "docs/job-yaml.md documents \"" << k << "\", which no parser reads";
   for (const auto& k : parsed)
-    EXPECT_TRUE(documented.contains(k)) << "\"" << k
-                                        << "\" is parsed but not in docs/job-yaml.md";
+    EXPECT_TRUE(documented.contains(k)) << "\"" << k << "\" is parsed but not in docs/job-yaml.md";
   EXPECT_GT(parsed.size(), 30u);  // the list is the real one, not empty
 }
 

@@ -8,7 +8,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/args.h"
-#include "stages/catalog.h"
 #include "sd/io/safetensors.h"
 #include "sd/models/autoencoder_kl.h"
 #include "sd/models/clip_text_model.h"
@@ -19,6 +18,7 @@
 #include "sd/train/denoising_loss.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
+#include "stages/catalog.h"
 #include "stages/stage.h"
 #include "worker/data_parallel.h"
 
@@ -152,8 +152,8 @@ absl::Status RunStage(const sd::Args& a) {
   sd::stages::StageContext ctx = sd::stages::MakeStageContext(task, std::move(job));
   ctx.device = torch::Device(a.Get("device", "cpu"));
   if (ctx.world_size > 1) {
-    ASSIGN_OR_RETURN(ctx.collectives, sd::worker::DataParallelGroup::Join(
-                                          task.rendezvous, ctx.rank, ctx.world_size));
+    ASSIGN_OR_RETURN(ctx.collectives, sd::worker::DataParallelGroup::Join(task.rendezvous, ctx.rank,
+                                                                          ctx.world_size));
   }
   ctx.should_stop = [stop_at](int64_t step) { return step == stop_at; };
   ctx.event = [](sd::stages::StageEvent, const std::string& text) {

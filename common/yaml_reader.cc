@@ -60,8 +60,8 @@ absl::Status CheckMappings(const YAML::Node& node, const std::string& origin) {
   return absl::OkStatus();
 }
 
-SectionReader::SectionReader(std::string origin, YAML::Node node, std::string where)
-    : origin_(std::move(origin)), node_(std::move(node)), where_(std::move(where)) {}
+SectionReader::SectionReader(std::string origin, const YAML::Node& node, std::string where)
+    : origin_(std::move(origin)), node_(node), where_(std::move(where)) {}
 
 std::string SectionReader::Path(const std::string& key) const {
   return where_.empty() ? key : absl::StrCat(where_, ".", key);

@@ -25,7 +25,7 @@ class SectionReader {
  public:
   // `where` is the section's name ("" for the top level); `node` may be undefined
   // (the section is absent, every option keeps its default).
-  SectionReader(std::string origin, YAML::Node node, std::string where);
+  SectionReader(std::string origin, const YAML::Node& node, std::string where);
 
   bool Has(const std::string& key) const;
   // An error at `key`'s line (or the section's, when the key is absent).

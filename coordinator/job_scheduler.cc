@@ -101,7 +101,7 @@ void JobScheduler::Add(JobRecord job) {
 }
 
 std::string JobScheduler::Submit(const JobSpec& spec, double now, const std::string& yaml) {
-  const std::string id = absl::StrFormat("job-%06d", next_job_);
+  std::string id = absl::StrFormat("job-%06d", next_job_);
   Add(NewJob(id, spec, yaml, now));
   return id;
 }

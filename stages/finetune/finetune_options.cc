@@ -13,9 +13,7 @@ StageDescriptor FinetuneDescriptor() {
   d.needs_dataset = true;
   d.parse = [](SectionReader& r, const JobSpec& job) -> absl::StatusOr<std::any> {
     FinetuneOptions o;
-    RETURN_IF_ERROR(r.Int("steps", o.steps, 1, 1e9));
-    RETURN_IF_ERROR(r.Number("lr", o.lr, 0, 1, true));
-    RETURN_IF_ERROR(ReadLrScheduler(r, o.lr_scheduler));
+    RETURN_IF_ERROR(ReadStepsAndLr(r, o.steps, o.lr, o.lr_scheduler));
     RETURN_IF_ERROR(r.Bool("ema", o.ema));
     RETURN_IF_ERROR(r.Number("ema_decay", o.ema_decay, 0, 1, false, true));
     RETURN_IF_ERROR(r.Int("lr_warmup_steps", o.lr_warmup_steps, -1, 1e9));

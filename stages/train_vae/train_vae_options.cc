@@ -13,9 +13,7 @@ StageDescriptor TrainVaeDescriptor() {
   d.needs_dataset = true;
   d.parse = [](SectionReader& r, const JobSpec&) -> absl::StatusOr<std::any> {
     TrainVaeOptions o;
-    RETURN_IF_ERROR(r.Int("steps", o.steps, 1, 1e9));
-    RETURN_IF_ERROR(r.Number("lr", o.lr, 0, 1, true));
-    RETURN_IF_ERROR(ReadLrScheduler(r, o.lr_scheduler));
+    RETURN_IF_ERROR(ReadStepsAndLr(r, o.steps, o.lr, o.lr_scheduler));
     RETURN_IF_ERROR(r.Int("batch_size", o.batch_size, 0, 4096));
     RETURN_IF_ERROR(r.Number("kl_weight", o.kl_weight, 0, 1));
     RETURN_IF_ERROR(r.Number("foreground_weight", o.foreground_weight, 0, 1e6));

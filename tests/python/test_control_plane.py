@@ -111,6 +111,26 @@ def result_unet(cluster, job):
     return load_file(os.path.join(cluster.root, "runs", job, "finetune", "unet", "diffusion_pytorch_model.safetensors"))
 
 
+def uninterrupted_unet(tmp_path, model, workers=2, **job):
+    """The UNet the same job gives without any fault, on a cluster of its own."""
+    ref = Cluster(tmp_path / "ref")
+    try:
+        ref.start_coordinator(wait=True)
+        for i in range(workers):
+            ref.start_worker(f"r{i + 1}")
+        job_id = ref.sdctl("submit", write_job(tmp_path, model, workers=workers, **job)).stdout.strip()
+        assert "SUCCEEDED" in ref.wait_state(job_id, {"SUCCEEDED", "FAILED"})
+        return result_unet(ref, job_id)
+    finally:
+        ref.stop()
+
+
+def assert_same_weights(got, expected, atol=0.0):
+    assert set(got) == set(expected)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=atol, err_msg=k)
+
+
 def test_job_on_two_workers_with_metrics_scraped_by_prometheus(cluster, tiny_sd, tmp_path):
     import json
     import urllib.parse
@@ -198,17 +218,7 @@ def test_bad_job_yaml_is_refused_and_nothing_is_stored(cluster, tmp_path):
 
 
 def test_killed_worker_is_replaced_and_the_result_is_unchanged(cluster, tiny_sd, tmp_path):
-    # Reference: the same job, uninterrupted, on its own cluster.
-    ref = Cluster(tmp_path / "ref")
-    ref.start_coordinator()
-    ref.start_worker("r1")
-    ref.start_worker("r2")
-    try:
-        ref_job = ref.sdctl("submit", write_job(tmp_path, tiny_sd[0], steps=24, interval=4)).stdout.strip()
-        assert "SUCCEEDED" in ref.wait_state(ref_job, {"SUCCEEDED", "FAILED"})
-        expected = result_unet(ref, ref_job)
-    finally:
-        ref.stop()
+    expected = uninterrupted_unet(tmp_path, tiny_sd[0], steps=24, interval=4)
 
     cluster.start_coordinator()
     cluster.start_worker("w1")
@@ -227,9 +237,7 @@ def test_killed_worker_is_replaced_and_the_result_is_unchanged(cluster, tiny_sd,
     restarts = int(out.split("restarts")[1].split()[0])
     assert "SUCCEEDED" in out and restarts == 1, out
     assert "missed heartbeats" in cluster.sdctl("logs", job).stdout
-    got = result_unet(cluster, job)
-    for k in expected:
-        np.testing.assert_allclose(got[k], expected[k], atol=1e-6, err_msg=k)
+    assert_same_weights(result_unet(cluster, job), expected, atol=1e-6)
 
 
 def test_coordinator_restart_keeps_the_job(cluster, tiny_sd, tmp_path):

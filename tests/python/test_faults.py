@@ -9,11 +9,8 @@ import sqlite3
 import subprocess
 import time
 
-import numpy as np
-from safetensors.numpy import load_file
-
 from conftest import BIN
-from test_control_plane import Cluster, free_port, result_unet, write_job
+from test_control_plane import Cluster, assert_same_weights, free_port, result_unet, uninterrupted_unet, write_job
 from test_finetune_stage import make_dataset
 
 
@@ -99,16 +96,7 @@ def test_a_restarted_coordinator_adopts_the_running_attempt(tiny_sd, tmp_path):
     """Killed mid-stage, the coordinator comes back, its workers say what they run, and the
     one attempt goes on: nothing else trains that stage, and the weights are those of an
     uninterrupted run."""
-    ref = Cluster(tmp_path / "ref")
-    try:
-        ref.start_coordinator(wait=True)
-        ref.start_worker("r1")
-        ref.start_worker("r2")
-        ref_job = ref.sdctl("submit", write_job(tmp_path, tiny_sd[0], steps=40, interval=4)).stdout.strip()
-        assert "SUCCEEDED" in ref.wait_state(ref_job, {"SUCCEEDED", "FAILED"})
-        expected = result_unet(ref, ref_job)
-    finally:
-        ref.stop()
+    expected = uninterrupted_unet(tmp_path, tiny_sd[0], steps=40, interval=4)
     c = Cluster(tmp_path / "c", heartbeat_timeout=8.0)
     try:
         c.start_coordinator(wait=True)
@@ -125,9 +113,7 @@ def test_a_restarted_coordinator_adopts_the_running_attempt(tiny_sd, tmp_path):
         assert "adopted" in log and log.count("started on") == 1, log
         busy = [w for w in ("w1", "w2", "w3") if f"running {job}" in c.worker_log(w)]
         assert len(busy) == 2, busy
-        got = result_unet(c, job)
-        for k in expected:
-            np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+        assert_same_weights(result_unet(c, job), expected)
     finally:
         c.stop()
 
@@ -188,15 +174,7 @@ def test_a_permanent_failure_ends_the_job_at_once_and_resume_continues_from_its_
     """A dataset that loses an image mid-run fails the stage (too many skipped samples)
     without spending restarts on it; once the image is back, `sdctl resume` continues from
     the newest checkpoint and ends with the weights of an uninterrupted run."""
-    ref = Cluster(tmp_path / "ref")
-    try:
-        ref.start_coordinator(wait=True)
-        ref.start_worker("r1")
-        ref_job = ref.sdctl("submit", write_job(tmp_path, tiny_sd[0], steps=30, workers=1, interval=3)).stdout.strip()
-        assert "SUCCEEDED" in ref.wait_state(ref_job, {"SUCCEEDED", "FAILED"})
-        expected = result_unet(ref, ref_job)
-    finally:
-        ref.stop()
+    expected = uninterrupted_unet(tmp_path, tiny_sd[0], workers=1, steps=30, interval=3)
     c = Cluster(tmp_path / "c")
     try:
         c.start_coordinator(wait=True)
@@ -217,9 +195,7 @@ def test_a_permanent_failure_ends_the_job_at_once_and_resume_continues_from_its_
         assert "resumed; stage finetune continues" in log
         resumed = [l for l in log.splitlines() if "resumed from" in l]
         assert resumed and "step 0)" not in resumed[-1], log
-        got = result_unet(c, job)
-        for k in expected:
-            np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+        assert_same_weights(result_unet(c, job), expected)
     finally:
         c.stop()
 

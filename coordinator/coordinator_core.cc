@@ -2,9 +2,6 @@
 
 #include "stages/catalog.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -19,14 +16,6 @@ namespace {
 // Names the attempt a published stage folder came from, so a Finish retried after
 // the rename (the coordinator died in between) is recognised as already done.
 constexpr char kAttemptMarker[] = ".sdcompress-attempt";
-
-void FsyncDir(const fs::path& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
-}
 
 // Publishes an attempt's model folder as the stage's result: one rename.
 absl::Status CommitOutput(const JobPaths& paths, const std::string& stage, int64_t attempt,
@@ -45,7 +34,7 @@ absl::Status CommitOutput(const JobPaths& paths, const std::string& stage, int64
   if (ec)
     return absl::InternalError(
         absl::StrCat("cannot publish ", from.string(), " as ", to.string(), ": ", ec.message()));
-  FsyncDir(paths.root);
+  FsyncDir(paths.root.string());
   // Folders of attempts that did not succeed are of no further use.
   const std::string prefix = stage + "-";
   for (const auto& e : fs::directory_iterator(paths.root / "attempts", ec)) {
@@ -71,6 +60,20 @@ CoordinatorCore::CoordinatorCore(JobSchedulerOptions opts, std::unique_ptr<JobSt
       store_(std::move(store)),
       storage_root_(std::move(storage_root)),
       metrics_(metrics) {}
+
+std::map<std::string, size_t> CoordinatorCore::EventCountsLocked() const {
+  std::map<std::string, size_t> counts;
+  for (const auto& [id, j] : sched_.jobs()) counts[id] = j.events.size();
+  return counts;
+}
+
+void CoordinatorCore::PersistChangedLocked(const std::map<std::string, size_t>& before) {
+  // Every change the scheduler makes to a job logs an event: new events, new state.
+  for (const auto& [id, j] : sched_.jobs()) {
+    auto it = before.find(id);
+    if (it == before.end() || it->second != j.events.size()) PersistLocked(id).IgnoreError();
+  }
+}
 
 JobPaths CoordinatorCore::PathsOf(const std::string& job_id) const {
   return {fs::path(storage_root_) / job_id};
@@ -173,14 +176,11 @@ void CoordinatorCore::Register(const std::string& worker, const std::string& dev
   std::lock_guard<std::mutex> lock(mu_);
   to_start_.erase(worker);
   to_abort_.erase(worker);
-  std::map<std::string, size_t> before;
-  for (const auto& [id, j] : sched_.jobs()) before[id] = j.events.size();
+  const auto before = EventCountsLocked();
   ApplyLocked(
       sched_.RegisterWorker(worker, device, devices, now, memory_bytes, running_task, rank));
   sched_.SetMetricsAddress(worker, metrics_address);
-  for (const auto& [id, j] : sched_.jobs()) {
-    if (before[id] != j.events.size()) PersistLocked(id).IgnoreError();
-  }
+  PersistChangedLocked(before);
 }
 
 absl::StatusOr<std::string> CoordinatorCore::Heartbeat(const std::string& worker, double now) {
@@ -325,8 +325,7 @@ void CoordinatorCore::UpdateGaugesLocked(double now) {
   // one set per job ever run.
   for (auto it = stage_gauges_.begin(); it != stage_gauges_.end();) {
     const JobRecord* j = sched_.job(it->first);
-    const bool ended = j == nullptr || j->state == JobState::kSucceeded ||
-                       j->state == JobState::kFailed || j->state == JobState::kCancelled;
+    const bool ended = j == nullptr || Ended(j->state);
     if (!ended) {
       ++it;
       continue;
@@ -340,8 +339,7 @@ void CoordinatorCore::UpdateGaugesLocked(double now) {
 
 void CoordinatorCore::Tick(double now) {
   std::lock_guard<std::mutex> lock(mu_);
-  std::map<std::string, size_t> before;
-  for (const auto& [id, j] : sched_.jobs()) before[id] = j.events.size();
+  const auto before = EventCountsLocked();
   // A worker that died of a signal left its last words on shared storage.
   auto last_words = [this](const std::string& worker, const std::string& task) -> std::string {
     std::string job_id, stage;
@@ -362,9 +360,7 @@ void CoordinatorCore::Tick(double now) {
   auto actions = sched_.Tick(now, last_words);
   // A started attempt's number must be durable before any worker can see it, or a
   // crash could hand the same attempt id out twice.
-  for (const auto& [id, j] : sched_.jobs()) {
-    if (before[id] != j.events.size()) PersistLocked(id).IgnoreError();
-  }
+  PersistChangedLocked(before);
   ApplyLocked(actions);
   UpdateGaugesLocked(now);
 }

@@ -70,6 +70,10 @@ class CoordinatorCore {
   absl::Status PersistLocked(const std::string& job_id,
                              JobStore::Durability d = JobStore::Durability::kSynced);
   JobPaths PathsOf(const std::string& job_id) const;
+  // Per job, how many events it has: what changed since is persisted by
+  // PersistChangedLocked.
+  std::map<std::string, size_t> EventCountsLocked() const;
+  void PersistChangedLocked(const std::map<std::string, size_t>& before);
   void LogLinesLocked(const std::string& task, const std::string& worker,
                       const std::vector<std::string>& lines, double now);
   void UpdateGaugesLocked(double now);

@@ -94,8 +94,7 @@ grpc::Status JobServiceImpl::StreamEvents(grpc::ServerContext* ctx,
       ToProto(*j, ev.mutable_job());
       if (!writer->Write(ev)) return grpc::Status::OK;
     }
-    const bool ended = j->state == JobState::kSucceeded || j->state == JobState::kFailed ||
-                       j->state == JobState::kCancelled;
+    const bool ended = Ended(j->state);
     if (!req->follow() || ended) return grpc::Status::OK;
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }

@@ -261,8 +261,7 @@ absl::Status JobScheduler::Cancel(const std::string& job_id, double now,
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
   JobRecord& job = it->second;
-  if (job.state == JobState::kSucceeded || job.state == JobState::kFailed ||
-      job.state == JobState::kCancelled) {
+  if (Ended(job.state)) {
     return absl::FailedPreconditionError(
         absl::StrCat(job_id, " already ended (", Name(job.state), ")"));
   }

@@ -24,6 +24,10 @@ namespace sd::coord {
 enum class JobState { kQueued, kRunning, kSucceeded, kFailed, kCancelled };
 enum class StageState { kPending, kRunning, kSucceeded, kFailed, kCancelled };
 const char* Name(JobState s);
+// Succeeded, failed or cancelled: nothing more happens to it unless it is resumed.
+inline bool Ended(JobState s) {
+  return s == JobState::kSucceeded || s == JobState::kFailed || s == JobState::kCancelled;
+}
 const char* Name(StageState s);
 
 // Whether restarting a stage can help: a missing model, a bad config or a full

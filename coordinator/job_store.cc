@@ -217,8 +217,7 @@ absl::StatusOr<std::vector<JobRecord>> JobStore::LoadAll(double now) const {
     while (sqlite3_step(ev.get()) == SQLITE_ROW) j.events.push_back(Col(ev.get(), 0));
     events_stored_[j.id] = j.events.size();
     if (!spec.ok()) {
-      const bool ended = j.state == JobState::kSucceeded || j.state == JobState::kFailed ||
-                         j.state == JobState::kCancelled;
+      const bool ended = Ended(j.state);
       for (auto& r : j.stages) {
         if (!ended && r.state != StageState::kSucceeded) r.state = StageState::kFailed;
       }

@@ -1,6 +1,5 @@
 #include "sd/train/checkpoint.h"
 
-#include <fcntl.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -20,14 +19,6 @@ absl::StatusOr<uint32_t> FileCrc(const std::string& path) {
   ASSIGN_OR_RETURN(std::string bytes, ReadFile(path));
   return static_cast<uint32_t>(
       crc32(0L, reinterpret_cast<const Bytef*>(bytes.data()), static_cast<uInt>(bytes.size())));
-}
-
-void FsyncDir(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
 }
 
 std::vector<std::pair<int64_t, fs::path>> ListCheckpoints(const std::string& root) {

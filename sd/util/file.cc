@@ -82,13 +82,16 @@ absl::Status AtomicFileWriter::Commit() {
   tmp_.clear();
   // The rename is only durable once the directory entry is on disk.
   const std::string parent = std::filesystem::path(path_).parent_path().string();
-  const std::string dir = parent.empty() ? std::string(".") : parent;
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  FsyncDir(parent.empty() ? std::string(".") : parent);
   return absl::OkStatus();
+}
+
+void FsyncDir(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
 }
 
 absl::Status WriteFileAtomic(const std::string& path, std::string_view data) {

@@ -7,6 +7,9 @@
 
 namespace sd {
 
+// fsync of a directory: makes a rename or a new entry in it durable. Best effort.
+void FsyncDir(const std::string& dir);
+
 // Reads a whole file; the error names the path.
 absl::StatusOr<std::string> ReadFile(const std::string& path);
 

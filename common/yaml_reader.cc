@@ -1,10 +1,14 @@
 #include "common/yaml_reader.h"
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/ascii.h"
 #include "sd/util/status_macros.h"
 
 namespace sd {
@@ -130,6 +134,49 @@ absl::Status SectionReader::OneOf(const std::string& key, std::string& out,
   if (std::find(known.begin(), known.end(), out) != known.end()) return absl::OkStatus();
   return Error(key,
                absl::StrCat("must be one of ", names, ", got \"", out, "\"", Suggest(out, known)));
+}
+
+absl::Status SectionReader::NumberList(const std::string& key, std::vector<double>& out, double lo,
+                                       double hi) {
+  const YAML::Node n = Raw(key);
+  if (!n.IsDefined() || n.IsNull()) return absl::OkStatus();
+  std::vector<std::string> items;
+  if (n.IsScalar()) {
+    items = absl::StrSplit(n.Scalar(), ',', absl::SkipWhitespace());
+  } else if (n.IsSequence()) {
+    for (const auto& e : n) {
+      if (!e.IsScalar()) return ErrorAt(e, key, "must be a list of numbers");
+      items.push_back(e.Scalar());
+    }
+  } else {
+    return ErrorAt(n, key, "must be a list of numbers");
+  }
+  if (items.empty()) return ErrorAt(n, key, "must not be empty");
+  std::vector<double> values;
+  for (const std::string& item : items) {
+    double v = 0;
+    if (!absl::SimpleAtod(absl::StripAsciiWhitespace(item), &v))
+      return ErrorAt(n, key, absl::StrCat("has \"", item, "\", which is not a number"));
+    if (v < lo || v > hi)
+      return ErrorAt(n, key, absl::StrCat("has ", item, ", out of range [", lo, ", ", hi, "]"));
+    values.push_back(v);
+  }
+  out = std::move(values);
+  return absl::OkStatus();
+}
+
+absl::Status SectionReader::IntList(const std::string& key, std::vector<int64_t>& out, double lo,
+                                    double hi) {
+  std::vector<double> values;
+  RETURN_IF_ERROR(NumberList(key, values, lo, hi));
+  if (values.empty()) return absl::OkStatus();
+  std::vector<int64_t> ints;
+  for (const double v : values) {
+    if (v != std::floor(v)) return Error(key, absl::StrCat("has ", v, ", not an integer"));
+    ints.push_back(static_cast<int64_t>(v));
+  }
+  out = std::move(ints);
+  return absl::OkStatus();
 }
 
 YAML::Node SectionReader::Raw(const std::string& key) {

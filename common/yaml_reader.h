@@ -38,6 +38,11 @@ class SectionReader {
                       bool lo_open = false, bool hi_open = false);
   absl::Status OneOf(const std::string& key, std::string& out,
                      const std::vector<std::string>& known);
+  // A list of integers, each in [lo, hi] (a comma-separated string is accepted
+  // too, as run.sh's PROGRESSIVE_STAGES=50,25,12,6 is written).
+  absl::Status IntList(const std::string& key, std::vector<int64_t>& out, double lo, double hi);
+  // A list of numbers, each in [lo, hi].
+  absl::Status NumberList(const std::string& key, std::vector<double>& out, double lo, double hi);
   // The raw node of a key with a shape of its own (a list); recorded like the rest.
   YAML::Node Raw(const std::string& key);
 

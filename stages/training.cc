@@ -118,18 +118,27 @@ absl::StatusOr<int64_t> ParamTrainer::Resume(const std::string& checkpoint_dir,
     opt_->state()[params_[i].unsafeGetTensorImpl()] = std::move(st);
     if (!ema_.empty()) ema_[i].copy_(ckpt->tensors.at(EmaStem(stem)).at(names_[i]));
   }
+  // Checkpoints from before the counter: one EMA update per optimizer step.
+  ema_updates_ = ckpt->state.value("ema_updates", ckpt->state.at("adam_step").get<int64_t>());
   const int64_t step = ckpt->state.at("step").get<int64_t>();
   note(StageEvent::kInfo, absl::StrCat("resumed from ", ckpt->dir, " (step ", step, ")"));
   return step;
 }
 
-absl::StatusOr<int64_t> ParamTrainer::Resume(const StageContext& ctx) {
+absl::StatusOr<int64_t> ParamTrainer::Resume(const StageContext& ctx,
+                                             const std::string& checkpoint_dir) {
   ResumeOptions o;
   o.allow_restart_from_zero = ctx.job.allow_restart_from_zero;
   // Every rank reads the same checkpoints; one of them speaks and cleans up.
   o.remove_unfinished = ctx.rank == 0;
   if (ctx.rank == 0) o.event = ctx.event;
-  return Resume(ctx.checkpoint_dir, o);
+  return Resume(checkpoint_dir, o);
+}
+
+double EmaWarmupDecay(int64_t update, double ema_decay) {
+  const int64_t step = update - 1;
+  if (step <= 0) return 0.0;
+  return std::min(ema_decay, 1.0 - std::pow(1.0 + static_cast<double>(step), -2.0 / 3.0));
 }
 
 void ParamTrainer::Step(double lr, double max_grad_norm, Collectives& collectives) {
@@ -146,8 +155,10 @@ void ParamTrainer::Step(double lr, double max_grad_norm, Collectives& collective
   opt_->zero_grad();
   if (!ema_.empty()) {
     torch::NoGradGuard ng;
+    ++ema_updates_;
+    const double decay = ema_warmup_ ? EmaWarmupDecay(ema_updates_, *ema_decay_) : *ema_decay_;
     for (size_t i = 0; i < params_.size(); ++i)
-      ema_[i].mul_(*ema_decay_).add_(params_[i].detach(), 1.0 - *ema_decay_);
+      ema_[i].mul_(decay).add_(params_[i].detach(), 1.0 - decay);
   }
 }
 
@@ -176,6 +187,7 @@ absl::Status ParamTrainer::Save(const std::string& checkpoint_dir, int64_t step,
   c.state = extra;
   c.state["step"] = step;
   c.state["adam_step"] = adam_step;
+  if (!ema_.empty()) c.state["ema_updates"] = ema_updates_;
   return WriteCheckpoint(checkpoint_dir, c);
 }
 
@@ -202,11 +214,13 @@ int64_t ParamTrainer::CheckpointBytes() const {
 }
 
 double LearningRate(const LoopOptions& o, int64_t step) {
+  step -= o.schedule_start;
   if (o.warmup_steps > 0 && step < o.warmup_steps)
     return o.lr * static_cast<double>(step + 1) / static_cast<double>(o.warmup_steps);
   if (o.schedule == "constant") return o.lr;
   // Fraction of the post-warm-up steps done, as diffusers' get_scheduler counts them.
-  const double span = static_cast<double>(std::max<int64_t>(1, o.total_steps - o.warmup_steps));
+  const int64_t total = o.total_steps - o.schedule_start;
+  const double span = static_cast<double>(std::max<int64_t>(1, total - o.warmup_steps));
   const double done = std::clamp(static_cast<double>(step - o.warmup_steps) / span, 0.0, 1.0);
   if (o.schedule == "linear") return o.lr * (1.0 - done);
   return o.lr * 0.5 * (1.0 + std::cos(M_PI * done));  // cosine
@@ -244,7 +258,7 @@ absl::Status RunTrainingLoop(
     trainer.Step(LearningRate(o, step), o.max_grad_norm, *ctx.collectives);
     StageProgress pr;
     pr.step = step + 1;
-    pr.total_steps = o.total_steps;
+    pr.total_steps = o.progress_total > 0 ? o.progress_total : o.total_steps;
     pr.loss = loss.item<double>();
     pr.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     pr.samples_per_s = static_cast<double>(o.global_batch) / pr.step_time_s;
@@ -255,9 +269,11 @@ absl::Status RunTrainingLoop(
         return absl::AbortedError(absl::StrCat("stopped before the checkpoint of step ", step + 1));
       const auto c0 = std::chrono::steady_clock::now();
       if (ctx.rank == 0) {
-        RETURN_IF_ERROR(
-            trainer.Save(ctx.checkpoint_dir, step + 1,
-                         {{"seed", o.seed}, {"data_cursor", (step + 1) * o.global_batch}}));
+        nlohmann::json state = o.checkpoint_state;
+        state["seed"] = o.seed;
+        state["data_cursor"] = (step + 1) * o.global_batch;
+        RETURN_IF_ERROR(trainer.Save(o.checkpoint_dir.empty() ? ctx.checkpoint_dir : o.checkpoint_dir,
+                                     step + 1, state));
       }
       pr.checkpointed = ctx.rank == 0;
       pr.checkpoint_seconds =
@@ -338,12 +354,16 @@ absl::StatusOr<StableDiffusion> LoadForTraining(const StageContext& ctx,
   return StableDiffusion::Load(input, what);
 }
 
-absl::Status RunTrainingStage(StageContext& ctx, TrainingPlan plan) {
-  ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
-  ASSIGN_OR_RETURN(std::shared_ptr<const CaptionedSource> data, OpenDataset(ctx.job.dataset));
-  ParamTrainer trainer(plan.parts, plan.lr, plan.weight_decay, plan.ema_decay);
+absl::StatusOr<TrainedSteps> RunTrainingSteps(StageContext& ctx, const TrainingPlan& plan) {
+  TrainedSteps run;
+  ASSIGN_OR_RETURN(run.data, OpenDataset(ctx.job.dataset));
+  run.trainer =
+      std::make_unique<ParamTrainer>(plan.parts, plan.lr, plan.weight_decay, plan.ema_decay);
+  run.trainer->set_ema_warmup(plan.ema_warmup);
   LoopOptions lo;
-  ASSIGN_OR_RETURN(lo.start_step, trainer.Resume(ctx));
+  lo.checkpoint_dir = plan.checkpoint_dir.empty() ? ctx.checkpoint_dir : plan.checkpoint_dir;
+  ASSIGN_OR_RETURN(const int64_t resumed, run.trainer->Resume(ctx, lo.checkpoint_dir));
+  lo.start_step = resumed == 0 ? plan.first_step : resumed;
   if (plan.on_start) plan.on_start(lo.start_step);
   lo.total_steps = plan.total_steps;
   lo.global_batch = plan.local_batch * ctx.world_size;
@@ -352,14 +372,20 @@ absl::Status RunTrainingStage(StageContext& ctx, TrainingPlan plan) {
   lo.schedule = plan.lr_scheduler;
   lo.max_grad_norm = plan.max_grad_norm;
   lo.seed = ctx.job.seed;
-  const LoaderOptions opts =
-      MakeLoaderOptions(ctx, plan.resolution, plan.local_batch, plan.caption_dropout);
-  {
-    DataLoader loader(data, opts, lo.start_step);
-    RETURN_IF_ERROR(RunTrainingLoop(ctx, trainer, loader, lo, plan.loss));
-  }
+  lo.schedule_start = plan.first_step;
+  lo.progress_total = plan.progress_total;
+  lo.checkpoint_state = plan.checkpoint_state;
+  run.loader = MakeLoaderOptions(ctx, plan.resolution, plan.local_batch, plan.caption_dropout);
+  DataLoader loader(run.data, run.loader, lo.start_step);
+  RETURN_IF_ERROR(RunTrainingLoop(ctx, *run.trainer, loader, lo, plan.loss));
+  return run;
+}
+
+absl::Status RunTrainingStage(StageContext& ctx, TrainingPlan plan) {
+  ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
+  ASSIGN_OR_RETURN(TrainedSteps run, RunTrainingSteps(ctx, plan));
   if (ctx.rank != 0) return absl::OkStatus();
-  ASSIGN_OR_RETURN(auto replaced, plan.outputs(trainer, data, opts));
+  ASSIGN_OR_RETURN(auto replaced, plan.outputs(*run.trainer, run.data, run.loader));
   return WriteModelWithComponents(input, ctx.output_dir, replaced);
 }
 

@@ -36,6 +36,9 @@ class ParamTrainer {
   ParamTrainer(std::string stem, const torch::nn::Module& module, double lr, double weight_decay,
                std::optional<double> ema_decay)
       : ParamTrainer({{std::move(stem), &module}}, lr, weight_decay, ema_decay) {}
+  // diffusers' EMA warm-up: update n uses min(ema_decay, 1 - n^(-2/3)) (the first
+  // update copies the weights), so a short run's EMA is not its initial weights.
+  void set_ema_warmup(bool on) { ema_warmup_ = on; }
 
   struct ResumeOptions {
     bool allow_restart_from_zero = false;  // when checkpoints exist but none is usable
@@ -51,7 +54,10 @@ class ParamTrainer {
     return Resume(checkpoint_dir, ResumeOptions{});
   }
   // As a stage resumes: the job's allow_restart_from_zero, events from rank 0.
-  absl::StatusOr<int64_t> Resume(const StageContext& ctx);
+  absl::StatusOr<int64_t> Resume(const StageContext& ctx) {
+    return Resume(ctx, ctx.checkpoint_dir);
+  }
+  absl::StatusOr<int64_t> Resume(const StageContext& ctx, const std::string& checkpoint_dir);
   // After loss.backward(): average gradients across ranks, clip, set lr, step, EMA.
   void Step(double lr, double max_grad_norm, Collectives& collectives);
   absl::Status Save(const std::string& checkpoint_dir, int64_t step, const nlohmann::json& extra);
@@ -70,8 +76,14 @@ class ParamTrainer {
   std::vector<std::string> names_;
   std::vector<torch::Tensor> params_, ema_;
   std::optional<double> ema_decay_;
+  bool ema_warmup_ = false;
+  int64_t ema_updates_ = 0;
   std::unique_ptr<torch::optim::AdamW> opt_;
 };
+
+// The decay of EMA update `update` (1-based) under diffusers' warm-up
+// (EMAModel with use_ema_warmup, inv_gamma 1, power 2/3).
+double EmaWarmupDecay(int64_t update, double ema_decay);
 
 struct LoopOptions {
   int64_t start_step = 0;
@@ -82,6 +94,10 @@ struct LoopOptions {
   std::string schedule = "constant";  // after warm-up: constant, cosine or linear decay to 0
   double max_grad_norm = 1.0;
   int64_t seed = 0;
+  int64_t schedule_start = 0;  // the step warm-up and schedule count from (a phase's first)
+  int64_t progress_total = 0;  // the stage's total in progress reports; 0: total_steps
+  std::string checkpoint_dir;  // empty: ctx.checkpoint_dir
+  nlohmann::json checkpoint_state = nlohmann::json::object();  // more state in each checkpoint
 };
 
 // The learning rate of `step` (0-based) under o's warm-up and schedule.
@@ -155,6 +171,15 @@ struct TrainingPlan {
   int64_t local_batch = 1;   // per rank
   int64_t resolution = 512;  // pixels
   double caption_dropout = 0;
+  bool ema_warmup = false;  // ParamTrainer::set_ema_warmup
+  // A stage of several training phases (progressive distillation) numbers its
+  // steps across them: this phase runs steps [first_step, total_steps), keeps its
+  // checkpoints in checkpoint_dir (empty: ctx.checkpoint_dir) with
+  // checkpoint_state in each, and reports progress out of progress_total.
+  int64_t first_step = 0;
+  int64_t progress_total = 0;
+  std::string checkpoint_dir;
+  nlohmann::json checkpoint_state = nlohmann::json::object();
   // After resuming, before the first step, with the step it starts from.
   std::function<void(int64_t start_step)> on_start;
   // The local loss of one step (the helper backpropagates and steps).
@@ -166,6 +191,15 @@ struct TrainingPlan {
       outputs;
 };
 absl::Status RunTrainingStage(StageContext& ctx, TrainingPlan plan);
+
+// The steps of a plan without the result (a phase of a multi-phase stage): every
+// rank returns its trainer after the last step, with the data it read.
+struct TrainedSteps {
+  std::unique_ptr<ParamTrainer> trainer;
+  std::shared_ptr<const CaptionedSource> data;
+  LoaderOptions loader;
+};
+absl::StatusOr<TrainedSteps> RunTrainingSteps(StageContext& ctx, const TrainingPlan& plan);
 
 // The stage's input model through StableDiffusion::Load, in the training layout
 // (no fused projections), on the CPU; `what` says which components to load.

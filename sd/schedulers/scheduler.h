@@ -63,6 +63,9 @@ class Scheduler {
 
   const SchedulerConfig& config() const { return config_; }
   const torch::Tensor& alphas_cumprod() const { return alphas_cumprod_; }  // float32 [T]
+  // alphas_cumprod[t], or for t < 0 the one DDIM steps to past the last timestep
+  // (1 with set_alpha_to_one, else alphas_cumprod[0]).
+  float AlphaCumprodAt(int64_t t) const { return AlphaProdPrev(t); }
 
  protected:
   float AlphaProd(int64_t t) const { return acp_[t]; }

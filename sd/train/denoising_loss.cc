@@ -38,7 +38,8 @@ torch::Tensor MinSnrWeights(const Scheduler& scheduler, const torch::Tensor& tim
 int64_t SampleTimestep(const TimestepSampling& sampling, int64_t num_train_timesteps,
                        at::Generator& gen) {
   const int64_t T = num_train_timesteps;
-  if (!sampling.logit_normal) return torch::randint(0, T, {1}, gen, torch::kLong).item<int64_t>();
+  if (!sampling.logit_normal)
+    return torch::randint(sampling.min_timestep, T, {1}, gen, torch::kLong).item<int64_t>();
   const double z = at::randn({1}, gen, torch::kFloat64).item<double>();
   const double u = 1 / (1 + std::exp(-(sampling.logit_mean + sampling.logit_std * z)));
   return std::clamp<int64_t>(static_cast<int64_t>(u * static_cast<double>(T)), 0, T - 1);

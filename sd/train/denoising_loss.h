@@ -38,6 +38,7 @@ struct TimestepSampling {
   bool logit_normal = false;
   double logit_mean = 0;
   double logit_std = 1;
+  int64_t min_timestep = 0;  // uniform: from [min_timestep, num_train_timesteps)
 };
 
 // One timestep in [0, num_train_timesteps) from the sample's own generator.

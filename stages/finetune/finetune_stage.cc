@@ -3,7 +3,6 @@
 #include <filesystem>
 #include <map>
 #include <optional>
-#include <unordered_map>
 
 #include "absl/strings/str_cat.h"
 #include "sd/data/dataset.h"
@@ -17,47 +16,12 @@
 #include "sd/train/foreground_weights.h"
 #include "sd/util/status_macros.h"
 #include "stages/finetune/finetune_options.h"
+#include "stages/latents.h"
 #include "stages/training.h"
 
 namespace sd::stages {
 namespace fs = std::filesystem;
 
-namespace {
-// The VAE is frozen here, so an image's posterior (mean, std) never changes: with
-// a deterministic transform each image is encoded once, the first time a step
-// draws it, and later epochs skip the encoder.
-class PosteriorCache {
- public:
-  explicit PosteriorCache(bool enabled) : enabled_(enabled) {}
-
-  std::pair<torch::Tensor, torch::Tensor> Posterior(AutoencoderKL& vae, const Batch& batch,
-                                                    const torch::Device& device) {
-    if (!enabled_) {
-      const auto post = vae->encode(batch.pixels.to(device));
-      return {post.mean, post.std()};
-    }
-    // One image at a time: a posterior must not depend on which other images
-    // shared its first batch, or a resumed run (cache empty again) would differ
-    // from an uninterrupted one in the last bits.
-    for (size_t j = 0; j < batch.indices.size(); ++j) {
-      if (cache_.contains(batch.indices[j])) continue;
-      const auto post = vae->encode(batch.pixels.slice(0, j, j + 1).to(device));
-      cache_[batch.indices[j]] = {post.mean[0].clone(), post.std()[0].clone()};
-    }
-    std::vector<torch::Tensor> means, stds;
-    for (const int64_t index : batch.indices) {
-      const auto& [m, s] = cache_.at(index);
-      means.push_back(m);
-      stds.push_back(s);
-    }
-    return {torch::stack(means), torch::stack(stds)};
-  }
-
- private:
-  bool enabled_;
-  std::unordered_map<int64_t, std::pair<torch::Tensor, torch::Tensor>> cache_;
-};
-}  // namespace
 
 absl::Status FinetuneStage::Run(StageContext& ctx) {
   const JobSpec& job = ctx.job;
@@ -108,28 +72,9 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
   const TimestepSampling sampling{o.timestep_sampling == "logit_normal", o.logit_mean, o.logit_std};
   PosteriorCache cache(o.cache_latents);
   plan.loss = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
-    const int64_t b = batch.pixels.size(0);
-    // One stream per sample: its timestep, posterior sample and noise.
-    std::vector<at::Generator> gens;
-    std::vector<int64_t> timesteps;
-    for (int64_t j = 0; j < b; ++j) {
-      const int64_t g = step * global_batch + ctx.rank * b + j;
-      gens.push_back(SampleGenerator(job.seed, step, g));
-      timesteps.push_back(SampleTimestep(sampling, T, gens.back()));
-    }
-    torch::Tensor latents, noise;
-    {
-      torch::NoGradGuard ng;
-      const auto [mean, std] = cache.Posterior(vae, batch, ctx.device);
-      std::vector<torch::Tensor> lat, noises;
-      for (int64_t j = 0; j < b; ++j) {
-        auto eps_post = at::randn(mean[j].sizes(), gens[j], torch::kFloat32).to(ctx.device);
-        noises.push_back(at::randn(mean[j].sizes(), gens[j], torch::kFloat32).to(ctx.device));
-        lat.push_back(mean[j] + std[j] * eps_post);
-      }
-      latents = torch::stack(lat) * vae->config().scaling_factor;
-      noise = torch::stack(noises);
-    }
+    const NoisedLatents n =
+        DrawNoisedLatents(ctx, vae, cache, batch, step, global_batch, sampling, T);
+    const torch::Tensor& latents = n.latents;
     torch::Tensor context;
     {
       std::optional<torch::NoGradGuard> ng;
@@ -137,13 +82,13 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
       context = text_encoder->forward(m.tokenizer.Tokenize(batch.captions).to(ctx.device))
                     .last_hidden_state;
     }
-    auto t = torch::tensor(timesteps, torch::kLong).to(ctx.device);
+    const torch::Tensor& t = n.timesteps;
     const torch::Tensor weights =
         o.foreground_weight > 0 ? ForegroundWeights(latents, o.foreground_weight) : torch::Tensor();
     const torch::Tensor sample_weights =
         o.snr_gamma > 0 ? MinSnrWeights(*scheduler, t, o.snr_gamma) : torch::Tensor();
     AutocastGuard autocast(o.mixed_precision, ctx.device);  // the UNet's forward only
-    return DenoisingLoss(unet, *scheduler, latents, noise, t, context, weights, sample_weights);
+    return DenoisingLoss(unet, *scheduler, latents, n.noise, t, context, weights, sample_weights);
   };
   plan.outputs =
       [&](ParamTrainer& trainer, const std::shared_ptr<const CaptionedSource>&,

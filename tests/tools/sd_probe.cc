@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <fstream>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -140,9 +141,14 @@ absl::Status TrainTextEncoder(const sd::Args& a) {
 absl::Status RunStage(const sd::Args& a) {
   ASSIGN_OR_RETURN(sd::JobSpec job, sd::LoadJobSpec(a.Get("job")));
   sd::TaskAssignment task;
-  task.stage = a.Get("stage", "finetune");
+  // The job's stage when it names one, else --stage.
+  task.stage = a.Get("stage", job.stages.size() == 1 ? job.stages[0].name : "finetune");
   task.checkpoint_dir = a.Get("checkpoint-dir");
   task.output_dir = a.Get("out");
+  // Beside the output, as a job's folder has it.
+  task.artifacts_dir = a.Get(
+      "artifacts-dir",
+      (std::filesystem::path(task.output_dir).parent_path() / "artifacts").string());
   task.input_model = a.Get("model", job.model);
   task.rendezvous = a.Get("rendezvous");
   ASSIGN_OR_RETURN(task.rank, a.Int("rank", 0));
@@ -178,7 +184,7 @@ int main(int argc, char** argv) {
   auto args = sd::Args::Parse(
       argc - 2, argv + 2,
       {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads", "job", "stage",
-       "checkpoint-dir", "stop-at", "rank", "world-size", "rendezvous", "device"},
+       "checkpoint-dir", "artifacts-dir", "stop-at", "rank", "world-size", "rendezvous", "device"},
       {}, {"attention-maps", "optimized"});
   if (!args.ok()) {
     std::cerr << args.status().message() << "\n";

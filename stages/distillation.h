@@ -1,0 +1,41 @@
+#pragma once
+// What the distillation stages (progressive, CFG) share: a frozen copy of the
+// teacher's UNet, copying weights between UNets, and writing a student as a
+// complete diffusers folder whose scheduler config is the schedule it learned.
+#include <torch/torch.h>
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+#include "sd/io/safetensors.h"
+#include "sd/models/unet_2d_condition.h"
+#include "stages/stage.h"
+
+namespace sd::stages {
+
+// The UNet of model folder `model`, frozen (no gradients, eval) on `device`.
+absl::StatusOr<UNet2DConditionModel> LoadFrozenUNet(const std::string& model,
+                                                    const torch::Device& device);
+
+// Copies `weights` into every parameter of `module` (in place: optimizers and
+// views keep pointing at them). Names and shapes must match exactly.
+absl::Status CopyWeights(torch::nn::Module& module, const safetensors::TensorMap& weights,
+                         const std::string& origin);
+
+struct Student {
+  nlohmann::json unet_config;
+  safetensors::TensorMap unet;
+  int64_t steps = 0;                          // the step count it was distilled for
+  std::string timestep_spacing = "trailing";  // the DDIM spacing it was distilled for
+  nlohmann::json distillation;                // what made it (written to distillation.json)
+};
+// Writes `input` with the student's UNet into `out`; scheduler/scheduler_config.json
+// becomes DDIM with the student's spacing (a user asking diffusers for its step
+// count gets the schedule it learned), and distillation.json records its steps.
+absl::Status WriteStudent(const std::string& input, const std::string& out, const Student& s);
+
+// A model folder's distilled step count (its distillation.json), or 0 if none.
+int64_t DistilledSteps(const std::string& model);
+
+}  // namespace sd::stages

@@ -1,0 +1,58 @@
+#include "stages/progressive_distillation/progressive_distillation_options.h"
+
+#include "absl/strings/str_cat.h"
+#include "sd/util/status_macros.h"
+#include "stages/catalog.h"
+#include "stages/training_options.h"
+
+namespace sd::stages {
+
+StageDescriptor ProgressiveDistillationDescriptor() {
+  StageDescriptor d;
+  d.name = "progressive_distillation";
+  d.section = "progressive_distillation";
+  d.needs_dataset = true;
+  d.parse = [](SectionReader& r, const JobSpec& job) -> absl::StatusOr<std::any> {
+    ProgressiveDistillationOptions o;
+    RETURN_IF_ERROR(r.IntList("progressive_stages", o.progressive_stages, 1, 1000));
+    const auto& st = o.progressive_stages;
+    if (st.size() < 2)
+      return r.Error("progressive_stages",
+                     "needs the teacher's step count and at least one student's (e.g. 50,25,12,6)");
+    for (size_t i = 1; i < st.size(); ++i) {
+      if (st[i] >= st[i - 1])
+        return r.Error("progressive_stages",
+                       absl::StrCat("must decrease: ", st[i], " follows ", st[i - 1]));
+      // The teacher takes two steps per student step: a bigger drop would ask it
+      // for steps far longer than any it learned.
+      if (2 * st[i - 1] > 5 * st[i])
+        return r.Error("progressive_stages",
+                       absl::StrCat("drops from ", st[i - 1], " to ", st[i],
+                                    " steps; a phase may cut the steps by 2.5x at most "
+                                    "(the teacher takes two steps per student step)"));
+    }
+    RETURN_IF_ERROR(ReadStepsAndLr(r, o.steps, o.lr, o.lr_scheduler));
+    RETURN_IF_ERROR(r.Int("lr_warmup_steps", o.lr_warmup_steps, 0, 1e9));
+    RETURN_IF_ERROR(r.Number("max_grad_norm", o.max_grad_norm, 0, 1e9, true));
+    RETURN_IF_ERROR(r.Bool("ema", o.ema));
+    RETURN_IF_ERROR(r.Number("ema_decay", o.ema_decay, 0, 1, false, true));
+    RETURN_IF_ERROR(r.Bool("ema_warmup", o.ema_warmup));
+    RETURN_IF_ERROR(r.OneOf("timestep_spacing", o.timestep_spacing, {"trailing", "leading"}));
+    RETURN_IF_ERROR(r.Number("attention_weight", o.attention_weight, 0, 1e6));
+    RETURN_IF_ERROR(r.Bool("cache_latents", o.cache_latents));
+    if (o.cache_latents && (job.random_flip || !job.center_crop))
+      return r.Error("cache_latents",
+                     "needs a deterministic transform: set data.random_flip: false and "
+                     "data.center_crop: true, or turn cache_latents off");
+    RETURN_IF_ERROR(r.OneOf("mixed_precision", o.mixed_precision, {"no", "bf16"}));
+    RETURN_IF_ERROR(r.Bool("keep_phase_models", o.keep_phase_models));
+    return o;
+  };
+  d.total_steps = [](const std::any& a) {
+    const auto& o = std::any_cast<const ProgressiveDistillationOptions&>(a);
+    return o.steps * static_cast<int64_t>(o.progressive_stages.size() - 1);
+  };
+  return d;
+}
+
+}  // namespace sd::stages

@@ -1,7 +1,6 @@
 #include "stages/distillation.h"
 
 #include <filesystem>
-#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "sd/io/json_config.h"
@@ -30,9 +29,9 @@ absl::Status CopyWeights(torch::nn::Module& module, const safetensors::TensorMap
     if (it == weights.end())
       return absl::InvalidArgumentError(absl::StrCat(origin, " has no tensor ", p.key()));
     if (!it->second.sizes().equals(p.value().sizes()))
-      return absl::InvalidArgumentError(
-          absl::StrCat(origin, " tensor ", p.key(), " has shape ", c10::str(it->second.sizes()),
-                       ", the model ", c10::str(p.value().sizes())));
+      return absl::InvalidArgumentError(absl::StrCat(origin, " tensor ", p.key(), " has shape ",
+                                                     c10::str(it->second.sizes()), ", the model ",
+                                                     c10::str(p.value().sizes())));
     p.value().copy_(it->second);
   }
   return absl::OkStatus();
@@ -62,15 +61,6 @@ absl::Status WriteStudent(const std::string& input, const std::string& out, cons
   d["steps"] = s.steps;
   d["timestep_spacing"] = s.timestep_spacing;
   return WriteFileAtomic((fs::path(out) / "distillation.json").string(), d.dump(2) + "\n");
-}
-
-int64_t DistilledSteps(const std::string& model) {
-  std::ifstream f(fs::path(model) / "distillation.json");
-  if (!f) return 0;
-  const auto j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
-  return j.is_object() && j.contains("steps") && j["steps"].is_number_integer()
-             ? j["steps"].get<int64_t>()
-             : 0;
 }
 
 }  // namespace sd::stages

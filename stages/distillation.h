@@ -35,7 +35,4 @@ struct Student {
 // count gets the schedule it learned), and distillation.json records its steps.
 absl::Status WriteStudent(const std::string& input, const std::string& out, const Student& s);
 
-// A model folder's distilled step count (its distillation.json), or 0 if none.
-int64_t DistilledSteps(const std::string& model);
-
 }  // namespace sd::stages

@@ -272,8 +272,8 @@ absl::Status RunTrainingLoop(
         nlohmann::json state = o.checkpoint_state;
         state["seed"] = o.seed;
         state["data_cursor"] = (step + 1) * o.global_batch;
-        RETURN_IF_ERROR(trainer.Save(o.checkpoint_dir.empty() ? ctx.checkpoint_dir : o.checkpoint_dir,
-                                     step + 1, state));
+        RETURN_IF_ERROR(trainer.Save(
+            o.checkpoint_dir.empty() ? ctx.checkpoint_dir : o.checkpoint_dir, step + 1, state));
       }
       pr.checkpointed = ctx.rank == 0;
       pr.checkpoint_seconds =
@@ -386,6 +386,7 @@ absl::Status RunTrainingStage(StageContext& ctx, TrainingPlan plan) {
   ASSIGN_OR_RETURN(TrainedSteps run, RunTrainingSteps(ctx, plan));
   if (ctx.rank != 0) return absl::OkStatus();
   ASSIGN_OR_RETURN(auto replaced, plan.outputs(*run.trainer, run.data, run.loader));
+  if (plan.write) return plan.write(ctx.output_dir, std::move(replaced));
   return WriteModelWithComponents(input, ctx.output_dir, replaced);
 }
 

@@ -189,6 +189,10 @@ struct TrainingPlan {
       ParamTrainer& trainer, const std::shared_ptr<const CaptionedSource>& data,
       const LoaderOptions& loader)>
       outputs;
+  // How rank 0 writes them into the output folder; default WriteModelWithComponents
+  // over the input model.
+  std::function<absl::Status(const std::string& out, std::map<std::string, ComponentWeights>)>
+      write;
 };
 absl::Status RunTrainingStage(StageContext& ctx, TrainingPlan plan);
 

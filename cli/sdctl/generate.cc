@@ -43,7 +43,9 @@ absl::Status Run(int argc, char** argv) {
     return absl::InvalidArgumentError("give at least one --prompt or a --prompts-file");
   if (args.Has("negative-prompt"))
     o.negative_prompts.assign(o.prompts.size(), args.Get("negative-prompt"));
-  ASSIGN_OR_RETURN(o.steps, args.Int("steps", 50));
+  // A distilled model samples at the step count it learned unless told otherwise.
+  const int64_t distilled = sd::DistilledSteps(args.Get("model"));
+  ASSIGN_OR_RETURN(o.steps, args.Int("steps", distilled > 0 ? distilled : 50));
   ASSIGN_OR_RETURN(o.guidance_scale, args.Double("guidance", 7.5));
   ASSIGN_OR_RETURN(int64_t seed, args.Int("seed", 0));
   o.seed = static_cast<uint64_t>(seed);

@@ -87,10 +87,13 @@ absl::StatusOr<UNetConfig> UNetConfig::FromJson(const JsonConfig& c) {
   ASSIGN_OR_RETURN(std::string act, c.String("act_fn", "silu"));
   if (act != "silu" && act != "swish") return c.Error("act_fn", "is not supported (only silu)");
   for (const char* key :
-       {"class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim",
-        "num_class_embeds", "projection_class_embeddings_input_dim", "time_embedding_act_fn",
-        "timestep_post_act"}) {
+       {"class_embed_type", "addition_embed_type", "encoder_hid_dim", "num_class_embeds",
+        "projection_class_embeddings_input_dim", "time_embedding_act_fn", "timestep_post_act"}) {
     RETURN_IF_ERROR(RequireDefault(c, key, nullptr));
+  }
+  if (c.Has("time_cond_proj_dim") && !c.json()["time_cond_proj_dim"].is_null()) {
+    ASSIGN_OR_RETURN(u.time_cond_proj_dim, c.Int("time_cond_proj_dim", 0));
+    if (u.time_cond_proj_dim <= 0) return c.Error("time_cond_proj_dim", "must be positive or null");
   }
   RETURN_IF_ERROR(RequireDefault(c, "only_cross_attention", false));
   RETURN_IF_ERROR(RequireDefault(c, "dual_cross_attention", false));
@@ -135,7 +138,9 @@ nlohmann::json UNetConfig::ToJson() const {
           {"use_linear_projection", use_linear_projection},
           {"upcast_attention", upcast_attention},
           {"center_input_sample", center_input_sample},
-          {"act_fn", "silu"}};
+          {"act_fn", "silu"},
+          {"time_cond_proj_dim",
+           time_cond_proj_dim > 0 ? nlohmann::json(time_cond_proj_dim) : nlohmann::json(nullptr)}};
 }
 
 UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
@@ -149,6 +154,11 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
   time_linear_1 = time_embedding->register_module("linear_1", torch::nn::Linear(ch[0], temb_dim));
   time_linear_2 =
       time_embedding->register_module("linear_2", torch::nn::Linear(temb_dim, temb_dim));
+  if (cfg.time_cond_proj_dim > 0) {
+    time_cond_proj = time_embedding->register_module(
+        "cond_proj",
+        torch::nn::Linear(torch::nn::LinearOptions(cfg.time_cond_proj_dim, ch[0]).bias(false)));
+  }
   register_module("time_embedding", time_embedding);
 
   auto transformer = [&](int64_t channels, int64_t heads, int64_t layers, const std::string& name) {
@@ -250,7 +260,8 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
 
 torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in,
                                                 const torch::Tensor& timestep,
-                                                const torch::Tensor& context) {
+                                                const torch::Tensor& context,
+                                                const torch::Tensor& timestep_cond) {
   if (recorder_->enabled) recorder_->Clear();
   auto sample = config_.center_input_sample ? 2 * sample_in - 1.0 : sample_in;
   const int64_t b = sample.size(0);
@@ -260,6 +271,10 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in,
   auto temb = TimestepEmbedding(t, config_.block_out_channels[0], config_.flip_sin_to_cos,
                                 config_.freq_shift)
                   .to(sample.scalar_type());
+  if (timestep_cond.defined()) {
+    TORCH_CHECK(time_cond_proj, "timestep_cond given to a UNet without time_cond_proj_dim");
+    temb = temb + time_cond_proj(timestep_cond.to(sample.device(), sample.scalar_type()));
+  }
   temb = time_linear_2(torch::silu(time_linear_1(temb)));
 
   if (channels_last_) sample = sample.contiguous(at::MemoryFormat::ChannelsLast);
@@ -318,6 +333,19 @@ void UNet2DConditionModelImpl::set_channels_last(bool on) {
     for (auto& p : parameters()) p.set_data(p.data().contiguous());
   }
   channels_last_ = on;
+}
+
+torch::Tensor GuidanceScaleEmbedding(const torch::Tensor& w, int64_t dim) {
+  const auto w1000 = w.to(torch::kFloat32).flatten() * 1000.0;
+  const int64_t half = dim / 2;
+  // In float32 step for step as diffusers (sin of w * 1000 * freq amplifies any
+  // difference in the last bit of freq).
+  const auto scale = torch::log(torch::tensor(10000.0f)) / (half - 1);
+  const auto freqs = torch::exp(torch::arange(half, torch::kFloat32) * -scale).to(w.device());
+  const auto args = w1000.unsqueeze(1) * freqs.unsqueeze(0);
+  auto emb = torch::cat({torch::sin(args), torch::cos(args)}, 1);
+  if (dim % 2 == 1) emb = torch::constant_pad_nd(emb, {0, 1});
+  return emb;
 }
 
 absl::StatusOr<UNet2DConditionModel> LoadUNet(const std::string& dir, bool copy_weights) {

@@ -34,6 +34,9 @@ struct UNetConfig {
   bool use_linear_projection = false;
   bool upcast_attention = false;
   bool center_input_sample = false;
+  // > 0: a guidance-conditioned (CFG-distilled) UNet, as LCM's: the time
+  // embedding adds cond_proj(GuidanceScaleEmbedding(w)) before linear_1.
+  int64_t time_cond_proj_dim = 0;
 
   static absl::StatusOr<UNetConfig> FromJson(const JsonConfig& c);
   nlohmann::json ToJson() const;
@@ -49,9 +52,12 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
  public:
   explicit UNet2DConditionModelImpl(const UNetConfig& config);
 
-  // sample [B, C, H, W]; timestep a scalar or [B]; encoder_hidden_states [B, T, D].
+  // sample [B, C, H, W]; timestep a scalar or [B]; encoder_hidden_states [B, T, D];
+  // timestep_cond [B, time_cond_proj_dim] (only with a time_cond_proj_dim; undefined:
+  // no guidance term, as diffusers with timestep_cond=None).
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timestep,
-                        const torch::Tensor& encoder_hidden_states);
+                        const torch::Tensor& encoder_hidden_states,
+                        const torch::Tensor& timestep_cond = {});
 
   const UNetConfig& config() const { return config_; }
   // Turn on to collect every attention map of the next forward in recorder().
@@ -67,12 +73,16 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   std::shared_ptr<AttentionRecorder> recorder_;
   bool channels_last_ = false;
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
-  torch::nn::Linear time_linear_1{nullptr}, time_linear_2{nullptr};
+  torch::nn::Linear time_linear_1{nullptr}, time_linear_2{nullptr}, time_cond_proj{nullptr};
   torch::nn::ModuleList down_blocks{nullptr}, up_blocks{nullptr};
   UNetBlock mid{nullptr};
   torch::nn::GroupNorm conv_norm_out{nullptr};
 };
 TORCH_MODULE(UNet2DConditionModel);
+
+// diffusers' get_guidance_scale_embedding: sinusoidal features of w * 1000, [B, dim]
+// float32. Its pipelines pass w = guidance_scale - 1.
+torch::Tensor GuidanceScaleEmbedding(const torch::Tensor& w, int64_t dim);
 
 // Loads unet/ (config.json + weights) from a diffusers component folder.
 absl::StatusOr<UNet2DConditionModel> LoadUNet(const std::string& dir, bool copy_weights = false);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "sd/schedulers/scheduler.h"
@@ -119,10 +120,22 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
     return absl::InvalidArgumentError(
         absl::StrCat("height and width must be multiples of 8, got ", height, "x", width));
   }
+  // A CFG-distilled UNet has guidance baked in (one pass per step, as diffusers
+  // runs it): there is no unconditional pass for a negative prompt to replace.
+  const int64_t guidance_dim = sd.unet->config().time_cond_proj_dim;
+  if (guidance_dim > 0) {
+    for (const auto& neg : o.negative_prompts) {
+      if (!neg.empty())
+        return absl::InvalidArgumentError(
+            "this model is CFG-distilled (unet time_cond_proj_dim): guidance is one UNet pass "
+            "with the guidance scale as input, and a negative prompt would be ignored; drop "
+            "--negative-prompt");
+    }
+  }
   ASSIGN_OR_RETURN(auto scheduler, MakeScheduler(o.scheduler, sd.scheduler_config));
   try {
     torch::InferenceMode guard;
-    const bool cfg = o.guidance_scale > 1.0;
+    const bool cfg = o.guidance_scale > 1.0 && guidance_dim == 0;
     const int64_t n = static_cast<int64_t>(o.prompts.size()) * o.images_per_prompt;
     auto cond = sd.EncodePrompts(o.prompts).repeat_interleave(o.images_per_prompt, 0);
     torch::Tensor context = cond;
@@ -152,12 +165,16 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
                     .to(sd.device, sd.dtype);
     }
     latents = latents * scheduler->init_noise_sigma();
+    torch::Tensor guidance_cond;  // diffusers embeds guidance_scale - 1
+    if (guidance_dim > 0)
+      guidance_cond = GuidanceScaleEmbedding(torch::full({n}, o.guidance_scale - 1.0), guidance_dim)
+                          .to(sd.device, sd.dtype);
     const auto& ts = scheduler->timesteps();
     for (size_t i = 0; i < ts.size(); ++i) {
       auto input = cfg ? torch::cat({latents, latents}, 0) : latents;
       input = scheduler->ScaleModelInput(input, i);
       auto t = torch::tensor(static_cast<float>(ts[i]), torch::TensorOptions().device(sd.device));
-      auto eps = sd.unet->forward(input, t, context);
+      auto eps = sd.unet->forward(input, t, context, guidance_cond);
       if (cfg) {
         auto parts = eps.chunk(2, 0);
         eps = parts[0] + o.guidance_scale * (parts[1] - parts[0]);
@@ -173,6 +190,15 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("generation failed: ", e.what_without_backtrace()));
   }
+}
+
+int64_t DistilledSteps(const std::string& model_dir) {
+  std::ifstream f(std::filesystem::path(model_dir) / "distillation.json");
+  if (!f) return 0;
+  const auto j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+  return j.is_object() && j.contains("steps") && j["steps"].is_number_integer()
+             ? j["steps"].get<int64_t>()
+             : 0;
 }
 
 }  // namespace sd

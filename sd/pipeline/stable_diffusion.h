@@ -71,6 +71,10 @@ struct GenerateOptions {
 // Returns images [B, H, W, 3] float32 in [0, 1] on CPU.
 absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOptions& options);
 
+// The step count a distilled model folder was made for (its distillation.json,
+// written by the distillation stages), or 0 for an undistilled one.
+int64_t DistilledSteps(const std::string& model_dir);
+
 absl::StatusOr<torch::Dtype> ParseDtypeName(const std::string& name);
 
 }  // namespace sd

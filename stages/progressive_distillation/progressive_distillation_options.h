@@ -16,7 +16,7 @@ struct ProgressiveDistillationOptions {
   std::string lr_scheduler = "constant";  // per phase, after its warm-up
   int64_t lr_warmup_steps = 0;            // per phase
   double max_grad_norm = 1.0;
-  bool ema = true;           // the result (and the next phase's teacher) is the EMA
+  bool ema = true;            // the result (and the next phase's teacher) is the EMA
   double ema_decay = 0.9999;  // EMA_DECAY
   bool ema_warmup = true;     // diffusers' warm-up: min(ema_decay, 1 - (1 + t)^(-2/3))
   // The student's DDIM spacing (written into the result's scheduler config):
@@ -26,9 +26,9 @@ struct ProgressiveDistillationOptions {
   // Weight of the attention-map loss (KL of each of the student's self- and
   // cross-attention maps from the teacher's on the same input); 0: off.
   double attention_weight = 0;
-  bool cache_latents = false;           // as finetune's (a deterministic transform)
-  std::string mixed_precision = "no";   // "no" or "bf16" (CUDA autocast)
-  bool keep_phase_models = false;       // each phase's student as a model folder in artifacts
+  bool cache_latents = false;          // as finetune's (a deterministic transform)
+  std::string mixed_precision = "no";  // "no" or "bf16" (CUDA autocast)
+  bool keep_phase_models = false;      // each phase's student as a model folder in artifacts
 };
 
 }  // namespace sd::stages

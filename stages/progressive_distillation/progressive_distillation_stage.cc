@@ -41,6 +41,11 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
   ASSIGN_OR_RETURN(StableDiffusion m, LoadForTraining(ctx, {}));
   ASSIGN_OR_RETURN(auto scheduler, MakeScheduler("ddim", m.scheduler_config));
   ASSIGN_OR_RETURN(UNet2DConditionModel teacher, LoadFrozenUNet(input, ctx.device));
+  if (teacher->config().time_cond_proj_dim > 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "progressive_distillation: the input ", input,
+        " is CFG-distilled (its unet has time_cond_proj_dim); distil the steps first, then "
+        "guidance (the pipeline's order)"));
   CLIPTextModel& text_encoder = m.text_encoder;
   AutoencoderKL& vae = m.vae;
   UNet2DConditionModel& student = m.unet;
@@ -74,14 +79,16 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
     const int64_t step_size = T / k, teacher_step = T / k_prev;
     const fs::path dir = fs::path(ctx.checkpoint_dir) / absl::StrCat("phase-", k, "steps");
     const PhaseResult result(dir);
-    nlohmann::json phase = {{"teacher_steps", k_prev}, {"student_steps", k},
-                            {"student_step", step_size}, {"teacher_step", teacher_step}};
+    nlohmann::json phase = {{"teacher_steps", k_prev},
+                            {"student_steps", k},
+                            {"student_step", step_size},
+                            {"teacher_step", teacher_step}};
     if (fs::exists(result.done)) {
       ASSIGN_OR_RETURN(teacher_weights, safetensors::Load(result.weights.string()));
       if (ctx.rank == 0)
-        ctx.event(StageEvent::kInfo, absl::StrCat("phase ", k_prev, "->", k,
-                                                  " steps: kept by an earlier attempt in ",
-                                                  dir.string()));
+        ctx.event(StageEvent::kInfo,
+                  absl::StrCat("phase ", k_prev, "->", k, " steps: kept by an earlier attempt in ",
+                               dir.string()));
       history.push_back(phase);
       continue;
     }
@@ -163,8 +170,12 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
       RETURN_IF_ERROR(safetensors::Save(result.weights.string(), *teacher_weights));
       RETURN_IF_ERROR(WriteFileAtomic(result.done.string(), "done\n"));
       if (o.keep_phase_models) {
-        Student s{student->config().ToJson(), *teacher_weights, k, o.timestep_spacing,
-                  {{"stage", "progressive_distillation"}, {"phases", nlohmann::json::array({phase})}}};
+        Student s{
+            student->config().ToJson(),
+            *teacher_weights,
+            k,
+            o.timestep_spacing,
+            {{"stage", "progressive_distillation"}, {"phases", nlohmann::json::array({phase})}}};
         RETURN_IF_ERROR(WriteStudent(
             input,
             (fs::path(ctx.artifacts_dir) / "progressive_distillation" / absl::StrCat(k, "steps"))

@@ -19,8 +19,8 @@ class DistillationTargetTest : public ::testing::TestWithParam<std::string> {};
 // where the scheduler's own two steps of the 50-step grid land (the grids nest).
 TEST_P(DistillationTargetTest, TargetMakesOneStepLandWhereTwoSchedulerStepsLand) {
   const std::string pt = GetParam();
-  nlohmann::json extra = {{"timestep_spacing", "trailing"}, {"prediction_type", pt},
-                          {"clip_sample", false}};
+  nlohmann::json extra = {
+      {"timestep_spacing", "trailing"}, {"prediction_type", pt}, {"clip_sample", false}};
   if (pt == "v_prediction") extra["rescale_betas_zero_snr"] = true;
   auto fine = MakeScheduler("ddim", testdata::Sd15Scheduler(extra));
   auto coarse = MakeScheduler("ddim", testdata::Sd15Scheduler(extra));

@@ -68,7 +68,7 @@ TEST(JobSpecTest, OutOfRange) {
 TEST(JobSpecTest, UnimplementedStageIsRefusedNotSkipped) {
   EXPECT_EQ(Err("model: /m\nstages: [prune]\n"),
             "job.yaml:2: stage \"prune\" is not implemented in this build (implemented: init, "
-            "train_vae, finetune); "
+            "train_vae, progressive_distillation, cfg_distillation, finetune); "
             "remove it from "
             "\"stages\"");
   EXPECT_NE(Err("model: /m\n").find("is not implemented"), std::string::npos);
@@ -115,7 +115,7 @@ TEST(JobSpecTest, TeacherStagesDataAndTheirKeys) {
                 .find("unknown key \"train_vae.stesp\" (did you mean \"steps\"?)"),
             std::string::npos);
   // A job without a stage list runs the compression pipeline, not the teacher stages.
-  EXPECT_NE(Err("model: /m\n").find("stage \"progressive_distillation\" is not implemented"),
+  EXPECT_NE(Err("model: /m\n").find("stage \"clip_distillation\" is not implemented"),
             std::string::npos);
 }
 

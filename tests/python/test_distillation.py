@@ -149,3 +149,108 @@ def test_a_teacher_without_a_scheduler_config_is_named(tiny_v, tmp_path):
     os.remove(os.path.join(model, "scheduler", "scheduler_config.json"))
     r = run_stage(write_job(tmp_path, model), str(tmp_path / "ckpt"), str(tmp_path / "out"), check=False)
     assert r.returncode != 0 and "scheduler_config.json" in r.stderr, r.stderr
+
+
+def write_cfg_job(tmp_path, model_dir, name="cfg", batch=2, lr="1.0e-4", steps=4, extra=""):
+    data = make_dataset(str(tmp_path / "data"))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"""model: {model_dir}
+dataset: {data}
+seed: 6
+batch_size: {batch}
+checkpoint_interval: 2
+data:
+  caption_dropout: 0.2
+stages: [cfg_distillation]
+cfg_distillation:
+  steps: {steps}
+  lr: {lr}
+  guidance_range: [2, 10]
+  guidance_embedding_dim: 16
+{extra}""")
+    return str(path)
+
+
+def test_cfg_student_runs_one_pass_per_step_in_diffusers_as_here(tiny_v, tmp_path):
+    import diffusers
+    from PIL import Image
+
+    student = str(tmp_path / "student")
+    run_stage(write_job(tmp_path, tiny_v), str(tmp_path / "ckpt_pd"), student)  # 8 -> 4 -> 2 steps
+    out = str(tmp_path / "cfg")
+    r = run_stage(write_cfg_job(tmp_path, student), str(tmp_path / "ckpt"), out)
+    assert "step 4/4" in r.stdout
+    cfg = json.load(open(os.path.join(out, "unet", "config.json")))
+    assert cfg["time_cond_proj_dim"] == 16
+    w = unet(out)["time_embedding.cond_proj.weight"]
+    assert w.shape == (32, 16) and np.abs(w).max() > 0  # learned from its zero start
+    d = json.load(open(os.path.join(out, "distillation.json")))
+    assert d["steps"] == 2 and d["input"]["stage"] == "progressive_distillation"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    calls = []
+    pipe.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    for guidance in (3.0, 8.0):
+        calls.clear()
+        with torch.no_grad():
+            ref = pipe(["a blue square"], num_inference_steps=2, guidance_scale=guidance, output_type="np",
+                       generator=torch.Generator("cpu").manual_seed(8)).images[0]
+        assert calls == [1, 1]  # one UNet pass of batch 1 per step: guidance is baked in
+        png = str(tmp_path / f"c{guidance}.png")
+        run_bin("sdctl", "generate", "--model", out, "--prompt", "a blue square", "--guidance", guidance,
+                "--seed", 8, "--out", png)  # the steps come from distillation.json
+        ours = np.asarray(Image.open(png)).astype(np.int16)
+        assert np.abs(ours - (ref * 255).round().astype(np.int16)).max() <= 1, guidance
+
+
+def test_cfg_resume_is_exact_and_two_workers_match_one(tiny_v, tmp_path):
+    job = write_cfg_job(tmp_path, tiny_v, steps=5)
+    full = str(tmp_path / "full")
+    run_stage(job, str(tmp_path / "ckpt_full"), full)
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
+    assert run_stage(job, ckpt, out, stop_at=3, check=False).returncode != 0
+    r = run_stage(job, ckpt, out)
+    assert "step 3/5" in r.stdout and "step 2/5" not in r.stdout
+    a, b = unet(full), unet(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+    single = str(tmp_path / "single")
+    run_stage(write_cfg_job(tmp_path, tiny_v, "b2", batch=2, lr="1.0e-5", steps=8), str(tmp_path / "c1"), single)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dp = str(tmp_path / "dp")
+    job1 = write_cfg_job(tmp_path, tiny_v, "b1", batch=1, lr="1.0e-5", steps=8)
+    procs = [subprocess.Popen([os.path.join(BIN, "sd_probe"), "stage", "--job", job1, "--checkpoint-dir",
+                               str(tmp_path / "c2"), "--out", dp, "--rank", str(r), "--world-size", "2",
+                               "--rendezvous", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    a, b = unet(single), unet(dp)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    assert float(np.abs(a["time_embedding.cond_proj.weight"]).max()) > 5e-5
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[10, 2]", "must be [low, high] with low < high"),
+    ("[0.5, 2]", "out of range [1, 100]"),
+    ("[2, 4, 8]", "got 3 values"),
+])
+def test_bad_guidance_range_is_refused(tiny_v, tmp_path, value, message):
+    job = write_cfg_job(tmp_path, tiny_v)
+    text = open(job).read().replace("guidance_range: [2, 10]", f"guidance_range: {value}")
+    open(job, "w").write(text)
+    r = run_bin("sdctl", "submit", job, check=False)
+    assert r.returncode != 0 and message in r.stderr and "cfg_distillation.guidance_range" in r.stderr, r.stderr
+
+
+def test_a_cfg_distilled_input_is_refused_by_both_stages(tiny_v, tmp_path):
+    out = str(tmp_path / "cfg")
+    run_stage(write_cfg_job(tmp_path, tiny_v, steps=1), str(tmp_path / "ckpt"), out)
+    r = run_stage(write_cfg_job(tmp_path, out, "again", steps=1), str(tmp_path / "ckpt2"), str(tmp_path / "o2"),
+                  check=False)
+    assert r.returncode != 0 and "CFG-distilled already" in r.stderr
+    r = run_stage(write_job(tmp_path, out), str(tmp_path / "ckpt3"), str(tmp_path / "o3"), check=False)
+    assert r.returncode != 0 and "is CFG-distilled" in r.stderr

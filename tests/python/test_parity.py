@@ -293,3 +293,61 @@ def test_bf16_on_cpu_runs(tiny_sd, tmp_path):
     x = np.asarray(Image.open(a)).astype(np.float32)
     y = np.asarray(Image.open(b)).astype(np.float32)
     assert np.abs(x - y).mean() < 8  # mean error under 8/255
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_guided(tiny_sd, tmp_path_factory):
+    """The tiny pipeline with a guidance-conditioned UNet (time_cond_proj_dim, as LCM's and
+    our cfg_distillation's), its cond_proj perturbed so that guidance changes the output."""
+    import diffusers
+    from sdtest.tiny_models import make_unet
+
+    _, pipe = tiny_sd
+    d = str(tmp_path_factory.mktemp("tiny_sd_guided"))
+    guided = diffusers.StableDiffusionPipeline(
+        unet=make_unet(0, time_cond_proj_dim=12), vae=pipe.vae, text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer, scheduler=diffusers.DDIMScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with torch.no_grad():
+        w = guided.unet.time_embedding.cond_proj.weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(4)) * 0.5)
+    guided.save_pretrained(d)
+    return d, guided
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_unet_with_guidance_embedding(tiny_sd_guided, tmp_path, guidance):
+    model_dir, pipe = tiny_sd_guided
+    g = torch.Generator().manual_seed(9)
+    sample, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor(499, dtype=torch.int64)
+    w = torch.full((2,), guidance - 1)
+    cond = pipe.get_guidance_scale_embedding(w, embedding_dim=12)
+    with torch.no_grad():
+        ref = pipe.unet(sample, t, encoder_hidden_states=ctx, timestep_cond=cond).sample
+        unguided = pipe.unet(sample, t, encoder_hidden_states=ctx).sample
+    out = probe("unet", os.path.join(model_dir, "unet"),
+                {"sample": sample, "timestep": t, "encoder_hidden_states": ctx, "guidance": w}, tmp_path)
+    assert maxdiff(out["timestep_cond"], cond) < 1e-5
+    assert maxdiff(out["sample"], ref) < ATOL
+    assert maxdiff(ref, unguided) > 1e-2  # the guidance input matters
+
+
+@pytest.mark.parametrize("guidance", [2.0, 7.5])
+def test_guided_unet_text_to_image_is_one_pass_as_diffusers(tiny_sd_guided, tmp_path, guidance):
+    from PIL import Image
+
+    model_dir, pipe = tiny_sd_guided
+    with torch.no_grad():
+        ref = pipe(["a small red circle"], num_inference_steps=4, guidance_scale=guidance, output_type="np",
+                   generator=torch.Generator("cpu").manual_seed(21)).images[0]
+    out = os.path.join(tmp_path, "g.png")
+    run_bin("sdctl", "generate", "--model", model_dir, "--prompt", "a small red circle", "--steps", 4,
+            "--guidance", guidance, "--seed", 21, "--out", out)
+    ours = np.asarray(Image.open(out)).astype(np.int16)
+    assert ref.std() > 0.01
+    assert np.abs(ours - (ref * 255).round().astype(np.int16)).max() <= 1
+    # A negative prompt has no pass to go to: refused, not silently dropped.
+    r = run_bin("sdctl", "generate", "--model", model_dir, "--prompt", "a small red circle", "--steps", 4,
+                "--negative-prompt", "blurry", "--out", out, check=False)
+    assert r.returncode != 0 and "CFG-distilled" in r.stderr and "negative" in r.stderr

@@ -2,8 +2,8 @@
 // the result, so the Python tests can compare it with diffusers/transformers.
 #include <ATen/CPUGeneratorImpl.h>
 
-#include <fstream>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -67,7 +67,13 @@ absl::Status UNet(const sd::Args& a) {
     unet->set_channels_last(true);
     unet->fuse_qkv_projections(true);
   }
-  TensorMap out{{"sample", unet->forward(sample, t, ctx)}};
+  // "guidance" [B] (w as diffusers' pipelines pass it, guidance_scale - 1): the
+  // UNet gets GuidanceScaleEmbedding(w) as its timestep_cond.
+  torch::Tensor cond;
+  if (in.contains("guidance"))
+    cond = sd::GuidanceScaleEmbedding(in.at("guidance"), unet->config().time_cond_proj_dim);
+  TensorMap out{{"sample", unet->forward(sample, t, ctx, cond)}};
+  if (cond.defined()) out["timestep_cond"] = cond;
   for (size_t i = 0; i < unet->recorder().maps.size(); ++i)
     out["attn." + unet->recorder().names[i]] = unet->recorder().maps[i];
   return sd::safetensors::Save(a.Get("out"), out);
@@ -146,9 +152,9 @@ absl::Status RunStage(const sd::Args& a) {
   task.checkpoint_dir = a.Get("checkpoint-dir");
   task.output_dir = a.Get("out");
   // Beside the output, as a job's folder has it.
-  task.artifacts_dir = a.Get(
-      "artifacts-dir",
-      (std::filesystem::path(task.output_dir).parent_path() / "artifacts").string());
+  task.artifacts_dir =
+      a.Get("artifacts-dir",
+            (std::filesystem::path(task.output_dir).parent_path() / "artifacts").string());
   task.input_model = a.Get("model", job.model);
   task.rendezvous = a.Get("rendezvous");
   ASSIGN_OR_RETURN(task.rank, a.Int("rank", 0));

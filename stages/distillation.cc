@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "sd/data/dataset.h"
 #include "sd/io/json_config.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
@@ -35,6 +36,19 @@ absl::Status CopyWeights(torch::nn::Module& module, const safetensors::TensorMap
     p.value().copy_(it->second);
   }
   return absl::OkStatus();
+}
+
+torch::Tensor SampleGuidanceScales(const StageContext& ctx, int64_t step, int64_t global_batch,
+                                   int64_t local_batch, const std::vector<double>& range) {
+  constexpr int64_t kGuidanceStream = 0x6366672d77;  // "cfg-w"
+  std::vector<float> w;
+  for (int64_t j = 0; j < local_batch; ++j) {
+    at::Generator g = SampleGenerator(ctx.job.seed ^ kGuidanceStream, step,
+                                      step * global_batch + ctx.rank * local_batch + j);
+    w.push_back(static_cast<float>(
+        range[0] + (range[1] - range[0]) * at::rand({1}, g, torch::kFloat64).item<double>()));
+  }
+  return torch::tensor(w).to(ctx.device);
 }
 
 absl::Status WriteStudent(const std::string& input, const std::string& out, const Student& s) {

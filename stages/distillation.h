@@ -23,6 +23,12 @@ absl::StatusOr<UNet2DConditionModel> LoadFrozenUNet(const std::string& model,
 absl::Status CopyWeights(torch::nn::Module& module, const safetensors::TensorMap& weights,
                          const std::string& origin);
 
+// Per sample of this rank's batch, a guidance scale uniform in range [lo, hi]
+// from its own stream (seed, step, global index), apart from the latents' so
+// it changes no other draw; float32 [local_batch] on ctx.device.
+torch::Tensor SampleGuidanceScales(const StageContext& ctx, int64_t step, int64_t global_batch,
+                                   int64_t local_batch, const std::vector<double>& range);
+
 struct Student {
   nlohmann::json unet_config;
   safetensors::TensorMap unet;

@@ -17,12 +17,6 @@
 namespace sd::stages {
 namespace fs = std::filesystem;
 
-namespace {
-// The guidance scale's own stream per sample, apart from the latent/noise one
-// (so adding it changed no other draw).
-constexpr int64_t kGuidanceStream = 0x6366672d77;  // "cfg-w"
-}  // namespace
-
 absl::Status CfgDistillationStage::Run(StageContext& ctx) {
   const JobSpec& job = ctx.job;
   const auto& o = ctx.options<CfgDistillationOptions>("cfg_distillation");
@@ -57,7 +51,6 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
   const std::string& pt = scheduler->config().prediction_type;
   const int64_t T = scheduler->config().num_train_timesteps;
   const int64_t global_batch = job.batch_size * ctx.world_size;
-  const double w_lo = o.guidance_range[0], w_hi = o.guidance_range[1];
   PosteriorCache cache(o.cache_latents);
   torch::Tensor empty_context;  // the unconditional prompt's, computed once
   {
@@ -81,14 +74,7 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
   plan.loss = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
     const NoisedLatents n = DrawNoisedLatents(ctx, m.vae, cache, batch, step, global_batch, {}, T);
     const int64_t b = n.latents.size(0);
-    std::vector<float> w;
-    for (int64_t j = 0; j < b; ++j) {
-      at::Generator g =
-          SampleGenerator(job.seed ^ kGuidanceStream, step, step * global_batch + ctx.rank * b + j);
-      w.push_back(static_cast<float>(w_lo + (w_hi - w_lo) *
-                                                at::rand({1}, g, torch::kFloat64).item<double>()));
-    }
-    const auto wt = torch::tensor(w).to(ctx.device);
+    const torch::Tensor wt = SampleGuidanceScales(ctx, step, global_batch, b, o.guidance_range);
     const torch::Tensor tcpu = n.timesteps.cpu();
     const NoiseLevel at = NoiseLevelAt(
         *scheduler,

@@ -46,6 +46,10 @@ StageDescriptor ProgressiveDistillationDescriptor() {
                      "data.center_crop: true, or turn cache_latents off");
     RETURN_IF_ERROR(r.OneOf("mixed_precision", o.mixed_precision, {"no", "bf16"}));
     RETURN_IF_ERROR(r.Bool("keep_phase_models", o.keep_phase_models));
+    RETURN_IF_ERROR(r.NumberList("guidance_range", o.guidance_range, 1, 100));
+    if (!o.guidance_range.empty() &&
+        (o.guidance_range.size() != 2 || !(o.guidance_range[0] < o.guidance_range[1])))
+      return r.Error("guidance_range", "must be [low, high] with low < high (e.g. [2, 14])");
     return o;
   };
   d.total_steps = [](const std::any& a) {

@@ -29,6 +29,9 @@ struct ProgressiveDistillationOptions {
   bool cache_latents = false;          // as finetune's (a deterministic transform)
   std::string mixed_precision = "no";  // "no" or "bf16" (CUDA autocast)
   bool keep_phase_models = false;      // each phase's student as a model folder in artifacts
+  // For a CFG-distilled input only (guidance first, as Meng et al. order it):
+  // the guidance scales the phases are distilled at, uniform per sample.
+  std::vector<double> guidance_range;
 };
 
 }  // namespace sd::stages

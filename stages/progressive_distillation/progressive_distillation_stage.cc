@@ -41,11 +41,16 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
   ASSIGN_OR_RETURN(StableDiffusion m, LoadForTraining(ctx, {}));
   ASSIGN_OR_RETURN(auto scheduler, MakeScheduler("ddim", m.scheduler_config));
   ASSIGN_OR_RETURN(UNet2DConditionModel teacher, LoadFrozenUNet(input, ctx.device));
-  if (teacher->config().time_cond_proj_dim > 0)
+  // A CFG-distilled input (Meng et al.'s order: guidance first, then steps) is
+  // distilled at guidance scales drawn from guidance_range, the same w given
+  // to teacher and student.
+  const int64_t guidance_dim = teacher->config().time_cond_proj_dim;
+  if (guidance_dim > 0 && o.guidance_range.empty())
     return absl::InvalidArgumentError(absl::StrCat(
         "progressive_distillation: the input ", input,
-        " is CFG-distilled (its unet has time_cond_proj_dim); distil the steps first, then "
-        "guidance (the pipeline's order)"));
+        " is CFG-distilled (its unet has time_cond_proj_dim ", guidance_dim,
+        "); set progressive_distillation.guidance_range (e.g. [2, 14]) to distil its steps "
+        "at those guidance scales"));
   CLIPTextModel& text_encoder = m.text_encoder;
   AutoencoderKL& vae = m.vae;
   UNet2DConditionModel& student = m.unet;
@@ -119,6 +124,12 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
     plan.loss = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
       const NoisedLatents n =
           DrawNoisedLatents(ctx, vae, cache, batch, step, global_batch, sampling, T);
+      torch::Tensor guidance;  // the UNets' timestep_cond, for a CFG-distilled input
+      if (guidance_dim > 0)
+        guidance = GuidanceScaleEmbedding(
+            SampleGuidanceScales(ctx, step, global_batch, n.latents.size(0), o.guidance_range) -
+                1.0,
+            guidance_dim);
       const torch::Tensor tcpu = n.timesteps.cpu();
       const std::vector<int64_t> t(tcpu.data_ptr<int64_t>(),
                                    tcpu.data_ptr<int64_t>() + tcpu.numel());
@@ -136,14 +147,16 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
         AutocastGuard autocast(o.mixed_precision, ctx.device);
         teacher->recorder().Clear();
         teacher->recorder().enabled = attention;
-        const torch::Tensor first = teacher->forward(z, n.timesteps, context).to(torch::kFloat32);
+        const torch::Tensor first =
+            teacher->forward(z, n.timesteps, context, guidance).to(torch::kFloat32);
         teacher->recorder().enabled = false;
         teacher_maps = std::move(teacher->recorder().maps);
         teacher->recorder().Clear();
         const torch::Tensor z_mid = DdimStep(pt, first, z, at, at_mid, clip);
         // A first step past t = 0 already ends the sampler: no second one.
         const auto mid_t = torch::tensor(mid, torch::kLong).clamp_min(0).to(ctx.device);
-        const torch::Tensor second = teacher->forward(z_mid, mid_t, context).to(torch::kFloat32);
+        const torch::Tensor second =
+            teacher->forward(z_mid, mid_t, context, guidance).to(torch::kFloat32);
         const auto past_end =
             (torch::tensor(mid, torch::kLong) < 0).view({-1, 1, 1, 1}).to(ctx.device);
         const torch::Tensor z_end =
@@ -153,7 +166,8 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
       AutocastGuard autocast(o.mixed_precision, ctx.device);
       student->recorder().Clear();
       student->recorder().enabled = attention;
-      const torch::Tensor out = student->forward(z, n.timesteps, context).to(torch::kFloat32);
+      const torch::Tensor out =
+          student->forward(z, n.timesteps, context, guidance).to(torch::kFloat32);
       student->recorder().enabled = false;
       torch::Tensor loss =
           ((out - target).pow(2).mean({1, 2, 3}) * TruncatedSnrWeights(pt, at)).mean();
@@ -191,12 +205,15 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
   s.unet = *teacher_weights;
   s.steps = o.progressive_stages.back();
   s.timestep_spacing = o.timestep_spacing;
-  s.distillation = {{"stage", "progressive_distillation"},
-                    {"progressive_stages", o.progressive_stages},
-                    {"phases", history},
-                    {"ema", o.ema},
-                    {"attention_weight", o.attention_weight},
-                    {"guidance", "classifier-free: two UNet passes per step"}};
+  s.distillation = {
+      {"stage", "progressive_distillation"},
+      {"progressive_stages", o.progressive_stages},
+      {"phases", history},
+      {"ema", o.ema},
+      {"attention_weight", o.attention_weight},
+      {"guidance", guidance_dim > 0 ? "distilled: one UNet pass per step (unet time_cond_proj_dim)"
+                                    : "classifier-free: two UNet passes per step"}};
+  if (guidance_dim > 0) s.distillation["guidance_range"] = o.guidance_range;
   return WriteStudent(input, ctx.output_dir, s);
 }
 

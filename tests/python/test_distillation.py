@@ -253,4 +253,27 @@ def test_a_cfg_distilled_input_is_refused_by_both_stages(tiny_v, tmp_path):
                   check=False)
     assert r.returncode != 0 and "CFG-distilled already" in r.stderr
     r = run_stage(write_job(tmp_path, out), str(tmp_path / "ckpt3"), str(tmp_path / "o3"), check=False)
-    assert r.returncode != 0 and "is CFG-distilled" in r.stderr
+    assert r.returncode != 0 and "is CFG-distilled" in r.stderr and "guidance_range" in r.stderr
+
+
+def test_steps_of_a_cfg_distilled_model_distil_at_its_guidance_scales(tiny_v, tmp_path):
+    """Meng et al.'s order: guidance first, then progressive distillation of the w-conditioned student."""
+    import diffusers
+    from PIL import Image
+
+    cfg = str(tmp_path / "cfg")
+    run_stage(write_cfg_job(tmp_path, tiny_v, steps=2), str(tmp_path / "ckpt"), cfg)
+    out = str(tmp_path / "pd")
+    run_stage(write_job(tmp_path, cfg, "pd", extra="  guidance_range: [2, 10]\n"), str(tmp_path / "ckpt2"), out)
+    assert json.load(open(os.path.join(out, "unet", "config.json")))["time_cond_proj_dim"] == 16
+    a, b = unet(out), unet(cfg)
+    assert float(np.abs(a["time_embedding.cond_proj.weight"] - b["time_embedding.cond_proj.weight"]).max()) > 0
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    with torch.no_grad():
+        ref = pipe(["a green square"], num_inference_steps=2, guidance_scale=6.0, output_type="np",
+                   generator=torch.Generator("cpu").manual_seed(2)).images[0]
+    png = str(tmp_path / "x.png")
+    run_bin("sdctl", "generate", "--model", out, "--prompt", "a green square", "--guidance", 6.0, "--seed", 2,
+            "--out", png)
+    ours = np.asarray(Image.open(png)).astype(np.int16)
+    assert np.abs(ours - (ref * 255).round().astype(np.int16)).max() <= 1

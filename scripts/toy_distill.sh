@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Step and guidance distillation on the toy world (docs/toy-world.md "Distillation"):
+#   1. the toy world (scripts/toy_world.sh: dataset, teacher, probe),
+#   2. `sdctl run examples/toy-distill.yaml`: progressive distillation 50->25->12->6,
+#      then CFG distillation of the 6-step student (wall time in wall.json),
+#   3. the 3- and 4-step students (one more phase each from the 6-step one),
+#      and with ATTENTION=w the same progressive job with attention_weight w,
+#   4. `sdctl eval` of every student and of the teacher at the same step counts
+#      (leading and trailing spacing) against the teacher at 50 DDIM steps,
+#      CFG 7.5, 100 held-out prompts x 2 seeds -> output/toy-distill-eval/<name>/,
+#   5. bench/toy_distill.py -> bench/results/toy_distill_6step_accuracy.json and
+#      toy_cfg_distill_6step.json.
+# Each step is skipped when its result exists.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+scripts/toy_world.sh >/dev/null
+B=build/bin
+D=output/toy-data
+E=output/toy-distill-eval
+PROBE=output/toy-probe.safetensors
+TEACHER=output/toy-teacher/model
+mkdir -p $E
+# examples/toy-distill.yaml names the teacher by this link to the newest trained one.
+T=$(ls -d output/toy-teacher/runs/job-*/finetune | sort | tail -1)
+ln -sfn "${T#output/toy-teacher/}" $TEACHER
+
+# The newest finished stage folder of a job output root.
+newest() { ls -d "$1"/runs/job-*/"$2" 2>/dev/null | sort | tail -1; }
+# Runs job file $1 unless output root $2 already holds stage $3; records its wall time.
+run_job() {
+  if [ -z "$(newest "$2" "$3")" ]; then
+    local start=$(date +%s)
+    $B/sdctl run "$1"
+    python3 - "$E/wall.json" "$(basename "$2")" $(( $(date +%s) - start )) <<'PY'
+import json, os, sys
+path, name, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+w = json.load(open(path)) if os.path.exists(path) else {}
+w[name] = secs
+json.dump(w, open(path, "w"), indent=2)
+PY
+  fi
+}
+# A copy of a model (hard links) whose DDIM scheduler uses spacing $3.
+with_spacing() {
+  [ -d "$2" ] && return 0
+  cp -al "$(realpath "$1")" "$2"
+  local cfg="$2/scheduler/scheduler_config.json"
+  python3 - "$cfg" "$3" <<'PY'
+import json, os, sys
+path, spacing = sys.argv[1], sys.argv[2]
+c = json.load(open(path))
+c["timestep_spacing"] = spacing
+os.remove(path)  # a hard link to the teacher's file: replace, never write through
+json.dump(c, open(path, "w"), indent=2)
+PY
+}
+ev() {  # name model steps
+  [ -f "$E/$1/eval.json" ] && return 0
+  $B/sdctl eval --model "$2" --steps "$3" --reference "$TEACHER" --reference-steps 50 --guidance 7.5 \
+    --prompts $D/heldout --count 100 --seeds-per-prompt 2 --probe $PROBE --out "$E/$1"
+}
+# One more progressive phase from model $1: $2 -> $3 steps, into output root $4.
+more_steps() {
+  local job=$E/job-$3steps.yaml
+  sed -e "s|^model: .*|model: $1|" -e "s|^output: .*|output: $4|" \
+      -e "s|progressive_stages: .*|progressive_stages: [$2, $3]|" \
+      -e "s|^stages: .*|stages: [progressive_distillation]|" examples/toy-distill.yaml > "$job"
+  run_job "$job" "$4" progressive_distillation
+}
+
+run_job examples/toy-distill.yaml output/toy-distill cfg_distillation
+PD=$(newest output/toy-distill progressive_distillation)
+CFG=$(newest output/toy-distill cfg_distillation)
+with_spacing $TEACHER output/toy-teacher-trailing trailing
+with_spacing $TEACHER output/toy-teacher-leading leading
+ev teacher6_leading output/toy-teacher-leading 6
+ev teacher6_trailing output/toy-teacher-trailing 6
+ev student6 "$PD" 6
+ev cfg6 "$CFG" 6
+for k in 4 3; do
+  more_steps "$PD" 6 $k output/toy-distill-$k
+  ev student$k "$(newest output/toy-distill-$k progressive_distillation)" $k
+  ev teacher${k}_trailing output/toy-teacher-trailing $k
+done
+if [ -n "${ATTENTION:-}" ]; then
+  job=$E/job-attention.yaml
+  sed -e "s|^output: .*|output: output/toy-distill-attention|" \
+      -e "s|^  keep_phase_models: true.*|  attention_weight: $ATTENTION|" \
+      -e "s|^stages: .*|stages: [progressive_distillation]|" examples/toy-distill.yaml > $job
+  run_job $job output/toy-distill-attention progressive_distillation
+  ev student6_attention "$(newest output/toy-distill-attention progressive_distillation)" 6
+fi
+. .venv/bin/activate
+python3 bench/toy_distill.py

@@ -78,6 +78,15 @@ ev teacher6_leading output/toy-teacher-leading 6
 ev teacher6_trailing output/toy-teacher-trailing 6
 ev student6 "$PD" 6
 ev cfg6 "$CFG" 6
+# The raw weights of the last 6-step checkpoint against the EMA the stage writes.
+RAW=output/toy-distill-raw6
+if [ ! -d $RAW ]; then
+  last=$(ls -d "$(dirname "$PD")"/checkpoints/progressive_distillation/phase-6steps/step-* | sort | tail -1)
+  cp -al "$(realpath "$PD")" $RAW
+  rm $RAW/unet/diffusion_pytorch_model.safetensors
+  cp "$last/unet.safetensors" $RAW/unet/diffusion_pytorch_model.safetensors
+fi
+ev student6_raw $RAW 6
 for k in 4 3; do
   more_steps "$PD" 6 $k output/toy-distill-$k
   ev student$k "$(newest output/toy-distill-$k progressive_distillation)" $k
@@ -90,6 +99,21 @@ if [ -n "${ATTENTION:-}" ]; then
       -e "s|^stages: .*|stages: [progressive_distillation]|" examples/toy-distill.yaml > $job
   run_job $job output/toy-distill-attention progressive_distillation
   ev student6_attention "$(newest output/toy-distill-attention progressive_distillation)" 6
+fi
+if [ -n "${MENG:-}" ]; then
+  # Meng et al.'s order: CFG distillation of the 50-step teacher, then progressive
+  # distillation of the w-conditioned student at the same guidance scales.
+  job=$E/job-meng-cfg.yaml
+  sed -e "s|^output: .*|output: output/toy-distill-meng-cfg|" \
+      -e "s|^stages: .*|stages: [cfg_distillation]|" examples/toy-distill.yaml > $job
+  run_job $job output/toy-distill-meng-cfg cfg_distillation
+  job=$E/job-meng-pd.yaml
+  sed -e "s|^model: .*|model: $(newest output/toy-distill-meng-cfg cfg_distillation)|" \
+      -e "s|^output: .*|output: output/toy-distill-meng|" \
+      -e "s|^  keep_phase_models: true.*|  guidance_range: [2, 14]|" \
+      -e "s|^stages: .*|stages: [progressive_distillation]|" examples/toy-distill.yaml > $job
+  run_job $job output/toy-distill-meng progressive_distillation
+  ev cfg6_meng_order "$(newest output/toy-distill-meng progressive_distillation)" 6
 fi
 . .venv/bin/activate
 python3 bench/toy_distill.py

@@ -51,6 +51,15 @@ torch::Tensor SampleGuidanceScales(const StageContext& ctx, int64_t step, int64_
   return torch::tensor(w).to(ctx.device);
 }
 
+void ApplyStudentTraining(const StudentTraining& o, TrainingPlan& plan) {
+  plan.lr = o.lr;
+  if (o.ema) plan.ema_decay = o.ema_decay;
+  plan.ema_warmup = o.ema_warmup;
+  plan.warmup_steps = o.lr_warmup_steps;
+  plan.lr_scheduler = o.lr_scheduler;
+  plan.max_grad_norm = o.max_grad_norm;
+}
+
 absl::Status WriteStudent(const std::string& input, const std::string& out, const Student& s) {
   RETURN_IF_ERROR(WriteModelWithComponents(input, out, {{"unet", {s.unet_config, s.unet}}}));
   const fs::path sched = fs::path(out) / "scheduler" / "scheduler_config.json";

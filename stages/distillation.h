@@ -11,6 +11,8 @@
 #include "sd/io/safetensors.h"
 #include "sd/models/unet_2d_condition.h"
 #include "stages/stage.h"
+#include "stages/training.h"
+#include "stages/training_options.h"
 
 namespace sd::stages {
 
@@ -28,6 +30,10 @@ absl::Status CopyWeights(torch::nn::Module& module, const safetensors::TensorMap
 // it changes no other draw; float32 [local_batch] on ctx.device.
 torch::Tensor SampleGuidanceScales(const StageContext& ctx, int64_t step, int64_t global_batch,
                                    int64_t local_batch, const std::vector<double>& range);
+
+// The plan's lr, EMA, schedule, warm-up and clipping from the student's options
+// (its steps are the caller's: per phase or per stage).
+void ApplyStudentTraining(const StudentTraining& o, TrainingPlan& plan);
 
 struct Student {
   nlohmann::json unet_config;

@@ -51,7 +51,7 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
   const std::string& pt = scheduler->config().prediction_type;
   const int64_t T = scheduler->config().num_train_timesteps;
   const int64_t global_batch = job.batch_size * ctx.world_size;
-  PosteriorCache cache(o.cache_latents);
+  PosteriorCache cache(o.train.cache_latents);
   torch::Tensor empty_context;  // the unconditional prompt's, computed once
   {
     torch::NoGradGuard ng;
@@ -61,13 +61,8 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
 
   TrainingPlan plan;
   plan.parts = {{"unet", student.get()}};
-  plan.lr = o.lr;
-  if (o.ema) plan.ema_decay = o.ema_decay;
-  plan.ema_warmup = o.ema_warmup;
-  plan.total_steps = o.steps;
-  plan.warmup_steps = o.lr_warmup_steps;
-  plan.lr_scheduler = o.lr_scheduler;
-  plan.max_grad_norm = o.max_grad_norm;
+  ApplyStudentTraining(o.train, plan);
+  plan.total_steps = o.train.steps;
   plan.local_batch = job.batch_size;
   plan.resolution = student_config.sample_size * m.vae_scale_factor();
   plan.caption_dropout = job.caption_dropout;
@@ -86,7 +81,7 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
       z = scheduler->AddNoise(n.latents, n.noise, n.timesteps);
       context = m.text_encoder->forward(m.tokenizer.Tokenize(batch.captions).to(ctx.device))
                     .last_hidden_state;
-      AutocastGuard autocast(o.mixed_precision, ctx.device);
+      AutocastGuard autocast(o.train.mixed_precision, ctx.device);
       // Both teacher passes in one batch, as a guided sampler runs them.
       const auto both = teacher
                             ->forward(torch::cat({z, z}), torch::cat({n.timesteps, n.timesteps}),
@@ -95,7 +90,7 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
                             .chunk(2);
       target = both[0] + wt.view({-1, 1, 1, 1}) * (both[1] - both[0]);
     }
-    AutocastGuard autocast(o.mixed_precision, ctx.device);
+    AutocastGuard autocast(o.train.mixed_precision, ctx.device);
     // diffusers' pipelines embed guidance_scale - 1.
     const torch::Tensor out =
         student

@@ -24,13 +24,7 @@ StageDescriptor FinetuneDescriptor() {
                      "must be no or bf16 (fp16 would need loss scaling, not implemented)");
     RETURN_IF_ERROR(r.Bool("train_text_encoder", o.train_text_encoder));
     RETURN_IF_ERROR(r.Bool("train_token_embedding", o.train_token_embedding));
-    RETURN_IF_ERROR(r.Bool("cache_latents", o.cache_latents));
-    // A cached latent stands for the image as first transformed; random crops
-    // and flips would all get that one.
-    if (o.cache_latents && (job.random_flip || !job.center_crop))
-      return r.Error("cache_latents",
-                     "needs a deterministic transform: set data.random_flip: false and "
-                     "data.center_crop: true, or turn cache_latents off");
+    RETURN_IF_ERROR(ReadCacheLatents(r, job, o.cache_latents));
     RETURN_IF_ERROR(r.Number("foreground_weight", o.foreground_weight, 0, 1e6));
     RETURN_IF_ERROR(r.Number("snr_gamma", o.snr_gamma, 0, 1e6));
     RETURN_IF_ERROR(r.OneOf("timestep_sampling", o.timestep_sampling, {"uniform", "logit_normal"}));

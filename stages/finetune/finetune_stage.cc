@@ -22,7 +22,6 @@
 namespace sd::stages {
 namespace fs = std::filesystem;
 
-
 absl::Status FinetuneStage::Run(StageContext& ctx) {
   const JobSpec& job = ctx.job;
   const auto& o = ctx.options<FinetuneOptions>("finetune");

@@ -31,30 +31,16 @@ StageDescriptor ProgressiveDistillationDescriptor() {
                                     " steps; a phase may cut the steps by 2.5x at most "
                                     "(the teacher takes two steps per student step)"));
     }
-    RETURN_IF_ERROR(ReadStepsAndLr(r, o.steps, o.lr, o.lr_scheduler));
-    RETURN_IF_ERROR(r.Int("lr_warmup_steps", o.lr_warmup_steps, 0, 1e9));
-    RETURN_IF_ERROR(r.Number("max_grad_norm", o.max_grad_norm, 0, 1e9, true));
-    RETURN_IF_ERROR(r.Bool("ema", o.ema));
-    RETURN_IF_ERROR(r.Number("ema_decay", o.ema_decay, 0, 1, false, true));
-    RETURN_IF_ERROR(r.Bool("ema_warmup", o.ema_warmup));
+    RETURN_IF_ERROR(ReadStudentTraining(r, job, o.train));
     RETURN_IF_ERROR(r.OneOf("timestep_spacing", o.timestep_spacing, {"trailing", "leading"}));
     RETURN_IF_ERROR(r.Number("attention_weight", o.attention_weight, 0, 1e6));
-    RETURN_IF_ERROR(r.Bool("cache_latents", o.cache_latents));
-    if (o.cache_latents && (job.random_flip || !job.center_crop))
-      return r.Error("cache_latents",
-                     "needs a deterministic transform: set data.random_flip: false and "
-                     "data.center_crop: true, or turn cache_latents off");
-    RETURN_IF_ERROR(r.OneOf("mixed_precision", o.mixed_precision, {"no", "bf16"}));
     RETURN_IF_ERROR(r.Bool("keep_phase_models", o.keep_phase_models));
-    RETURN_IF_ERROR(r.NumberList("guidance_range", o.guidance_range, 1, 100));
-    if (!o.guidance_range.empty() &&
-        (o.guidance_range.size() != 2 || !(o.guidance_range[0] < o.guidance_range[1])))
-      return r.Error("guidance_range", "must be [low, high] with low < high (e.g. [2, 14])");
+    RETURN_IF_ERROR(ReadGuidanceRange(r, o.guidance_range));
     return o;
   };
   d.total_steps = [](const std::any& a) {
     const auto& o = std::any_cast<const ProgressiveDistillationOptions&>(a);
-    return o.steps * static_cast<int64_t>(o.progressive_stages.size() - 1);
+    return o.train.steps * static_cast<int64_t>(o.progressive_stages.size() - 1);
   };
   return d;
 }

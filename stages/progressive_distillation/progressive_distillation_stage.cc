@@ -73,7 +73,7 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
   const int64_t global_batch = job.batch_size * ctx.world_size;
   const int64_t phases = static_cast<int64_t>(o.progressive_stages.size()) - 1;
   const bool attention = o.attention_weight > 0;
-  PosteriorCache cache(o.cache_latents);
+  PosteriorCache cache(o.train.cache_latents);
 
   std::optional<safetensors::TensorMap> teacher_weights;  // none: the input's
   nlohmann::json history = nlohmann::json::array();
@@ -107,15 +107,10 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
 
     TrainingPlan plan;
     plan.parts = {{"unet", student.get()}};
-    plan.lr = o.lr;
-    if (o.ema) plan.ema_decay = o.ema_decay;
-    plan.ema_warmup = o.ema_warmup;
-    plan.first_step = (p - 1) * o.steps;
-    plan.total_steps = p * o.steps;
-    plan.progress_total = phases * o.steps;
-    plan.warmup_steps = o.lr_warmup_steps;
-    plan.lr_scheduler = o.lr_scheduler;
-    plan.max_grad_norm = o.max_grad_norm;
+    ApplyStudentTraining(o.train, plan);
+    plan.first_step = (p - 1) * o.train.steps;
+    plan.total_steps = p * o.train.steps;
+    plan.progress_total = phases * o.train.steps;
     plan.local_batch = job.batch_size;
     plan.resolution = student->config().sample_size * m.vae_scale_factor();
     plan.caption_dropout = job.caption_dropout;  // the student learns the unconditional teacher too
@@ -144,7 +139,7 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
         z = scheduler->AddNoise(n.latents, n.noise, n.timesteps);
         context = text_encoder->forward(m.tokenizer.Tokenize(batch.captions).to(ctx.device))
                       .last_hidden_state;
-        AutocastGuard autocast(o.mixed_precision, ctx.device);
+        AutocastGuard autocast(o.train.mixed_precision, ctx.device);
         teacher->recorder().Clear();
         teacher->recorder().enabled = attention;
         const torch::Tensor first =
@@ -163,7 +158,7 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
             torch::where(past_end, z_mid, DdimStep(pt, second, z_mid, at_mid, at_end, clip));
         target = DdimStepTarget(pt, z, z_end, at, at_end);
       }
-      AutocastGuard autocast(o.mixed_precision, ctx.device);
+      AutocastGuard autocast(o.train.mixed_precision, ctx.device);
       student->recorder().Clear();
       student->recorder().enabled = attention;
       const torch::Tensor out =
@@ -209,7 +204,7 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
       {"stage", "progressive_distillation"},
       {"progressive_stages", o.progressive_stages},
       {"phases", history},
-      {"ema", o.ema},
+      {"ema", o.train.ema},
       {"attention_weight", o.attention_weight},
       {"guidance", guidance_dim > 0 ? "distilled: one UNet pass per step (unet time_cond_proj_dim)"
                                     : "classifier-free: two UNet passes per step"}};

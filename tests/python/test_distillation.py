@@ -2,16 +2,14 @@
 diffusers samples as we do, resumes exactly inside a phase, and is data-parallel."""
 import json
 import os
-import socket
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import BIN, run_bin
-from test_finetune_stage import make_dataset, run_stage, unet
+from conftest import run_bin
+from test_finetune_stage import make_dataset, run_stage, run_two_ranks, unet
 from test_parity import copy_with_scheduler
 
 
@@ -108,18 +106,8 @@ def test_two_gloo_workers_match_one_worker_with_double_batch(tiny_v, tmp_path):
     # The seed's LR: Adam steps are about lr * sign(grad), so float-level noise in
     # near-zero gradients shows in proportion to lr (as in the finetune test).
     run_stage(write_job(tmp_path, tiny_v, "b2", batch=2, lr="1.0e-5", steps=6), str(tmp_path / "ckpt1"), single)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     dp = str(tmp_path / "dp")
-    job1 = write_job(tmp_path, tiny_v, "b1", batch=1, lr="1.0e-5", steps=6)
-    procs = [subprocess.Popen([os.path.join(BIN, "sd_probe"), "stage", "--job", job1, "--stage",
-                               "progressive_distillation", "--checkpoint-dir", str(tmp_path / "ckpt2"), "--out", dp,
-                               "--rank", str(r), "--world-size", "2", "--rendezvous", f"127.0.0.1:{port}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    run_two_ranks(write_job(tmp_path, tiny_v, "b1", batch=1, lr="1.0e-5", steps=6), str(tmp_path / "ckpt2"), dp)
     a, b, teacher = unet(single), unet(dp), unet(tiny_v)
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst < 1e-5, worst
@@ -216,18 +204,8 @@ def test_cfg_resume_is_exact_and_two_workers_match_one(tiny_v, tmp_path):
 
     single = str(tmp_path / "single")
     run_stage(write_cfg_job(tmp_path, tiny_v, "b2", batch=2, lr="1.0e-5", steps=8), str(tmp_path / "c1"), single)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     dp = str(tmp_path / "dp")
-    job1 = write_cfg_job(tmp_path, tiny_v, "b1", batch=1, lr="1.0e-5", steps=8)
-    procs = [subprocess.Popen([os.path.join(BIN, "sd_probe"), "stage", "--job", job1, "--checkpoint-dir",
-                               str(tmp_path / "c2"), "--out", dp, "--rank", str(r), "--world-size", "2",
-                               "--rendezvous", f"127.0.0.1:{port}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    run_two_ranks(write_cfg_job(tmp_path, tiny_v, "b1", batch=1, lr="1.0e-5", steps=8), str(tmp_path / "c2"), dp)
     a, b = unet(single), unet(dp)
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5
     assert float(np.abs(a["time_embedding.cond_proj.weight"]).max()) > 5e-5

@@ -63,6 +63,25 @@ def run_stage(job, ckpt, out, stop_at=None, check=True):
     return run_bin("sd_probe", *args, check=check)
 
 
+def run_two_ranks(job, ckpt, out):
+    """The job's stage on 2 ranks (Gloo over loopback), one process each, as two workers run it."""
+    import socket
+    import subprocess
+
+    from conftest import BIN
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([os.path.join(BIN, "sd_probe"), "stage", "--job", job, "--checkpoint-dir", ckpt,
+                               "--out", out, "--rank", str(r), "--world-size", "2",
+                               "--rendezvous", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+
+
 def unet(out):
     return load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
 
@@ -152,11 +171,6 @@ def test_no_usable_checkpoint_fails_unless_a_restart_from_zero_is_allowed(job, t
 
 def test_two_gloo_workers_match_one_worker_with_double_batch(tiny_sd, tmp_path):
     """Data parallelism is correct: 2 ranks x batch 1 end where 1 rank x batch 2 does."""
-    import socket
-    import subprocess
-
-    from conftest import BIN
-
     model_dir, _ = tiny_sd
     data = make_dataset(str(tmp_path / "data"))
 
@@ -168,17 +182,8 @@ def test_two_gloo_workers_match_one_worker_with_double_batch(tiny_sd, tmp_path):
 
     single = str(tmp_path / "single")
     run_stage(job(2), str(tmp_path / "ckpt1"), single)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     dp = str(tmp_path / "dp")
-    procs = [subprocess.Popen([os.path.join(BIN, "sd_probe"), "stage", "--job", job(1), "--checkpoint-dir",
-                               str(tmp_path / "ckpt2"), "--out", dp, "--rank", str(r), "--world-size", "2",
-                               "--rendezvous", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r in range(2)]
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    run_two_ranks(job(1), str(tmp_path / "ckpt2"), dp)
     a, b = unet(single), unet(dp)
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst < 1e-5, worst

@@ -58,6 +58,10 @@ struct StudentTraining {
   bool ema_warmup = true;     // diffusers' warm-up: min(ema_decay, 1 - (1 + t)^(-2/3))
   bool cache_latents = false;
   std::string mixed_precision = "no";  // or bf16 (CUDA autocast)
+  // Where the student trains: grid, the DDIM timesteps it will be sampled at
+  // (Salimans & Ho's algorithm: all of the training on the steps it takes);
+  // uniform, every integer t (the continuous interval: any spacing works).
+  std::string timestep_sampling = "grid";
 };
 
 inline absl::Status ReadStudentTraining(SectionReader& r, const JobSpec& job, StudentTraining& o) {
@@ -68,6 +72,7 @@ inline absl::Status ReadStudentTraining(SectionReader& r, const JobSpec& job, St
   RETURN_IF_ERROR(r.Number("ema_decay", o.ema_decay, 0, 1, false, true));
   RETURN_IF_ERROR(r.Bool("ema_warmup", o.ema_warmup));
   RETURN_IF_ERROR(ReadCacheLatents(r, job, o.cache_latents));
+  RETURN_IF_ERROR(r.OneOf("timestep_sampling", o.timestep_sampling, {"grid", "uniform"}));
   return r.OneOf("mixed_precision", o.mixed_precision, {"no", "bf16"});
 }
 

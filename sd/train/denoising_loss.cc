@@ -38,6 +38,10 @@ torch::Tensor MinSnrWeights(const Scheduler& scheduler, const torch::Tensor& tim
 int64_t SampleTimestep(const TimestepSampling& sampling, int64_t num_train_timesteps,
                        at::Generator& gen) {
   const int64_t T = num_train_timesteps;
+  if (!sampling.grid.empty()) {
+    const auto n = static_cast<int64_t>(sampling.grid.size());
+    return sampling.grid[torch::randint(0, n, {1}, gen, torch::kLong).item<int64_t>()];
+  }
   if (!sampling.logit_normal)
     return torch::randint(sampling.min_timestep, T, {1}, gen, torch::kLong).item<int64_t>();
   const double z = at::randn({1}, gen, torch::kFloat64).item<double>();

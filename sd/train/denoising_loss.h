@@ -3,6 +3,8 @@
 // the given timesteps, predict, and take the MSE against the scheduler's target.
 #include <torch/torch.h>
 
+#include <vector>
+
 #include "sd/models/unet_2d_condition.h"
 #include "sd/schedulers/scheduler.h"
 
@@ -39,6 +41,7 @@ struct TimestepSampling {
   double logit_mean = 0;
   double logit_std = 1;
   int64_t min_timestep = 0;  // uniform: from [min_timestep, num_train_timesteps)
+  std::vector<int64_t> grid;  // non-empty: uniform over these timesteps instead
 };
 
 // One timestep in [0, num_train_timesteps) from the sample's own generator.

@@ -51,6 +51,18 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
   const std::string& pt = scheduler->config().prediction_type;
   const int64_t T = scheduler->config().num_train_timesteps;
   const int64_t global_batch = job.batch_size * ctx.world_size;
+  // The student keeps its input's schedule and step count; only guidance changes.
+  Student s;
+  s.steps = DistilledSteps(input);
+  if (s.steps == 0) s.steps = 50;
+  ASSIGN_OR_RETURN(s.timestep_spacing, m.scheduler_config.String("timestep_spacing", "leading"));
+  TimestepSampling sampling;  // uniform over [0, T)
+  if (o.train.timestep_sampling == "grid") {
+    SchedulerConfig grid_sc = scheduler->config();
+    grid_sc.timestep_spacing = s.timestep_spacing;
+    for (const double t : SpacedTimesteps(grid_sc, s.steps))
+      sampling.grid.push_back(static_cast<int64_t>(t));
+  }
   PosteriorCache cache(o.train.cache_latents);
   torch::Tensor empty_context;  // the unconditional prompt's, computed once
   {
@@ -67,7 +79,7 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
   plan.resolution = student_config.sample_size * m.vae_scale_factor();
   plan.caption_dropout = job.caption_dropout;
   plan.loss = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
-    const NoisedLatents n = DrawNoisedLatents(ctx, m.vae, cache, batch, step, global_batch, {}, T);
+    const NoisedLatents n = DrawNoisedLatents(ctx, m.vae, cache, batch, step, global_batch, sampling, T);
     const int64_t b = n.latents.size(0);
     const torch::Tensor wt = SampleGuidanceScales(ctx, step, global_batch, b, o.guidance_range);
     const torch::Tensor tcpu = n.timesteps.cpu();
@@ -105,17 +117,13 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
     return std::map<std::string, ComponentWeights>{
         {"unet", {student_config.ToJson(), trainer.Weights("unet")}}};
   };
-  // The student keeps its input's schedule and step count; only guidance changes.
-  Student s;
-  s.steps = DistilledSteps(input);
-  if (s.steps == 0) s.steps = 50;
-  ASSIGN_OR_RETURN(s.timestep_spacing, m.scheduler_config.String("timestep_spacing", "leading"));
   std::ifstream prior(fs::path(input) / "distillation.json");
   const nlohmann::json before =
       prior ? nlohmann::json::parse(prior, nullptr, false) : nlohmann::json(nullptr);
   s.distillation = {{"stage", "cfg_distillation"},
                     {"guidance", "distilled: one UNet pass per step (unet time_cond_proj_dim)"},
                     {"guidance_range", o.guidance_range},
+                    {"timestep_sampling", o.train.timestep_sampling},
                     {"input", before.is_discarded() ? nlohmann::json(nullptr) : before}};
   plan.write = [&](const std::string& out, std::map<std::string, ComponentWeights> replaced) {
     s.unet_config = replaced.at("unet").config;

@@ -67,9 +67,9 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
   const std::string& pt = sc.prediction_type;
   const int64_t T = sc.num_train_timesteps;
   const double clip = sc.clip_sample ? sc.clip_sample_range : 0;
-  // Every timestep a DDIM sampler of any spacing may start a step from, except
-  // one whose step would not move (t = 0 onto alphas_cumprod[0]).
-  const TimestepSampling sampling{.min_timestep = sc.set_alpha_to_one ? 0 : 1};
+  // uniform: every timestep a DDIM sampler of any spacing may start a step from,
+  // except one whose step would not move (t = 0 onto alphas_cumprod[0]).
+  TimestepSampling uniform{.min_timestep = sc.set_alpha_to_one ? 0 : 1};
   const int64_t global_batch = job.batch_size * ctx.world_size;
   const int64_t phases = static_cast<int64_t>(o.progressive_stages.size()) - 1;
   const bool attention = o.attention_weight > 0;
@@ -83,6 +83,14 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
     // teacher's two steps: first the step it learned, then the rest.
     const int64_t step_size = T / k, teacher_step = T / k_prev;
     const fs::path dir = fs::path(ctx.checkpoint_dir) / absl::StrCat("phase-", k, "steps");
+    // grid: the timesteps diffusers' DDIM gives the student at its spacing.
+    TimestepSampling sampling = uniform;
+    if (o.train.timestep_sampling == "grid") {
+      SchedulerConfig student_sc = sc;
+      student_sc.timestep_spacing = o.timestep_spacing;
+      for (const double t : SpacedTimesteps(student_sc, k))
+        sampling.grid.push_back(static_cast<int64_t>(t));
+    }
     const PhaseResult result(dir);
     nlohmann::json phase = {{"teacher_steps", k_prev},
                             {"student_steps", k},

@@ -1,8 +1,10 @@
 #include "sd/train/denoising_loss.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
 #include <array>
+#include <set>
 
 #include "tests/cpp/test_configs.h"
 
@@ -89,6 +91,22 @@ TEST(DenoisingLossTest, SampleWeightsScaleEachSamplesError) {
   EXPECT_NEAR(
       DenoisingLoss(unet, *s, lat, noise, t, ctx, w, torch::tensor({0.25, 2.0})).item<double>(),
       both.item<double>(), 1e-5);
+}
+
+TEST(SampleTimestepTest, GridDrawsOnlyItsTimestepsAndEachOfThem) {
+  TimestepSampling grid;
+  grid.grid = {999, 832, 666, 499, 332, 166};
+  TimestepSampling from_one{.min_timestep = 1};
+  std::set<int64_t> seen;
+  for (int64_t i = 0; i < 400; ++i) {
+    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(i);
+    seen.insert(SampleTimestep(grid, 1000, g));
+    at::Generator h = at::make_generator<at::CPUGeneratorImpl>(i);
+    const int64_t t = SampleTimestep(from_one, 1000, h);
+    EXPECT_GE(t, 1);
+    EXPECT_LT(t, 1000);
+  }
+  EXPECT_EQ(seen, std::set<int64_t>(grid.grid.begin(), grid.grid.end()));
 }
 
 }  // namespace

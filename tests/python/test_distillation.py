@@ -87,8 +87,9 @@ def test_student_is_a_diffusers_folder_sampled_as_diffusers_does(tiny_v, tiny_sd
     assert json.load(open(os.path.join(mid, "distillation.json")))["steps"] == 4
 
 
-def test_resume_inside_a_later_phase_is_exact(tiny_v, tmp_path):
-    job = write_job(tmp_path, tiny_v)
+@pytest.mark.parametrize("sampling", ["grid", "uniform"])
+def test_resume_inside_a_later_phase_is_exact(tiny_v, tmp_path, sampling):
+    job = write_job(tmp_path, tiny_v, extra=f"  timestep_sampling: {sampling}\n")
     full = str(tmp_path / "full")
     run_stage(job, str(tmp_path / "ckpt_full"), full)
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "resumed")

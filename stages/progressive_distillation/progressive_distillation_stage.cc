@@ -20,6 +20,7 @@ namespace {
 
 std::vector<int64_t> Shifted(const std::vector<int64_t>& t, int64_t by) {
   std::vector<int64_t> out;
+  out.reserve(t.size());
   for (const int64_t v : t) out.push_back(v - by);
   return out;
 }

@@ -65,6 +65,10 @@ def main():
                                                             - s6["candidate"]["accuracy"][k]), 2)
                                             for k in c["candidate"]["accuracy"]},
             "psnr_db_vs_two_pass": round(summary(c)["psnr_db_to_teacher50"] - summary(s6)["psnr_db_to_teacher50"], 3),
+            # Meng et al.'s order: CFG distillation of the 50-step teacher, then progressive
+            # distillation of the w-conditioned student (MENG=1 scripts/toy_distill.sh).
+            "meng_order_cfg_then_progressive": summary(evals["cfg6_meng_order"])
+            if "cfg6_meng_order" in evals else None,
             "wall_s": wall})
 
 

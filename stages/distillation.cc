@@ -12,13 +12,17 @@
 namespace sd::stages {
 namespace fs = std::filesystem;
 
+void Freeze(torch::nn::Module& module, const torch::Device& device) {
+  module.to(device);
+  module.eval();
+  for (auto& p : module.parameters()) p.requires_grad_(false);
+}
+
 absl::StatusOr<UNet2DConditionModel> LoadFrozenUNet(const std::string& model,
                                                     const torch::Device& device) {
   ASSIGN_OR_RETURN(UNet2DConditionModel unet,
                    LoadUNet((fs::path(model) / "unet").string(), /*copy_weights=*/true));
-  unet->to(device);
-  unet->eval();
-  for (auto& p : unet->parameters()) p.requires_grad_(false);
+  Freeze(*unet, device);
   return unet;
 }
 

@@ -16,6 +16,10 @@
 
 namespace sd::stages {
 
+// Moves `module` to `device` and freezes it (eval, no gradients): the teacher and
+// the text encoder and VAE the students read through.
+void Freeze(torch::nn::Module& module, const torch::Device& device);
+
 // The UNet of model folder `model`, frozen (no gradients, eval) on `device`.
 absl::StatusOr<UNet2DConditionModel> LoadFrozenUNet(const std::string& model,
                                                     const torch::Device& device);

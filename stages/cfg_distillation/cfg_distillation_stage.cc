@@ -41,12 +41,8 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
   RETURN_IF_ERROR(CopyWeights(*student, init, absl::StrCat(input, "/unet")));
   student->to(ctx.device);
   student->train();
-  for (torch::nn::Module* frozen : {static_cast<torch::nn::Module*>(m.text_encoder.get()),
-                                    static_cast<torch::nn::Module*>(m.vae.get())}) {
-    frozen->to(ctx.device);
-    frozen->eval();
-    for (auto& p : frozen->parameters()) p.requires_grad_(false);
-  }
+  Freeze(*m.text_encoder, ctx.device);
+  Freeze(*m.vae, ctx.device);
 
   const std::string& pt = scheduler->config().prediction_type;
   const int64_t T = scheduler->config().num_train_timesteps;
@@ -79,7 +75,8 @@ absl::Status CfgDistillationStage::Run(StageContext& ctx) {
   plan.resolution = student_config.sample_size * m.vae_scale_factor();
   plan.caption_dropout = job.caption_dropout;
   plan.loss = [&](int64_t step, const Batch& batch) -> absl::StatusOr<torch::Tensor> {
-    const NoisedLatents n = DrawNoisedLatents(ctx, m.vae, cache, batch, step, global_batch, sampling, T);
+    const NoisedLatents n =
+        DrawNoisedLatents(ctx, m.vae, cache, batch, step, global_batch, sampling, T);
     const int64_t b = n.latents.size(0);
     const torch::Tensor wt = SampleGuidanceScales(ctx, step, global_batch, b, o.guidance_range);
     const torch::Tensor tcpu = n.timesteps.cpu();

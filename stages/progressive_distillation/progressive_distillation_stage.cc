@@ -55,12 +55,8 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
   CLIPTextModel& text_encoder = m.text_encoder;
   AutoencoderKL& vae = m.vae;
   UNet2DConditionModel& student = m.unet;
-  for (torch::nn::Module* frozen : {static_cast<torch::nn::Module*>(text_encoder.get()),
-                                    static_cast<torch::nn::Module*>(vae.get())}) {
-    frozen->to(ctx.device);
-    frozen->eval();
-    for (auto& p : frozen->parameters()) p.requires_grad_(false);
-  }
+  Freeze(*text_encoder, ctx.device);
+  Freeze(*vae, ctx.device);
   student->to(ctx.device);
   student->train();
 

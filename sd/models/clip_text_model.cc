@@ -58,12 +58,20 @@ CLIPAttentionImpl::CLIPAttentionImpl(int64_t dim, int64_t heads) : heads(heads) 
   out_proj = register_module("out_proj", torch::nn::Linear(dim, dim));
 }
 
-torch::Tensor CLIPAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+torch::Tensor CLIPAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
+                                         torch::Tensor* probs) {
   const int64_t b = x.size(0), t = x.size(1), d = x.size(2) / heads;
   auto q = q_proj(x).view({b, t, heads, d}).transpose(1, 2);
   auto k = k_proj(x).view({b, t, heads, d}).transpose(1, 2);
   auto v = v_proj(x).view({b, t, heads, d}).transpose(1, 2);
-  auto out = at::scaled_dot_product_attention(q, k, v, mask);
+  torch::Tensor out;
+  if (probs != nullptr) {
+    *probs = (torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(d)) + mask)
+                 .softmax(-1);
+    out = torch::matmul(*probs, v);
+  } else {
+    out = at::scaled_dot_product_attention(q, k, v, mask);
+  }
   return out_proj(out.transpose(1, 2).reshape({b, t, heads * d}));
 }
 
@@ -82,8 +90,9 @@ CLIPEncoderLayerImpl::CLIPEncoderLayerImpl(const CLIPTextConfig& c) {
   layer_norm2 = register_module("layer_norm2", torch::nn::LayerNorm(ln));
 }
 
-torch::Tensor CLIPEncoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
-  auto h = x + self_attn(layer_norm1(x), mask);
+torch::Tensor CLIPEncoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
+                                            torch::Tensor* probs) {
+  auto h = x + self_attn(layer_norm1(x), mask, probs);
   return h + mlp(layer_norm2(h));
 }
 
@@ -105,7 +114,8 @@ CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& c) : config_(c) {
   register_module("text_model", text_model);
 }
 
-CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids, int64_t num_layers) {
+CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids, int64_t num_layers,
+                                          bool output_attentions) {
   const int64_t t = input_ids.size(1);
   auto dev = token_embedding->weight.device();
   auto ids = input_ids.to(dev);
@@ -117,8 +127,10 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids, int64_
   out.hidden_states.push_back(h);
   const int64_t n = num_layers < 0 ? static_cast<int64_t>(layers->size()) : num_layers;
   for (int64_t i = 0; i < n; ++i) {
-    h = layers[i]->as<CLIPEncoderLayer>()->forward(h, mask);
+    torch::Tensor probs;
+    h = layers[i]->as<CLIPEncoderLayer>()->forward(h, mask, output_attentions ? &probs : nullptr);
     out.hidden_states.push_back(h);
+    if (output_attentions) out.attentions.push_back(probs);
   }
   out.last_hidden_state = final_layer_norm(h);
   // transformers' legacy rule: with eos_token_id == 2 the EOS is the largest id.

@@ -30,11 +30,16 @@ struct CLIPTextOutput {
   torch::Tensor last_hidden_state;           // after final_layer_norm
   torch::Tensor pooler_output;               // last_hidden_state at the EOS token
   std::vector<torch::Tensor> hidden_states;  // embeddings, then each layer's output
+  // Each layer's attention probabilities [B, heads, T, T], when asked for.
+  std::vector<torch::Tensor> attentions;
 };
 
 struct CLIPAttentionImpl : torch::nn::Module {
   CLIPAttentionImpl(int64_t dim, int64_t heads);
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask);
+  // `probs`, when given, receives the attention probabilities (computed
+  // explicitly then; SDPA otherwise).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask,
+                        torch::Tensor* probs = nullptr);
   int64_t heads;
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
 };
@@ -50,7 +55,8 @@ TORCH_MODULE(CLIPMLP);
 
 struct CLIPEncoderLayerImpl : torch::nn::Module {
   explicit CLIPEncoderLayerImpl(const CLIPTextConfig& c);
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask,
+                        torch::Tensor* probs = nullptr);
   CLIPAttention self_attn{nullptr};
   torch::nn::LayerNorm layer_norm1{nullptr}, layer_norm2{nullptr};
   CLIPMLP mlp{nullptr};
@@ -62,7 +68,9 @@ class CLIPTextModelImpl : public torch::nn::Module {
   explicit CLIPTextModelImpl(const CLIPTextConfig& config);
   // input_ids [B, T] (int64). `num_layers` < 0 runs every layer; otherwise only
   // the first num_layers (CLIP skip), with final_layer_norm applied to that output.
-  CLIPTextOutput forward(const torch::Tensor& input_ids, int64_t num_layers = -1);
+  // output_attentions fills CLIPTextOutput::attentions (text-encoder distillation).
+  CLIPTextOutput forward(const torch::Tensor& input_ids, int64_t num_layers = -1,
+                         bool output_attentions = false);
   const CLIPTextConfig& config() const { return config_; }
 
  private:

@@ -38,6 +38,25 @@ def test_text_encoder_hidden_states(tiny_sd, tmp_path):
         assert maxdiff(out[f"hidden_states.{i}"], h) < ATOL, f"hidden_states[{i}]"
 
 
+def test_text_encoder_attention_maps(tiny_sd, tmp_path):
+    """The maps text-encoder distillation matches are transformers' output_attentions."""
+    import transformers
+
+    model_dir, pipe = tiny_sd
+    ids = pipe.tokenizer(["a small red triangle", ""], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    te = transformers.CLIPTextModel.from_pretrained(os.path.join(model_dir, "text_encoder"),
+                                                    attn_implementation="eager")
+    with torch.no_grad():
+        ref = te(ids, output_attentions=True)
+    out = probe("text-encoder", os.path.join(model_dir, "text_encoder"), {"input_ids": ids}, tmp_path,
+                "--attention-maps")
+    assert maxdiff(out["last_hidden_state"], ref.last_hidden_state) < ATOL  # the explicit path too
+    assert len(ref.attentions) == len([k for k in out if k.startswith("attentions.")])
+    for i, a in enumerate(ref.attentions):
+        assert maxdiff(out[f"attentions.{i}"], a) < ATOL, f"attentions[{i}]"
+
+
 @pytest.mark.parametrize("optimized", [False, True], ids=["plain", "channels_last+fused_qkv"])
 @pytest.mark.parametrize("timestep", [0, 481, 999])
 def test_unet_forward(tiny_sd, tmp_path, timestep, optimized):

@@ -48,10 +48,12 @@ absl::Status TextEncoder(const sd::Args& a) {
   ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
   ASSIGN_OR_RETURN(auto ids, Need(in, "input_ids"));
   torch::NoGradGuard g;
-  auto r = model->forward(ids.to(torch::kLong));
+  auto r = model->forward(ids.to(torch::kLong), -1, a.Has("attention-maps"));
   TensorMap out{{"last_hidden_state", r.last_hidden_state}, {"pooler_output", r.pooler_output}};
   for (size_t i = 0; i < r.hidden_states.size(); ++i)
     out[absl::StrCat("hidden_states.", i)] = r.hidden_states[i];
+  for (size_t i = 0; i < r.attentions.size(); ++i)
+    out[absl::StrCat("attentions.", i)] = r.attentions[i];
   return sd::safetensors::Save(a.Get("out"), out);
 }
 

@@ -201,8 +201,19 @@ absl::StatusOr<std::unique_ptr<CaptionedSource>> OpenDataset(const std::string& 
   return WebDatasetSource::Open(shards);
 }
 
+namespace {
+
+std::string DropCaption(const std::string& caption, const TransformOptions& o, at::Generator& gen) {
+  if (o.caption_dropout > 0 && torch::rand({1}, gen).item<double>() < o.caption_dropout) return "";
+  return caption;
+}
+
+}  // namespace
+
 absl::StatusOr<CaptionedImage> Transform(const RawSample& raw, const TransformOptions& o,
                                          at::Generator& gen) {
+  if (o.resolution == 0)
+    return CaptionedImage{torch::Tensor(), DropCaption(raw.caption, o, gen), raw.meta};
   ASSIGN_OR_RETURN(torch::Tensor img, DecodeImage(raw.image, raw.origin));
   auto x = img.permute({2, 0, 1}).to(torch::kFloat32).div(127.5).sub(1.0);
   const int64_t h = x.size(1), w = x.size(2), res = o.resolution;
@@ -226,10 +237,7 @@ absl::StatusOr<CaptionedImage> Transform(const RawSample& raw, const TransformOp
   }
   x = x.slice(1, top, top + res).slice(2, left, left + res);
   if (o.random_flip && torch::rand({1}, gen).item<double>() < 0.5) x = x.flip({2});
-  std::string caption = raw.caption;
-  if (o.caption_dropout > 0 && torch::rand({1}, gen).item<double>() < o.caption_dropout)
-    caption.clear();
-  return CaptionedImage{x.contiguous(), std::move(caption), raw.meta};
+  return CaptionedImage{x.contiguous(), DropCaption(raw.caption, o, gen), raw.meta};
 }
 
 DataLoader::DataLoader(std::shared_ptr<const CaptionedSource> source, LoaderOptions o,
@@ -293,7 +301,7 @@ absl::StatusOr<Batch> DataLoader::Make(int64_t step) {
       break;
     }
   }
-  b.pixels = torch::stack(pixels);
+  if (o_.transform.resolution > 0) b.pixels = torch::stack(pixels);
   return b;
 }
 

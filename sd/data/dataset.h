@@ -58,13 +58,14 @@ struct CaptionedImage {
 };
 
 struct TransformOptions {
-  int64_t resolution = 64;
+  int64_t resolution = 64;  // 0: captions only (text-encoder training): no image is decoded
   bool center_crop = true;  // false: random crop
   bool random_flip = false;
   double caption_dropout = 0.0;  // probability of an empty caption (for CFG training)
 };
 
-// Decode, resize the shorter side to `resolution`, crop, flip, drop the caption.
+// Decode, resize the shorter side to `resolution`, crop, flip, drop the caption
+// (only the last at resolution 0).
 absl::StatusOr<CaptionedImage> Transform(const RawSample& raw, const TransformOptions& o,
                                          at::Generator& gen);
 
@@ -79,7 +80,7 @@ struct LoaderOptions {
 
 struct Batch {
   int64_t step = 0;
-  torch::Tensor pixels;  // [B, 3, res, res]
+  torch::Tensor pixels;  // [B, 3, res, res]; undefined for a captions-only loader
   std::vector<std::string> captions;
   std::vector<nlohmann::json> meta;
   std::vector<int64_t> indices;  // dataset index of each sample

@@ -273,6 +273,40 @@ TEST_F(DatasetTest, RanksShardTheGlobalBatchAndResumeIsExact) {
   EXPECT_EQ(std::set<int64_t>(seen.begin(), seen.end()).size(), 20u);
 }
 
+TEST_F(DatasetTest, CaptionsOnlyLoaderDecodesNothingAndDropsLikeTheImageLoader) {
+  const std::string dir = Write("png", 10, 0);
+  // An image that cannot be decoded does not matter to a captions-only loader.
+  ASSERT_TRUE(WriteFileAtomic((fs::path(dir) / "000003.png").string(), "not a png").ok());
+  std::shared_ptr<const CaptionedSource> src = *OpenDataset(dir);
+  LoaderOptions text;
+  text.local_batch = 5;
+  text.seed = 3;
+  text.transform.resolution = 0;
+  text.transform.caption_dropout = 0.4;
+  LoaderOptions images = text;
+  images.transform.resolution = 32;
+  DataLoader a(src, text, 0), b(src, images, 0);
+  int dropped = 0;
+  bool saw_undecodable = false;
+  for (int s = 0; s < 6; ++s) {
+    auto x = a.Next();
+    ASSERT_TRUE(x.ok()) << x.status();
+    EXPECT_FALSE(x->pixels.defined());
+    ASSERT_EQ(x->captions.size(), 5u);
+    for (int64_t i : x->indices) saw_undecodable |= i == 3;
+    for (const auto& c : x->captions) dropped += c.empty();
+    // The same draws as with images (center crop, no flip): the same captions dropped.
+    auto y = *b.Next();
+    for (size_t j = 0; j < y.indices.size(); ++j) {
+      if (y.indices[j] == x->indices[j]) EXPECT_EQ(y.captions[j], x->captions[j]);
+    }
+  }
+  EXPECT_TRUE(saw_undecodable);
+  EXPECT_TRUE(a.problems().empty());
+  EXPECT_GT(dropped, 3);  // 40% of 30
+  EXPECT_LT(dropped, 22);
+}
+
 TEST_F(DatasetTest, RandomCropAndFlipFollowTheirOptions) {
   const std::string dir = Write("png", 4, 0);
   auto src = *OpenDataset(dir);

@@ -55,7 +55,7 @@ torch::Tensor SampleGuidanceScales(const StageContext& ctx, int64_t step, int64_
   return torch::tensor(w).to(ctx.device);
 }
 
-void ApplyStudentTraining(const StudentTraining& o, TrainingPlan& plan) {
+void ApplyStudentTraining(const StudentSchedule& o, TrainingPlan& plan) {
   plan.lr = o.lr;
   if (o.ema) plan.ema_decay = o.ema_decay;
   plan.ema_warmup = o.ema_warmup;

@@ -37,7 +37,7 @@ torch::Tensor SampleGuidanceScales(const StageContext& ctx, int64_t step, int64_
 
 // The plan's lr, EMA, schedule, warm-up and clipping from the student's options
 // (its steps are the caller's: per phase or per stage).
-void ApplyStudentTraining(const StudentTraining& o, TrainingPlan& plan);
+void ApplyStudentTraining(const StudentSchedule& o, TrainingPlan& plan);
 
 struct Student {
   nlohmann::json unet_config;

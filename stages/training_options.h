@@ -45,19 +45,33 @@ inline absl::Status ReadGuidanceRange(SectionReader& r, std::vector<double>& ran
                                                 : absl::StrCat(range.size(), " values")));
 }
 
-// How a distillation stage trains its student (the keys both distillations read,
-// with the seed's STEPS, LR and EMA_DECAY as defaults).
-struct StudentTraining {
+// How a distillation stage trains its student (the keys every distillation
+// reads, with the seed's STEPS, LR and EMA_DECAY as defaults).
+struct StudentSchedule {
   int64_t steps = 800;                    // STEPS (per phase for progressive distillation)
   double lr = 1e-5;                       // LR
   std::string lr_scheduler = "constant";  // after the warm-up
   int64_t lr_warmup_steps = 0;
   double max_grad_norm = 1.0;
-  bool ema = true;            // the result is the EMA
-  double ema_decay = 0.9999;  // EMA_DECAY
-  bool ema_warmup = true;     // diffusers' warm-up: min(ema_decay, 1 - (1 + t)^(-2/3))
-  bool cache_latents = false;
+  bool ema = true;                     // the result is the EMA
+  double ema_decay = 0.9999;           // EMA_DECAY
+  bool ema_warmup = true;              // diffusers' warm-up: min(ema_decay, 1 - (1 + t)^(-2/3))
   std::string mixed_precision = "no";  // or bf16 (CUDA autocast)
+};
+
+inline absl::Status ReadStudentSchedule(SectionReader& r, StudentSchedule& o) {
+  RETURN_IF_ERROR(ReadStepsAndLr(r, o.steps, o.lr, o.lr_scheduler));
+  RETURN_IF_ERROR(r.Int("lr_warmup_steps", o.lr_warmup_steps, 0, 1e9));
+  RETURN_IF_ERROR(r.Number("max_grad_norm", o.max_grad_norm, 0, 1e9, true));
+  RETURN_IF_ERROR(r.Bool("ema", o.ema));
+  RETURN_IF_ERROR(r.Number("ema_decay", o.ema_decay, 0, 1, false, true));
+  RETURN_IF_ERROR(r.Bool("ema_warmup", o.ema_warmup));
+  return r.OneOf("mixed_precision", o.mixed_precision, {"no", "bf16"});
+}
+
+// A UNet student's schedule and its data: latents and timesteps.
+struct StudentTraining : StudentSchedule {
+  bool cache_latents = false;
   // Where the student trains: uniform, every integer t (the continuous interval
   // as the paper trains it: any spacing finds it trained, and the next phase asks
   // its teacher only for steps it learned); grid, only the DDIM timesteps it will
@@ -67,15 +81,9 @@ struct StudentTraining {
 };
 
 inline absl::Status ReadStudentTraining(SectionReader& r, const JobSpec& job, StudentTraining& o) {
-  RETURN_IF_ERROR(ReadStepsAndLr(r, o.steps, o.lr, o.lr_scheduler));
-  RETURN_IF_ERROR(r.Int("lr_warmup_steps", o.lr_warmup_steps, 0, 1e9));
-  RETURN_IF_ERROR(r.Number("max_grad_norm", o.max_grad_norm, 0, 1e9, true));
-  RETURN_IF_ERROR(r.Bool("ema", o.ema));
-  RETURN_IF_ERROR(r.Number("ema_decay", o.ema_decay, 0, 1, false, true));
-  RETURN_IF_ERROR(r.Bool("ema_warmup", o.ema_warmup));
+  RETURN_IF_ERROR(ReadStudentSchedule(r, o));
   RETURN_IF_ERROR(ReadCacheLatents(r, job, o.cache_latents));
-  RETURN_IF_ERROR(r.OneOf("timestep_sampling", o.timestep_sampling, {"grid", "uniform"}));
-  return r.OneOf("mixed_precision", o.mixed_precision, {"no", "bf16"});
+  return r.OneOf("timestep_sampling", o.timestep_sampling, {"grid", "uniform"});
 }
 
 }  // namespace sd::stages

@@ -1,6 +1,7 @@
 // Times the C++ core: `unet` (one forward, as in one CFG step), `unet-train`
 // (forward + backward of an MSE loss, as in one training step without the
-// optimizer) or `t2i` (text encoder + N UNet steps + VAE decode). Prints one JSON line;
+// optimizer), `t2i` (text encoder + N UNet steps + VAE decode) or `text-encoder`
+// (one CLIP forward of a padded batch; its parameter count too). Prints one JSON line;
 // bench/run_bench.py runs it beside the diffusers reference in the same run.
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
@@ -40,7 +41,8 @@ double Median(std::vector<double> v) {
 
 absl::Status Run(int argc, char** argv) {
   if (argc < 2)
-    return absl::InvalidArgumentError("usage: bench_sd unet|unet-train|t2i --model DIR [flags]");
+    return absl::InvalidArgumentError(
+        "usage: bench_sd unet|unet-train|t2i|text-encoder --model DIR [flags]");
   const std::string mode = argv[1];
   ASSIGN_OR_RETURN(
       sd::Args a,
@@ -118,8 +120,29 @@ absl::Status Run(int argc, char** argv) {
       double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (i >= warmup) times.push_back(s);
     }
+  } else if (mode == "text-encoder") {
+    // --model is a text_encoder folder: one forward of `batch` padded prompts.
+    ASSIGN_OR_RETURN(auto te, sd::LoadCLIPTextModel(a.Get("model"), /*copy_weights=*/true));
+    te->to(device, dtype);
+    ASSIGN_OR_RETURN(int64_t batch, a.Int("batch", 2));
+    const int64_t n = te->config().max_position_embeddings;
+    auto ids = torch::randint(0, te->config().vocab_size - 2, {batch, n},
+                              torch::TensorOptions().dtype(torch::kLong).device(device));
+    int64_t params = 0;
+    for (const auto& p : te->parameters()) params += p.numel();
+    out["parameters"] = params;
+    out["layers"] = te->config().num_hidden_layers;
+    torch::InferenceMode guard;
+    for (int64_t i = 0; i < warmup + iters; ++i) {
+      Sync(device);
+      auto t0 = std::chrono::steady_clock::now();
+      te->forward(ids);
+      Sync(device);
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (i >= warmup) times.push_back(s);
+    }
   } else {
-    return absl::InvalidArgumentError("mode must be unet, unet-train or t2i");
+    return absl::InvalidArgumentError("mode must be unet, unet-train, t2i or text-encoder");
   }
   out["times_s"] = times;
   out["median_s"] = Median(times);

@@ -1,10 +1,13 @@
 // The pieces every training stage shares: the learning-rate schedule and the
-// trainer's checkpoints across several trained components.
+// trainer's checkpoints across several trained components; and the stages'
+// own pure parts (clip_distillation's layer mapping).
 #include "stages/training.h"
 
 #include <gtest/gtest.h>
 
 #include <filesystem>
+
+#include "stages/clip_distillation/clip_distillation_stage.h"
 
 namespace sd::stages {
 namespace {
@@ -87,6 +90,42 @@ TEST(ParamTrainerTest, FrozenParametersAreWrittenUnchanged) {
   EXPECT_TRUE(torch::equal(w.at("bias"), bias));
   EXPECT_FALSE(torch::equal(w.at("weight"), weight));
   EXPECT_TRUE(t.Weights("vae").empty());
+}
+
+}  // namespace
+}  // namespace sd::stages
+
+namespace sd::stages {
+namespace {
+
+std::vector<int64_t> Map(int64_t teacher, int64_t layers = 0, std::vector<int64_t> given = {}) {
+  ClipDistillationOptions o;
+  o.layers = layers;
+  o.teacher_layers = std::move(given);
+  auto m = StudentLayerMap(o, teacher, "/m/text_encoder");
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? *m : std::vector<int64_t>{};
+}
+
+TEST(ClipDistillationTest, StudentLayersSpreadEvenlyEndingOnTheTeachersLast) {
+  EXPECT_EQ(Map(12), (std::vector<int64_t>{1, 3, 5, 7, 9, 11}));  // SD1.5: half
+  EXPECT_EQ(Map(2), (std::vector<int64_t>{1}));                   // the toy teacher
+  EXPECT_EQ(Map(3), (std::vector<int64_t>{0, 2}));                // half, rounded up
+  EXPECT_EQ(Map(12, 4), (std::vector<int64_t>{2, 5, 8, 11}));
+  EXPECT_EQ(Map(12, 0, {0, 4, 11}), (std::vector<int64_t>{0, 4, 11}));
+}
+
+TEST(ClipDistillationTest, AStudentTheTeacherCannotGiveIsNamed) {
+  ClipDistillationOptions o;
+  o.layers = 12;
+  EXPECT_EQ(StudentLayerMap(o, 12, "/m/text_encoder").status().message(),
+            "clip_distillation.layers: 12 student layers for a teacher of 12 (/m/text_encoder); "
+            "the student must have fewer");
+  o.layers = 0;
+  o.teacher_layers = {3, 12};
+  EXPECT_EQ(StudentLayerMap(o, 12, "/m/text_encoder").status().message(),
+            "clip_distillation.teacher_layers: names teacher layer 12, but the text encoder of "
+            "/m/text_encoder has layers 0..11");
 }
 
 }  // namespace

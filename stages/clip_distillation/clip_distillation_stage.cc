@@ -124,10 +124,13 @@ absl::Status ClipDistillationStage::Run(StageContext& ctx) {
       loss = loss + o.intermediate_weight * layers / static_cast<double>(map.size());
     }
     if (maps) {
-      std::vector<torch::Tensor> mapped;
-      for (const int64_t i : map) mapped.push_back(t.attentions[i].to(torch::kFloat32));
-      std::vector<torch::Tensor> own;
-      for (const auto& a : s.attentions) own.push_back(a.to(torch::kFloat32));
+      std::vector<torch::Tensor> mapped, own;
+      mapped.reserve(map.size());
+      own.reserve(map.size());
+      for (size_t k = 0; k < map.size(); ++k) {
+        mapped.push_back(t.attentions[map[k]].to(torch::kFloat32));
+        own.push_back(s.attentions[k].to(torch::kFloat32));
+      }
       loss = loss + o.attention_weight * AttentionMapLoss(own, mapped);
     }
     return loss;

@@ -36,6 +36,11 @@ StageDescriptor ProgressiveDistillationDescriptor() {
     RETURN_IF_ERROR(r.Number("attention_weight", o.attention_weight, 0, 1e6));
     RETURN_IF_ERROR(r.Bool("keep_phase_models", o.keep_phase_models));
     RETURN_IF_ERROR(ReadGuidanceRange(r, o.guidance_range));
+    RETURN_IF_ERROR(r.Number("guided_scale", o.guided_scale, 0, 100));
+    if (o.guided_scale > 0 && !o.guidance_range.empty())
+      return r.Error("guided_scale",
+                     "is for a two-pass student; guidance_range is for a CFG-distilled input, "
+                     "which has guidance built in: set one of them");
     return o;
   };
   d.total_steps = [](const std::any& a) {

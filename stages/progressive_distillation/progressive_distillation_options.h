@@ -25,6 +25,12 @@ struct ProgressiveDistillationOptions {
   // For a CFG-distilled input only (guidance first, as Meng et al. order it):
   // the guidance scales the phases are distilled at, uniform per sample.
   std::vector<double> guidance_range;
+  // > 0: the target is the guided teacher's: two DDIM steps of
+  // uncond + w (cond - uncond) at w = guided_scale, and what must land there is
+  // the student's own guided output (its conditional and unconditional passes,
+  // combined the same way). The student is then distilled for sampling at that
+  // scale (two passes per step still); 0: cond and uncond are learned apart.
+  double guided_scale = 0;
 };
 
 }  // namespace sd::stages

@@ -57,6 +57,17 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
   UNet2DConditionModel& student = m.unet;
   Freeze(*text_encoder, ctx.device);
   Freeze(*vae, ctx.device);
+  if (guidance_dim > 0 && o.guided_scale > 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("progressive_distillation.guided_scale: the input ", input,
+                     " is CFG-distilled (one pass per step); guided_scale needs a two-pass model"));
+  const double w = o.guided_scale;
+  torch::Tensor empty_context;  // the unconditional prompt's, for guided targets
+  if (w > 0) {
+    torch::NoGradGuard ng;
+    empty_context =
+        text_encoder->forward(m.tokenizer.Tokenize({""}).to(ctx.device)).last_hidden_state;
+  }
   student->to(ctx.device);
   student->train();
 
@@ -147,16 +158,23 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
         AutocastGuard autocast(o.train.mixed_precision, ctx.device);
         teacher->recorder().Clear();
         teacher->recorder().enabled = attention;
-        const torch::Tensor first =
-            teacher->forward(z, n.timesteps, context, guidance).to(torch::kFloat32);
-        teacher->recorder().enabled = false;
+        // The teacher's output as its sampler uses it: guided at w when asked.
+        const auto teacher_out = [&](const torch::Tensor& x, const torch::Tensor& tt) {
+          const torch::Tensor c = teacher->forward(x, tt, context, guidance).to(torch::kFloat32);
+          teacher->recorder().enabled = false;
+          if (w == 0) return c;
+          const torch::Tensor u =
+              teacher->forward(x, tt, empty_context.expand({x.size(0), -1, -1}), guidance)
+                  .to(torch::kFloat32);
+          return u + w * (c - u);
+        };
+        const torch::Tensor first = teacher_out(z, n.timesteps);
         teacher_maps = std::move(teacher->recorder().maps);
         teacher->recorder().Clear();
         const torch::Tensor z_mid = DdimStep(pt, first, z, at, at_mid, clip);
         // A first step past t = 0 already ends the sampler: no second one.
         const auto mid_t = torch::tensor(mid, torch::kLong).clamp_min(0).to(ctx.device);
-        const torch::Tensor second =
-            teacher->forward(z_mid, mid_t, context, guidance).to(torch::kFloat32);
+        const torch::Tensor second = teacher_out(z_mid, mid_t);
         const auto past_end =
             (torch::tensor(mid, torch::kLong) < 0).view({-1, 1, 1, 1}).to(ctx.device);
         const torch::Tensor z_end =
@@ -166,9 +184,14 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
       AutocastGuard autocast(o.train.mixed_precision, ctx.device);
       student->recorder().Clear();
       student->recorder().enabled = attention;
-      const torch::Tensor out =
-          student->forward(z, n.timesteps, context, guidance).to(torch::kFloat32);
+      torch::Tensor out = student->forward(z, n.timesteps, context, guidance).to(torch::kFloat32);
       student->recorder().enabled = false;
+      if (w > 0) {
+        const torch::Tensor u =
+            student->forward(z, n.timesteps, empty_context.expand({z.size(0), -1, -1}), guidance)
+                .to(torch::kFloat32);
+        out = u + w * (out - u);
+      }
       torch::Tensor loss =
           ((out - target).pow(2).mean({1, 2, 3}) * TruncatedSnrWeights(pt, at)).mean();
       if (attention)
@@ -211,6 +234,7 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
       {"phases", history},
       {"ema", o.train.ema},
       {"attention_weight", o.attention_weight},
+      {"guided_scale", o.guided_scale},
       {"guidance", guidance_dim > 0 ? "distilled: one UNet pass per step (unet time_cond_proj_dim)"
                                     : "classifier-free: two UNet passes per step"}};
   if (guidance_dim > 0) s.distillation["guidance_range"] = o.guidance_range;

@@ -102,13 +102,16 @@ def test_resume_inside_a_later_phase_is_exact(tiny_v, tmp_path, sampling):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_two_gloo_workers_match_one_worker_with_double_batch(tiny_v, tmp_path):
+@pytest.mark.parametrize("extra", ["", "  guided_scale: 5\n"], ids=["apart", "guided"])
+def test_two_gloo_workers_match_one_worker_with_double_batch(tiny_v, tmp_path, extra):
     single = str(tmp_path / "single")
     # The seed's LR: Adam steps are about lr * sign(grad), so float-level noise in
     # near-zero gradients shows in proportion to lr (as in the finetune test).
-    run_stage(write_job(tmp_path, tiny_v, "b2", batch=2, lr="1.0e-5", steps=6), str(tmp_path / "ckpt1"), single)
+    run_stage(write_job(tmp_path, tiny_v, "b2", batch=2, lr="1.0e-5", steps=6, extra=extra), str(tmp_path / "ckpt1"),
+              single)
     dp = str(tmp_path / "dp")
-    run_two_ranks(write_job(tmp_path, tiny_v, "b1", batch=1, lr="1.0e-5", steps=6), str(tmp_path / "ckpt2"), dp)
+    run_two_ranks(write_job(tmp_path, tiny_v, "b1", batch=1, lr="1.0e-5", steps=6, extra=extra), str(tmp_path / "ckpt2"),
+                  dp)
     a, b, teacher = unet(single), unet(dp), unet(tiny_v)
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst < 1e-5, worst
@@ -120,6 +123,7 @@ def test_two_gloo_workers_match_one_worker_with_double_batch(tiny_v, tmp_path):
     ("  progressive_stages: 50,25,12,3\n", "drops from 12 to 3 steps"),
     ("  progressive_stages: [6]\n", "needs the teacher's step count"),
     ("  timestep_spacing: linspace\n", "timestep_spacing"),
+    ("  guided_scale: 5\n  guidance_range: [2, 10]\n", "set one of them"),
 ])
 def test_bad_options_are_refused_at_submit(tiny_v, tmp_path, section, message):
     job = write_job(tmp_path, tiny_v).replace("  progressive_stages: [8, 4, 2]\n", "")
@@ -256,3 +260,15 @@ def test_steps_of_a_cfg_distilled_model_distil_at_its_guidance_scales(tiny_v, tm
             "--out", png)
     ours = np.asarray(Image.open(png)).astype(np.int16)
     assert np.abs(ours - (ref * 255).round().astype(np.int16)).max() <= 1
+
+
+def test_guided_targets_train_the_guided_output(tiny_v, tmp_path):
+    """guided_scale: the student's guided output is what is trained, so its cond and uncond
+    move otherwise than when they are learned apart, and the result records the scale."""
+    plain, guided = str(tmp_path / "plain"), str(tmp_path / "guided")
+    run_stage(write_job(tmp_path, tiny_v, "p"), str(tmp_path / "c1"), plain)
+    run_stage(write_job(tmp_path, tiny_v, "g", extra="  guided_scale: 5\n"), str(tmp_path / "c2"), guided)
+    a, b, t = unet(plain), unet(guided), unet(tiny_v)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) > 1e-5
+    assert max(float(np.abs(b[k] - t[k]).max()) for k in b) > 1e-5
+    assert json.load(open(os.path.join(guided, "distillation.json")))["guided_scale"] == 5

@@ -159,8 +159,9 @@ absl::Status ProgressiveDistillationStage::Run(StageContext& ctx) {
         teacher->recorder().Clear();
         teacher->recorder().enabled = attention;
         // The teacher's output as its sampler uses it: guided at w when asked.
-        const auto teacher_out = [&](const torch::Tensor& x, const torch::Tensor& tt) {
-          const torch::Tensor c = teacher->forward(x, tt, context, guidance).to(torch::kFloat32);
+        const auto teacher_out = [&](const torch::Tensor& x,
+                                     const torch::Tensor& tt) -> torch::Tensor {
+          torch::Tensor c = teacher->forward(x, tt, context, guidance).to(torch::kFloat32);
           teacher->recorder().enabled = false;
           if (w == 0) return c;
           const torch::Tensor u =

@@ -9,28 +9,16 @@ import pytest
 import torch
 
 from conftest import run_bin
-from test_finetune_stage import make_dataset, run_stage, run_two_ranks, te, unet
+from test_finetune_stage import run_stage, run_two_ranks, te, unet, write_stage_job
 from test_parity import maxdiff, probe
 
 PROMPTS = ["a red square", "", "a blue square", "a purple star in the corner"]
 
 
 def write_job(tmp_path, model_dir, name="clip", batch=2, lr="1.0e-3", steps=6, extra=""):
-    data = make_dataset(str(tmp_path / "data"))
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(f"""model: {model_dir}
-dataset: {data}
-seed: 4
-batch_size: {batch}
-checkpoint_interval: 2
-stages: [clip_distillation]
-clip_distillation:
-  steps: {steps}
-  lr: {lr}
-  ema_decay: 0.9
-  empty_prompt_fraction: 0.25
-{extra}""")
-    return str(path)
+    return write_stage_job(tmp_path, name, model_dir, "clip_distillation",
+                           f"  steps: {steps}\n  lr: {lr}\n  ema_decay: 0.9\n  empty_prompt_fraction: 0.25\n{extra}",
+                           seed=4, batch=batch)
 
 
 def encode(text_encoder_dir, ids):

@@ -9,28 +9,14 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import run_bin
-from test_finetune_stage import make_dataset, run_stage, run_two_ranks, unet
+from test_finetune_stage import run_stage, run_two_ranks, unet, write_stage_job
 from test_parity import copy_with_scheduler
 
 
 def write_job(tmp_path, model_dir, name="job", batch=2, extra="", lr="1.0e-4", steps=3):
-    data = make_dataset(str(tmp_path / "data"))
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(f"""model: {model_dir}
-dataset: {data}
-seed: 5
-batch_size: {batch}
-checkpoint_interval: 2
-data:
-  caption_dropout: 0.3
-stages: [progressive_distillation]
-progressive_distillation:
-  progressive_stages: [8, 4, 2]
-  steps: {steps}
-  lr: {lr}
-  ema_decay: 0.99
-{extra}""")
-    return str(path)
+    return write_stage_job(tmp_path, name, model_dir, "progressive_distillation",
+                           f"  progressive_stages: [8, 4, 2]\n  steps: {steps}\n  lr: {lr}\n  ema_decay: 0.99\n{extra}",
+                           seed=5, batch=batch, caption_dropout=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -145,23 +131,9 @@ def test_a_teacher_without_a_scheduler_config_is_named(tiny_v, tmp_path):
 
 
 def write_cfg_job(tmp_path, model_dir, name="cfg", batch=2, lr="1.0e-4", steps=4, extra=""):
-    data = make_dataset(str(tmp_path / "data"))
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(f"""model: {model_dir}
-dataset: {data}
-seed: 6
-batch_size: {batch}
-checkpoint_interval: 2
-data:
-  caption_dropout: 0.2
-stages: [cfg_distillation]
-cfg_distillation:
-  steps: {steps}
-  lr: {lr}
-  guidance_range: [2, 10]
-  guidance_embedding_dim: 16
-{extra}""")
-    return str(path)
+    return write_stage_job(tmp_path, name, model_dir, "cfg_distillation",
+                           f"  steps: {steps}\n  lr: {lr}\n  guidance_range: [2, 10]\n  guidance_embedding_dim: 16\n{extra}",
+                           seed=6, batch=batch, caption_dropout=0.2)
 
 
 def test_cfg_student_runs_one_pass_per_step_in_diffusers_as_here(tiny_v, tmp_path):

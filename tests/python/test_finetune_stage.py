@@ -32,6 +32,17 @@ def make_dataset(path, n=6, malformed_line=False):
     return path
 
 
+def write_stage_job(tmp_path, name, model_dir, stage, options, seed, batch=2, caption_dropout=None):
+    """A one-stage job on make_dataset's images (checkpoints every 2 steps); `options` is the
+    stage's section body, two-space indented lines."""
+    data = make_dataset(str(tmp_path / "data"))
+    dropout = "" if caption_dropout is None else f"data:\n  caption_dropout: {caption_dropout}\n"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"model: {model_dir}\ndataset: {data}\nseed: {seed}\nbatch_size: {batch}\n"
+                    f"checkpoint_interval: 2\n{dropout}stages: [{stage}]\n{stage}:\n{options}")
+    return str(path)
+
+
 def write_job(tmp_path, model_dir, seed, warmup, finetune_extra=""):
     """A 6-step finetune job (batch 2, EMA, checkpoints every 2 steps) on make_dataset's images."""
     data = make_dataset(str(tmp_path / "data"))

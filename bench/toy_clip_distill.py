@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
 from run_bench import BENCH, MODELS, machine  # noqa: E402
+from sdtest.tiny_models import write_layer_dropped  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 EVAL = os.path.join(ROOT, "output", "toy-clip-eval")
@@ -37,25 +38,6 @@ def default_map(layers):
     """The stage's default: half the layers, rounded up, spread evenly with the last on the last."""
     n = (layers + 1) // 2
     return [(k + 1) * layers // n - 1 for k in range(n)]
-
-
-def write_layer_dropped(teacher_te, keep, out_dir):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    t = CLIPTextModel.from_pretrained(teacher_te)
-    cfg = CLIPTextConfig.from_pretrained(teacher_te)
-    cfg.num_hidden_layers = len(keep)
-    s = CLIPTextModel(cfg)
-    sd = {}
-    for k, v in t.state_dict().items():
-        if ".layers." in k:
-            i = int(k.split(".layers.")[1].split(".")[0])
-            if i not in keep:
-                continue
-            k = k.replace(f".layers.{i}.", f".layers.{keep.index(i)}.")
-        sd[k] = v
-    s.load_state_dict(sd)
-    s.save_pretrained(out_dir)
 
 
 def layer_dropped(teacher, out):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import run_bin
+from sdtest.tiny_models import write_layer_dropped
 from test_finetune_stage import run_stage, run_two_ranks, te, unet, write_stage_job
 from test_parity import maxdiff, probe
 
@@ -27,27 +28,6 @@ def encode(text_encoder_dir, ids):
     m = CLIPTextModel.from_pretrained(text_encoder_dir)
     with torch.no_grad():
         return m(ids, output_hidden_states=True)
-
-
-def layer_dropped(teacher_dir, keep, out_dir):
-    """The teacher with only layers `keep` (what the student starts from, untrained)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    t = CLIPTextModel.from_pretrained(teacher_dir)
-    cfg = CLIPTextConfig.from_pretrained(teacher_dir)
-    cfg.num_hidden_layers = len(keep)
-    s = CLIPTextModel(cfg)
-    sd = {}
-    for k, v in t.state_dict().items():
-        if ".layers." in k:
-            i = int(k.split(".layers.")[1].split(".")[0])
-            if i not in keep:
-                continue
-            k = k.replace(f".layers.{i}.", f".layers.{keep.index(i)}.")
-        sd[k] = v
-    s.load_state_dict(sd)
-    s.save_pretrained(out_dir)
-    return out_dir
 
 
 def test_student_is_a_transformers_encoder_the_cpp_one_runs_and_it_learned(tiny_sd, tmp_path):
@@ -80,7 +60,7 @@ def test_student_is_a_transformers_encoder_the_cpp_one_runs_and_it_learned(tiny_
 
     # It learned: closer to the teacher than the layers it started from (0 and 2), on a
     # caption and on the empty prompt CFG reads.
-    start = encode(layer_dropped(os.path.join(model_dir, "text_encoder"), [0, 2], str(tmp_path / "init")), ids)
+    start = encode(write_layer_dropped(os.path.join(model_dir, "text_encoder"), [0, 2], str(tmp_path / "init")), ids)
     goal = encode(os.path.join(model_dir, "text_encoder"), ids).last_hidden_state
     for j in (0, 1):
         before = float((start.last_hidden_state[j] - goal[j]).pow(2).mean())

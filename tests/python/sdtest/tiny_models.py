@@ -180,3 +180,25 @@ if __name__ == "__main__":
     make_pipeline(tmp)
     os.replace(tmp, out)
     print(out)
+
+
+def write_layer_dropped(teacher_dir, keep, out_dir):
+    """The text encoder of `teacher_dir` with only layers `keep` (renumbered 0..), untrained:
+    what clip_distillation's student starts from, saved as a transformers folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    teacher = CLIPTextModel.from_pretrained(teacher_dir)
+    cfg = CLIPTextConfig.from_pretrained(teacher_dir)
+    cfg.num_hidden_layers = len(keep)
+    student = CLIPTextModel(cfg)
+    weights = {}
+    for k, v in teacher.state_dict().items():
+        if ".layers." in k:
+            i = int(k.split(".layers.")[1].split(".")[0])
+            if i not in keep:
+                continue
+            k = k.replace(f".layers.{i}.", f".layers.{keep.index(i)}.")
+        weights[k] = v
+    student.load_state_dict(weights)
+    student.save_pretrained(out_dir)
+    return out_dir

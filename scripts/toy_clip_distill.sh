@@ -18,10 +18,8 @@ B=build/bin
 D=output/toy-data
 E=output/toy-clip-eval
 PROBE=output/toy-probe.safetensors
-TEACHER=output/toy-teacher/model
+TEACHER=output/toy-teacher/model  # scripts/toy_world.sh links the newest trained teacher here
 mkdir -p $E
-T=$(ls -d output/toy-teacher/runs/job-*/finetune | sort | tail -1)
-ln -sfn "${T#output/toy-teacher/}" $TEACHER
 . .venv/bin/activate
 
 STUDENT=$(ls -d output/toy-clip-distill/runs/job-*/clip_distillation 2>/dev/null | sort | tail -1 || true)

@@ -19,11 +19,8 @@ B=build/bin
 D=output/toy-data
 E=output/toy-distill-eval
 PROBE=output/toy-probe.safetensors
-TEACHER=output/toy-teacher/model
+TEACHER=output/toy-teacher/model  # scripts/toy_world.sh links the newest trained teacher here
 mkdir -p $E
-# examples/toy-distill.yaml names the teacher by this link to the newest trained one.
-T=$(ls -d output/toy-teacher/runs/job-*/finetune | sort | tail -1)
-ln -sfn "${T#output/toy-teacher/}" $TEACHER
 
 # The newest finished stage folder of a job output root.
 newest() { ls -d "$1"/runs/job-*/"$2" 2>/dev/null | sort | tail -1; }

@@ -22,6 +22,8 @@ if [ -z "$(newest_teacher)" ]; then
   echo "teacher trained in $(( $(date +%s) - start )) s"
 fi
 TEACHER=$(newest_teacher)
+# The distillation jobs (examples/toy-*distill.yaml) name the teacher by this link.
+ln -sfn "${TEACHER#output/toy-teacher/}" output/toy-teacher/model
 
 PROBE=output/toy-probe.safetensors
 [ -f $PROBE ] || $B/sdctl probe train --data $D/train --heldout $D/heldout --out $PROBE --steps 1200

@@ -95,6 +95,10 @@ absl::StatusOr<UNetConfig> UNetConfig::FromJson(const JsonConfig& c) {
     ASSIGN_OR_RETURN(u.time_cond_proj_dim, c.Int("time_cond_proj_dim", 0));
     if (u.time_cond_proj_dim <= 0) return c.Error("time_cond_proj_dim", "must be positive or null");
   }
+  if (c.Has("time_embedding_dim") && !c.json()["time_embedding_dim"].is_null()) {
+    ASSIGN_OR_RETURN(u.time_embedding_dim, c.Int("time_embedding_dim", 0));
+    if (u.time_embedding_dim <= 0) return c.Error("time_embedding_dim", "must be positive or null");
+  }
   RETURN_IF_ERROR(RequireDefault(c, "only_cross_attention", false));
   RETURN_IF_ERROR(RequireDefault(c, "dual_cross_attention", false));
   RETURN_IF_ERROR(RequireDefault(c, "resnet_time_scale_shift", "default"));
@@ -140,14 +144,16 @@ nlohmann::json UNetConfig::ToJson() const {
           {"center_input_sample", center_input_sample},
           {"act_fn", "silu"},
           {"time_cond_proj_dim",
-           time_cond_proj_dim > 0 ? nlohmann::json(time_cond_proj_dim) : nlohmann::json(nullptr)}};
+           time_cond_proj_dim > 0 ? nlohmann::json(time_cond_proj_dim) : nlohmann::json(nullptr)},
+          {"time_embedding_dim",
+           time_embedding_dim > 0 ? nlohmann::json(time_embedding_dim) : nlohmann::json(nullptr)}};
 }
 
 UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
     : config_(cfg), recorder_(std::make_shared<AttentionRecorder>()) {
   const auto& ch = cfg.block_out_channels;
   const size_t n = ch.size();
-  const int64_t temb_dim = ch[0] * 4;
+  const int64_t temb_dim = cfg.temb_dim();
   conv_in = register_module(
       "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg.in_channels, ch[0], 3).padding(1)));
   auto time_embedding = std::make_shared<torch::nn::Module>();
@@ -291,11 +297,13 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in,
       h = blk->downsamplers[0]->as<Downsample2D>()->forward(h);
       skips.push_back(h);
     }
+    if (block_outputs_) block_outputs_->push_back(h);
   }
   if (mid) {
     h = mid->resnets[0]->as<ResnetBlock2D>()->forward(h, temb);
     h = mid->attentions[0]->as<Transformer2DModel>()->forward(h, context);
     h = mid->resnets[1]->as<ResnetBlock2D>()->forward(h, temb);
+    if (block_outputs_) block_outputs_->push_back(h);
   }
   for (const auto& m : *up_blocks) {
     auto blk = m->as<UNetBlockImpl>();
@@ -309,6 +317,7 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in,
       // Upsample to the next skip's size, which also handles latents not divisible by 2^n.
       h = blk->upsamplers[0]->as<Upsample2D>()->forward(h, skips.back().sizes().slice(2));
     }
+    if (block_outputs_) block_outputs_->push_back(h);
   }
   h = conv_out(torch::silu(conv_norm_out(h)));
   return channels_last_ ? h.contiguous() : h;

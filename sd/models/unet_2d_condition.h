@@ -37,6 +37,12 @@ struct UNetConfig {
   // > 0: a guidance-conditioned (CFG-distilled) UNet, as LCM's: the time
   // embedding adds cond_proj(GuidanceScaleEmbedding(w)) before linear_1.
   int64_t time_cond_proj_dim = 0;
+  // > 0: the time embedding's width (diffusers' time_embedding_dim); 0: 4x
+  // block_out_channels[0]. A pruned UNet keeps its unpruned width this way.
+  int64_t time_embedding_dim = 0;
+  int64_t temb_dim() const {
+    return time_embedding_dim > 0 ? time_embedding_dim : 4 * block_out_channels[0];
+  }
 
   static absl::StatusOr<UNetConfig> FromJson(const JsonConfig& c);
   nlohmann::json ToJson() const;
@@ -67,11 +73,15 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   bool channels_last() const { return channels_last_; }
   // See AttentionImpl::fuse_projections.
   void fuse_qkv_projections(bool on);
+  // While set, each forward appends to `out` the output of every down block, the
+  // mid block and every up block, in that order (feature distillation); null: off.
+  void record_block_outputs(std::vector<torch::Tensor>* out) { block_outputs_ = out; }
 
  private:
   UNetConfig config_;
   std::shared_ptr<AttentionRecorder> recorder_;
   bool channels_last_ = false;
+  std::vector<torch::Tensor>* block_outputs_ = nullptr;
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   torch::nn::Linear time_linear_1{nullptr}, time_linear_2{nullptr}, time_cond_proj{nullptr};
   torch::nn::ModuleList down_blocks{nullptr}, up_blocks{nullptr};

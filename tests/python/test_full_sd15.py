@@ -1,6 +1,7 @@
 """The full SD1.5 UNet configuration (random weights, ~860M parameters) loads and matches diffusers."""
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -43,3 +44,78 @@ def test_sd15_unet_loads_and_matches(tmp_path):
     run_bin("sd_probe", "unet", "--model", unet_dir, "--inputs", inp, "--out", out)
     ours = load_file(out)["sample"]
     assert (ours - ref).abs().max().item() < 1e-4
+
+
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                sample_size=512)
+SD15_CLIP = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                 projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
+
+
+def write_sd15_random(out_dir, tiny_dir):
+    """A full SD1.5-configured pipeline folder, random weights, the tiny pipeline's tokenizer
+    and scheduler."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    for name in ("tokenizer", "scheduler", "model_index.json"):
+        src = os.path.join(tiny_dir, name)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(out_dir, name))
+    UNet2DConditionModel(**SD15_UNET).save_pretrained(os.path.join(out_dir, "unet"))
+    AutoencoderKL(**SD15_VAE).save_pretrained(os.path.join(out_dir, "vae"))
+    CLIPTextModel(CLIPTextConfig(**SD15_CLIP)).save_pretrained(os.path.join(out_dir, "text_encoder"))
+
+
+def test_sd15_prunes_at_the_seed_ratios_and_diffusers_runs_it_as_we_do(tiny_sd, tmp_path):
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from test_finetune_stage import run_stage, write_stage_job
+    from test_parity import probe
+
+    src = str(tmp_path / "sd15")
+    write_sd15_random(src, tiny_sd[0])
+    job = write_stage_job(tmp_path, "prune", src, "prune", "", seed=0)
+    out = str(tmp_path / "pruned")
+    run_stage(job, str(tmp_path / "ckpt"), out)
+    report = json.load(open(os.path.join(out, "prune_report.json")))["components"]
+    # 30% of every UNet block in whole GroupNorm groups (32 groups of 10, 20, 40: 7, 14, 28 kept).
+    assert json.load(open(os.path.join(out, "unet", "config.json")))["block_out_channels"] == [224, 448, 896, 896]
+    assert [lv["ratio_reached"] for lv in report["unet"]["levels"]] == pytest.approx([0.3] * 4)
+    assert all(g["groups_not_subsets"] == 0 for g in report["unet"]["group_norms"].values())
+    assert json.load(open(os.path.join(out, "vae", "config.json")))["block_out_channels"] == [96, 192, 416, 416]
+    assert json.load(open(os.path.join(out, "text_encoder", "config.json")))["intermediate_size"] == 2304
+
+    g = torch.Generator().manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
+    assert sum(p.numel() for p in unet.parameters()) == report["unet"]["parameters"]["after"]
+    inputs = {"sample": torch.randn(1, 4, 16, 16, generator=g), "timestep": torch.tensor(500),
+              "encoder_hidden_states": torch.randn(1, 77, 768, generator=g)}
+    with torch.no_grad():
+        ref = unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"]).sample
+    del unet
+    assert (probe("unet", os.path.join(out, "unet"), inputs, tmp_path)["sample"] - ref).abs().max().item() < 1e-4
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae")).eval()
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    images = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        dec = vae.decode(latents).sample
+        mean = vae.encode(images).latent_dist.mean
+    ours = probe("vae", os.path.join(out, "vae"), {"images": images, "latents": latents}, tmp_path)
+    assert (ours["decoded"] - dec).abs().max().item() < 1e-4
+    assert (ours["mean"] - mean).abs().max().item() < 1e-4
+
+    te = CLIPTextModel.from_pretrained(os.path.join(out, "text_encoder")).eval()
+    ids = torch.randint(0, 49407, (1, 77), generator=g)
+    with torch.no_grad():
+        hidden = te(ids).last_hidden_state
+    ours = probe("text-encoder", os.path.join(out, "text_encoder"), {"input_ids": ids}, tmp_path)
+    assert (ours["last_hidden_state"] - hidden).abs().max().item() < 1e-4

@@ -1,0 +1,101 @@
+#include "stages/prune/prune_stage.h"
+
+#include <filesystem>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "sd/io/json_config.h"
+#include "sd/models/autoencoder_kl.h"
+#include "sd/models/clip_text_model.h"
+#include "sd/models/state_dict.h"
+#include "sd/models/unet_2d_condition.h"
+#include "sd/prune/prune_models.h"
+#include "sd/util/file.h"
+#include "sd/util/status_macros.h"
+#include "stages/prune/prune_options.h"
+#include "stages/training.h"
+
+namespace sd::stages {
+namespace fs = std::filesystem;
+namespace {
+
+using PruneFn = absl::StatusOr<prune::PrunedComponent> (*)(const nlohmann::json&,
+                                                           const safetensors::TensorMap&, double,
+                                                           const std::string&);
+
+// Loads component `name` of `model` through its own loader (old names mapped,
+// shards joined), prunes it, and loads the result the way every reader will:
+// a pruned model that does not load is never written.
+template <typename Config, typename Model, typename Loaded>
+absl::StatusOr<prune::PrunedComponent> PruneComponent(const fs::path& model,
+                                                      const std::string& name, double ratio,
+                                                      PruneFn prune_fn,
+                                                      Loaded (*load)(const std::string&, bool)) {
+  const fs::path dir = model / name;
+  const std::string config_path = (dir / "config.json").string();
+  ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load(config_path));
+  safetensors::TensorMap weights;
+  {
+    ASSIGN_OR_RETURN(auto m, load(dir.string(), false));
+    weights = StateDict(*m);
+  }
+  ASSIGN_OR_RETURN(prune::PrunedComponent p, prune_fn(json.json(), weights, ratio, config_path));
+  weights.clear();
+  const std::string origin = absl::StrCat("pruned ", name);
+  ASSIGN_OR_RETURN(Config cfg, Config::FromJson(JsonConfig::FromJson(p.config, origin)));
+  Model check(cfg);
+  RETURN_IF_ERROR(LoadStateDict(*check, p.weights, origin, origin));
+  return p;
+}
+
+}  // namespace
+
+absl::Status PruneStage::Run(StageContext& ctx) {
+  const auto& o = ctx.options<PruneOptions>("prune");
+  ASSIGN_OR_RETURN(const std::string input, InputModel(ctx));
+  const fs::path in = fs::absolute(input);
+  return RunTransformStage(ctx, [&](const std::string& dir) -> absl::Status {
+    std::map<std::string, prune::PrunedComponent> pruned;
+    if (o.unet_ratio > 0) {
+      ASSIGN_OR_RETURN(pruned["unet"], (PruneComponent<UNetConfig, UNet2DConditionModel>(
+                                           in, "unet", o.unet_ratio, prune::PruneUNet, LoadUNet)));
+    }
+    if (o.text_encoder_ratio > 0) {
+      ASSIGN_OR_RETURN(pruned["text_encoder"], (PruneComponent<CLIPTextConfig, CLIPTextModel>(
+                                                   in, "text_encoder", o.text_encoder_ratio,
+                                                   prune::PruneTextEncoder, LoadCLIPTextModel)));
+    }
+    if (o.vae_ratio > 0) {
+      ASSIGN_OR_RETURN(pruned["vae"], (PruneComponent<VAEConfig, AutoencoderKL>(
+                                          in, "vae", o.vae_ratio, prune::PruneVAE, LoadVAE)));
+    }
+    const std::map<std::string, double> ratios = {
+        {"unet", o.unet_ratio}, {"text_encoder", o.text_encoder_ratio}, {"vae", o.vae_ratio}};
+    nlohmann::json map = {{"format", "sdcompress.pruning_map/1"},
+                          {"source", in.string()},
+                          {"criterion", o.criterion},
+                          {"components", nlohmann::json::object()}};
+    nlohmann::json report = {{"source", in.string()}, {"components", nlohmann::json::object()}};
+    std::map<std::string, ComponentWeights> replaced;
+    for (auto& [name, p] : pruned) {
+      map["components"][name] = {{"ratio", ratios.at(name)}, {"tensors", std::move(p.map)}};
+      if (!p.features.is_null()) map["components"][name]["block_outputs"] = std::move(p.features);
+      report["components"][name] = std::move(p.report);
+      replaced[name] = {std::move(p.config), std::move(p.weights)};
+    }
+    RETURN_IF_ERROR(WriteModelWithComponents(in.string(), dir, replaced));
+    RETURN_IF_ERROR(WriteFileAtomic((fs::path(dir) / "pruning_map.json").string(), map.dump()));
+    RETURN_IF_ERROR(
+        WriteFileAtomic((fs::path(dir) / "prune_report.json").string(), report.dump(2)));
+    for (const auto& [name, r] : report["components"].items()) {
+      ctx.event(StageEvent::kInfo,
+                absl::StrCat("prune: ", name, " ", r["parameters"]["before"].get<int64_t>(), " -> ",
+                             r["parameters"]["after"].get<int64_t>(), " parameters"));
+    }
+    return absl::OkStatus();
+  });
+}
+
+std::unique_ptr<Stage> MakePruneStage() { return std::make_unique<PruneStage>(); }
+
+}  // namespace sd::stages

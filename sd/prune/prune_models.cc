@@ -186,6 +186,21 @@ nlohmann::json LevelReport(const std::vector<int64_t>& old_ch, const std::vector
   return levels;
 }
 
+// The slowest sinusoidal features are nearly constant over 0..999, so nearly
+// collinear with each other and the bias: plain least squares fits them with
+// coefficients of 1e6 that cancel only in double precision (and wreck any
+// later training). A ridge term of 1e-3 of the largest squared singular value
+// keeps the coefficients at the scale of the original weights; measured on the
+// toy teacher it costs 4 points of time-embedding error (7.5% -> 11.7%).
+constexpr double kRidge = 1e-3;
+
+torch::Tensor Ridge(const torch::Tensor& A, const torch::Tensor& y) {
+  const auto gram = torch::matmul(A.t(), A);
+  const double top = torch::linalg_svdvals(A).max().item<double>();
+  const auto eye = torch::eye(A.size(1), A.options());
+  return torch::linalg_solve(gram + kRidge * top * top * eye, torch::matmul(A.t(), y));
+}
+
 // diffusers derives the sinusoidal timestep features' width from
 // block_out_channels[0], so a pruned first block changes them. linear_1 (and
 // cond_proj, which adds into the features) is refitted by least squares over
@@ -204,12 +219,8 @@ absl::StatusOr<nlohmann::json> RefitTimeEmbedding(const UNetConfig& cfg, int64_t
       TimestepEmbedding(t, new_width, cfg.flip_sin_to_cos, cfg.freq_shift).to(torch::kFloat64);
   const auto y = torch::matmul(s_old, W1.t()) + b1;
   const auto A = torch::cat({s_new, torch::ones({1000, 1}, torch::kFloat64)}, 1);
-  // The slowest features are nearly constant over 0..999, so nearly collinear
-  // with the bias: singular values below 1e-7 of the largest are cut (SVD
-  // solve), else the coefficients grow huge and cancel only in double precision.
   const auto dtype = w.at("time_embedding.linear_1.weight").scalar_type();
-  const auto X =
-      std::get<0>(torch::linalg_lstsq(A, y, 1e-7, "gelsd")).to(dtype).to(torch::kFloat64);
+  const auto X = Ridge(A, y).to(dtype).to(torch::kFloat64);
   const auto W1n = X.slice(0, 0, new_width).t().contiguous();
   const auto b1n = X.select(0, new_width).contiguous();
   const auto y_new = torch::matmul(A, X);  // with the weights as stored
@@ -218,7 +229,8 @@ absl::StatusOr<nlohmann::json> RefitTimeEmbedding(const UNetConfig& cfg, int64_t
   const auto row_err = (e_new - e_old).norm(2, 1) / e_old.norm(2, 1).clamp_min(1e-12);
   nlohmann::json r = {
       {"tensor", "time_embedding.linear_1.weight"},
-      {"fit", "least squares over timesteps 0..999"},
+      {"fit", absl::StrCat("ridge least squares over timesteps 0..999, lambda ", kRidge,
+                           " x the largest squared singular value")},
       {"features", {old_width, new_width}},
       {"linear_1_relative_error", ((y_new - y).norm() / y.norm()).item<double>()},
       {"time_embedding_relative_error", ((e_new - e_old).norm() / e_old.norm()).item<double>()},
@@ -228,9 +240,7 @@ absl::StatusOr<nlohmann::json> RefitTimeEmbedding(const UNetConfig& cfg, int64_t
   if (auto it = w.find("time_embedding.cond_proj.weight"); it != w.end()) {
     // linear_1(s + P g) = W1 s + W1 P g: P' solves W1' P' = W1 P.
     const auto target = torch::matmul(W1, it->second.to(torch::kFloat64));
-    const auto P = std::get<0>(torch::linalg_lstsq(W1n, target, 1e-7, "gelsd"))
-                       .to(it->second.scalar_type())
-                       .to(torch::kFloat64);
+    const auto P = Ridge(W1n, target).to(it->second.scalar_type()).to(torch::kFloat64);
     r["cond_proj_relative_error"] =
         ((torch::matmul(W1n, P) - target).norm() / target.norm().clamp_min(1e-12)).item<double>();
     it->second = P.to(it->second.scalar_type()).contiguous();

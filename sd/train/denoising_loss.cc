@@ -9,13 +9,15 @@ torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& schedul
                             const torch::Tensor& latents, const torch::Tensor& noise,
                             const torch::Tensor& timesteps,
                             const torch::Tensor& encoder_hidden_states,
-                            const torch::Tensor& weights, const torch::Tensor& sample_weights) {
+                            const torch::Tensor& weights, const torch::Tensor& sample_weights,
+                            torch::Tensor* prediction) {
   auto noisy = scheduler.AddNoise(latents, noise, timesteps);
   const auto& pt = scheduler.config().prediction_type;
   torch::Tensor target = pt == "v_prediction" ? scheduler.Velocity(latents, noise, timesteps)
                          : pt == "sample"     ? latents
                                               : noise;
   auto pred = unet->forward(noisy, timesteps, encoder_hidden_states);
+  if (prediction) *prediction = pred;
   auto err = (pred.to(torch::kFloat32) - target.to(torch::kFloat32)).pow(2);
   if (sample_weights.defined())
     err = err * sample_weights.to(err.device(), torch::kFloat32).view({-1, 1, 1, 1});

@@ -14,12 +14,14 @@ namespace sd {
 // weights: optional per-position weights [B, 1, h, w]; the loss is then the
 // weighted mean of the squared error. sample_weights: optional [B], a factor on
 // each sample's error that the mean is not normalized by (MinSnrWeights).
+// prediction, when given, receives the UNet's output (distillation losses read it).
 torch::Tensor DenoisingLoss(UNet2DConditionModel& unet, const Scheduler& scheduler,
                             const torch::Tensor& latents, const torch::Tensor& noise,
                             const torch::Tensor& timesteps,
                             const torch::Tensor& encoder_hidden_states,
                             const torch::Tensor& weights = {},
-                            const torch::Tensor& sample_weights = {});
+                            const torch::Tensor& sample_weights = {},
+                            torch::Tensor* prediction = nullptr);
 
 // Min-SNR-gamma loss weights (Hang et al. 2023), float32 [B]: each timestep's
 // weight on the clean-latent error is clipped at gamma. The prediction target
@@ -40,7 +42,7 @@ struct TimestepSampling {
   bool logit_normal = false;
   double logit_mean = 0;
   double logit_std = 1;
-  int64_t min_timestep = 0;  // uniform: from [min_timestep, num_train_timesteps)
+  int64_t min_timestep = 0;   // uniform: from [min_timestep, num_train_timesteps)
   std::vector<int64_t> grid;  // non-empty: uniform over these timesteps instead
 };
 

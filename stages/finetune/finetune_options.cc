@@ -30,6 +30,18 @@ StageDescriptor FinetuneDescriptor() {
     RETURN_IF_ERROR(r.OneOf("timestep_sampling", o.timestep_sampling, {"uniform", "logit_normal"}));
     RETURN_IF_ERROR(r.Number("logit_mean", o.logit_mean, -10, 10));
     RETURN_IF_ERROR(r.Number("logit_std", o.logit_std, 0, 10));
+    RETURN_IF_ERROR(r.String("teacher", o.teacher, "auto, none or a model folder"));
+    RETURN_IF_ERROR(r.Number("task_weight", o.task_weight, 0, 1e6));
+    RETURN_IF_ERROR(r.Number("kd_output_weight", o.kd_output_weight, 0, 1e6));
+    RETURN_IF_ERROR(r.Number("kd_feature_weight", o.kd_feature_weight, 0, 1e6));
+    if (o.task_weight + o.kd_output_weight + o.kd_feature_weight <= 0)
+      return r.Error("task_weight",
+                     "task_weight, kd_output_weight and kd_feature_weight are all 0: the UNet "
+                     "would learn nothing");
+    if (o.teacher == "none" && o.task_weight <= 0)
+      return r.Error("task_weight", "is 0 with teacher: none: the UNet would learn nothing");
+    RETURN_IF_ERROR(r.Bool("recover_text_encoder", o.recover_text_encoder));
+    RETURN_IF_ERROR(r.Bool("recover_vae", o.recover_vae));
     return o;
   };
   d.total_steps = [](const std::any& o) { return std::any_cast<const FinetuneOptions&>(o).steps; };

@@ -22,6 +22,18 @@ struct FinetuneOptions {
   std::string timestep_sampling = "uniform";  // or logit_normal (SampleTimestep)
   double logit_mean = 0;
   double logit_std = 1;
+  // Knowledge distillation (BK-SDM's objective) from an unpruned teacher. "auto":
+  // the model the input was pruned from (its pruning_map.json's source) when the
+  // input is a pruned model, else none; "none": the task loss alone; or a path.
+  std::string teacher = "auto";
+  double task_weight = 1.0;        // the denoising loss
+  double kd_output_weight = 1.0;   // MSE to the teacher's prediction
+  double kd_feature_weight = 1.0;  // sum over down/mid/up blocks of the outputs' MSE
+  // With a teacher, each pruned component recovers: the text encoder learns the
+  // teacher's hidden states; the VAE decoder learns the images (task_weight) and
+  // the teacher's decodings (kd_output_weight) of the teacher's latents.
+  bool recover_text_encoder = true;
+  bool recover_vae = true;
 };
 
 }  // namespace sd::stages

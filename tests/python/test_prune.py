@@ -196,3 +196,141 @@ def test_unknown_config_and_bad_ratio_are_refused(tiny_sd, tmp_path):
     job = write_stage_job(tmp_path, "ratio", tiny_sd[0], "prune", "  unet_ratio: 1.0\n", seed=0)
     r = run_bin("sdctl", "submit", job, check=False)
     assert r.returncode != 0 and "prune.unet_ratio" in r.stderr and "out of range" in r.stderr, r.stderr
+
+
+def kd_job(tmp_path, model_dir, name, steps=6, batch=2, lr="1.0e-3", extra=""):
+    return write_stage_job(tmp_path, name, model_dir, "finetune", f"  steps: {steps}\n  lr: {lr}\n{extra}",
+                           seed=3, batch=batch)
+
+
+def unet_error(unet_dir, reference, inputs):
+    from diffusers import UNet2DConditionModel
+
+    u = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    with torch.no_grad():
+        out = u(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["ctx"]).sample
+    return float((out - reference).pow(2).mean())
+
+
+@pytest.fixture(scope="module")
+def pruned_tiny(tiny_sd, tmp_path_factory):
+    return prune(tmp_path_factory.mktemp("pruned"), tiny_sd[0])
+
+
+def test_kd_finetune_recovers_each_pruned_component_toward_the_unpruned(tiny_sd, pruned_tiny, tmp_path):
+    import diffusers
+    from PIL import Image
+    from transformers import CLIPTextModel
+
+    model_dir, pipe = tiny_sd
+    out = str(tmp_path / "ft")
+    # The distillation terms alone: a random teacher's predictions are not the noise, so the
+    # task loss would pull elsewhere (the toy world measures the whole objective).
+    r = run_stage(kd_job(tmp_path, pruned_tiny, "kd", steps=30, extra="  task_weight: 0\n"), str(tmp_path / "ckpt"), out)
+    assert f"distilling from {os.path.abspath(model_dir)}; text encoder recovers; VAE decoder recovers" in r.stdout
+    # The same pruned architecture, every component trained, the map carried on (LoRA report).
+    for c in ("vae", "text_encoder"):
+        assert json.load(open(os.path.join(out, c, "config.json"))) == \
+            json.load(open(os.path.join(pruned_tiny, c, "config.json")))
+    a, b = (json.load(open(os.path.join(d, "unet", "config.json"))) for d in (out, pruned_tiny))
+    assert all(a[k] == b[k] for k in ("block_out_channels", "time_embedding_dim", "attention_head_dim"))
+    assert open(os.path.join(out, "pruning_map.json")).read() == open(os.path.join(pruned_tiny, "pruning_map.json")).read()
+
+    # Distilled toward the teacher on inputs like its training ones: the data's latents, noised.
+    import glob
+
+    g = torch.Generator().manual_seed(5)
+    files = sorted(glob.glob(str(tmp_path / "data" / "*.png")))
+    x = torch.tensor(np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32)), np.float32) / 127.5 - 1
+                               for f in files])).permute(0, 3, 1, 2)
+    ids = pipe.tokenizer(["a red square", "a blue circle", ""] * 2, padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        ctx = pipe.text_encoder(ids).last_hidden_state
+        latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        t = torch.randint(0, 1000, (len(files),), generator=g)
+        sample = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=g), t)
+        inputs = {"sample": sample, "timestep": t, "ctx": ctx}
+        ref = pipe.unet(sample, t, encoder_hidden_states=ctx).sample
+    before = unet_error(os.path.join(pruned_tiny, "unet"), ref, inputs)
+    after = unet_error(os.path.join(out, "unet"), ref, inputs)
+    assert after < 0.7 * before, (before, after)
+
+    def te_error(d):
+        with torch.no_grad():
+            return float((CLIPTextModel.from_pretrained(d)(ids).last_hidden_state - ctx).pow(2).mean())
+    assert te_error(os.path.join(out, "text_encoder")) < 0.8 * te_error(os.path.join(pruned_tiny, "text_encoder"))
+
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        goal = pipe.vae.decode(latents).sample
+
+    def vae_error(d):
+        with torch.no_grad():
+            return float((diffusers.AutoencoderKL.from_pretrained(d).decode(latents).sample - goal).pow(2).mean())
+    assert vae_error(os.path.join(out, "vae")) < 0.8 * vae_error(os.path.join(pruned_tiny, "vae"))
+
+    # A fine-tuned pruned folder is as standard as a pruned one.
+    pipe2 = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    with torch.no_grad():
+        img = pipe2(["a red square"], num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                    generator=torch.Generator("cpu").manual_seed(1)).images[0]
+    png = str(tmp_path / "x.png")
+    run_bin("sdctl", "generate", "--model", out, "--prompt", "a red square", "--steps", 3, "--guidance", 5.0,
+            "--seed", 1, "--out", png)
+    assert np.abs(np.asarray(Image.open(png)).astype(np.int16) - (img * 255).round().astype(np.int16)).max() <= 1
+
+
+def test_kd_finetune_resumes_exactly_and_two_workers_match_one(pruned_tiny, tmp_path):
+    from test_finetune_stage import run_two_ranks
+
+    job = kd_job(tmp_path, pruned_tiny, "kd", steps=5)
+    full = str(tmp_path / "full")
+    run_stage(job, str(tmp_path / "ckpt_full"), full)
+    ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
+    r = run_stage(job, ckpt, resumed, stop_at=3, check=False)
+    assert r.returncode != 0 and "stopped at step 3" in r.stderr
+    r = run_stage(job, ckpt, resumed)
+    assert "step 3/5" in r.stdout and "step 2/5" not in r.stdout
+    for c in ("unet", "vae", "text_encoder"):
+        a, b = weights(full, c), weights(resumed, c)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (c, k)
+
+    single, dp = str(tmp_path / "single"), str(tmp_path / "dp")
+    run_stage(kd_job(tmp_path, pruned_tiny, "b2", steps=4, batch=2, lr="1.0e-5"), str(tmp_path / "c1"), single)
+    run_two_ranks(kd_job(tmp_path, pruned_tiny, "b1", steps=4, batch=1, lr="1.0e-5"), str(tmp_path / "c2"), dp)
+    # Adam's first steps are about lr * sign(grad): a near-zero gradient whose float noise
+    # differs between one and two ranks moves its weight by up to 2 lr the other way. So the
+    # check is on all weights together: a wrong average (or a rank's samples lost) would move
+    # most of them apart, float noise moves a few hundredths of a percent.
+    for c in ("unet", "vae", "text_encoder"):
+        a, b, start = weights(single, c), weights(dp, c), weights(pruned_tiny, c)
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        moved = torch.cat([(a[k] - start[k]).abs().flatten() for k in a])
+        assert float((diff > 5e-6).float().mean()) < 1e-3, c
+        assert float(diff.mean()) < 1e-3 * float(moved.mean()), c
+
+
+def test_kd_teacher_and_map_errors_name_what_is_wrong(pruned_tiny, tmp_path):
+    import shutil
+
+    bad = str(tmp_path / "bad")
+    shutil.copytree(pruned_tiny, bad)
+    path = os.path.join(bad, "pruning_map.json")
+    m = json.load(open(path))
+    m["components"]["unet"]["block_outputs"]["up_blocks.1"] = list(range(20))
+    json.dump(m, open(path, "w"))
+    r = run_stage(kd_job(tmp_path, bad, "map"), str(tmp_path / "c1"), str(tmp_path / "o1"), check=False)
+    assert r.returncode != 0 and "pruning_map.json does not fit these models: up_blocks.1 keeps 20 channels" in r.stderr, r.stderr
+
+    m["source"] = str(tmp_path / "gone")
+    json.dump(m, open(path, "w"))
+    r = run_stage(kd_job(tmp_path, bad, "gone"), str(tmp_path / "c2"), str(tmp_path / "o2"), check=False)
+    assert r.returncode != 0 and "the unpruned model pruning_map.json names" in r.stderr and "gone" in r.stderr, r.stderr
+    # teacher: none is plain fine-tuning of the pruned UNet alone.
+    r = run_stage(kd_job(tmp_path, bad, "none", steps=2, extra="  teacher: none\n"), str(tmp_path / "c3"),
+                  str(tmp_path / "o3"))
+    assert "distilling" not in r.stdout
+    assert open(os.path.join(tmp_path, "o3", "vae", WEIGHTS["vae"]), "rb").read() == \
+        open(os.path.join(bad, "vae", WEIGHTS["vae"]), "rb").read()

@@ -9,11 +9,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
 
 #include "common/args.h"
+#include "sd/models/autoencoder_kl.h"
 #include "sd/models/unet_2d_condition.h"
 #include "sd/pipeline/stable_diffusion.h"
 #include "sd/util/status_macros.h"
@@ -42,7 +44,7 @@ double Median(std::vector<double> v) {
 absl::Status Run(int argc, char** argv) {
   if (argc < 2)
     return absl::InvalidArgumentError(
-        "usage: bench_sd unet|unet-train|t2i|text-encoder --model DIR [flags]");
+        "usage: bench_sd unet|unet-train|t2i|text-encoder|vae-decode --model DIR [flags]");
   const std::string mode = argv[1];
   ASSIGN_OR_RETURN(
       sd::Args a,
@@ -62,6 +64,16 @@ absl::Status Run(int argc, char** argv) {
                         {"dtype", a.Get("dtype", "fp32")},
                         {"device", device.str()}};
   std::vector<double> times;
+  auto measure = [&](const std::function<void()>& fn) {
+    for (int64_t i = 0; i < warmup + iters; ++i) {
+      Sync(device);
+      auto t0 = std::chrono::steady_clock::now();
+      fn();
+      Sync(device);
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (i >= warmup) times.push_back(s);
+    }
+  };
   if (mode == "unet" || mode == "unet-train") {
     const bool train = mode == "unet-train";
     ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model"), /*copy_weights=*/true));
@@ -94,14 +106,7 @@ absl::Status Run(int argc, char** argv) {
       torch::autograd::profiler::RecordProfile prof(a.Get("profile"));
       step();
     }
-    for (int64_t i = 0; i < warmup + iters; ++i) {
-      Sync(device);
-      auto t0 = std::chrono::steady_clock::now();
-      step();
-      Sync(device);
-      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (i >= warmup) times.push_back(s);
-    }
+    measure(step);
   } else if (mode == "t2i") {
     ASSIGN_OR_RETURN(sd::StableDiffusion model,
                      sd::StableDiffusion::Load(a.Get("model"), device, dtype));
@@ -111,15 +116,11 @@ absl::Status Run(int argc, char** argv) {
     ASSIGN_OR_RETURN(o.height, a.Int("height", 512));
     ASSIGN_OR_RETURN(o.width, a.Int("width", 512));
     o.scheduler = "ddim";
-    for (int64_t i = 0; i < warmup + iters; ++i) {
-      Sync(device);
-      auto t0 = std::chrono::steady_clock::now();
-      auto images = sd::Generate(model, o);
-      if (!images.ok()) return images.status();
-      Sync(device);
-      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (i >= warmup) times.push_back(s);
-    }
+    absl::Status failed;
+    measure([&] {
+      if (auto images = sd::Generate(model, o); !images.ok()) failed = images.status();
+    });
+    RETURN_IF_ERROR(failed);
   } else if (mode == "text-encoder") {
     // --model is a text_encoder folder: one forward of `batch` padded prompts.
     ASSIGN_OR_RETURN(auto te, sd::LoadCLIPTextModel(a.Get("model"), /*copy_weights=*/true));
@@ -133,16 +134,24 @@ absl::Status Run(int argc, char** argv) {
     out["parameters"] = params;
     out["layers"] = te->config().num_hidden_layers;
     torch::InferenceMode guard;
-    for (int64_t i = 0; i < warmup + iters; ++i) {
-      Sync(device);
-      auto t0 = std::chrono::steady_clock::now();
-      te->forward(ids);
-      Sync(device);
-      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (i >= warmup) times.push_back(s);
-    }
+    measure([&] { te->forward(ids); });
+  } else if (mode == "vae-decode") {
+    // --model is a vae folder: one decode of `batch` latents of --size (64: 512 px).
+    ASSIGN_OR_RETURN(auto vae, sd::LoadVAE(a.Get("model"), /*copy_weights=*/true));
+    vae->to(device, dtype);
+    if (a.Get("channels-last", "1") == "1") vae->set_channels_last(true);
+    ASSIGN_OR_RETURN(int64_t batch, a.Int("batch", 1));
+    ASSIGN_OR_RETURN(int64_t size, a.Int("size", 64));
+    auto z = torch::randn({batch, vae->config().latent_channels, size, size},
+                          torch::TensorOptions().dtype(dtype).device(device));
+    int64_t params = 0;
+    for (const auto& p : vae->decoder->parameters()) params += p.numel();
+    out["decoder_parameters"] = params;
+    torch::InferenceMode guard;
+    measure([&] { vae->decode(z); });
   } else {
-    return absl::InvalidArgumentError("mode must be unet, unet-train, t2i or text-encoder");
+    return absl::InvalidArgumentError(
+        "mode must be unet, unet-train, t2i, text-encoder or vae-decode");
   }
   out["times_s"] = times;
   out["median_s"] = Median(times);

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
 from run_bench import BENCH, MODELS, machine  # noqa: E402
-from sdtest.tiny_models import write_layer_dropped  # noqa: E402
+from sdtest.tiny_models import SD15_CLIP, write_layer_dropped  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 EVAL = os.path.join(ROOT, "output", "toy-clip-eval")
@@ -108,10 +108,7 @@ def full_sd15(teacher):
         link_copy(teacher, tmp)
         shutil.rmtree(os.path.join(tmp, "text_encoder"))
         torch.manual_seed(0)
-        CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                     num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
-                                     projection_dim=768, bos_token_id=49406, eos_token_id=49407,
-                                     pad_token_id=49407)).save_pretrained(os.path.join(tmp, "text_encoder"))
+        CLIPTextModel(CLIPTextConfig(**SD15_CLIP)).save_pretrained(os.path.join(tmp, "text_encoder"))
         os.rename(tmp, model)
     out_root = os.path.join(ROOT, "output", "bench-clip-distill-sd15")
     job = os.path.join(EVAL, "job-sd15-text-encoder.yaml")

@@ -61,16 +61,17 @@ TEST(JobSpecTest, OutOfRange) {
   EXPECT_EQ(Err("model: /m\nstages: [finetune]\nfinetune:\n  ema_decay: 1.5\n"),
             "job.yaml:4: key \"finetune.ema_decay\" is 1.5, out of range [0, 1)");
   // A section of a stage this build does not have is an unknown key, not ignored.
-  EXPECT_EQ(Err("model: /m\nstages: [finetune]\npruning:\n  unet_ratio: 0.3\n"),
-            "job.yaml:3: unknown key \"pruning\"");
+  EXPECT_EQ(Err("model: /m\nstages: [finetune]\nquantization:\n  int8: true\n"),
+            "job.yaml:3: unknown key \"quantization\"");
+  EXPECT_EQ(Err("model: /m\nstages: [prune]\npruning:\n  unet_ratio: 0.3\n"),
+            "job.yaml:3: unknown key \"pruning\" (did you mean \"prune\"?)");
 }
 
 TEST(JobSpecTest, UnimplementedStageIsRefusedNotSkipped) {
-  EXPECT_EQ(Err("model: /m\nstages: [prune]\n"),
-            "job.yaml:2: stage \"prune\" is not implemented in this build (implemented: init, "
-            "train_vae, progressive_distillation, clip_distillation, cfg_distillation, finetune); "
-            "remove it from "
-            "\"stages\"");
+  EXPECT_EQ(Err("model: /m\nstages: [quantize]\n"),
+            "job.yaml:2: stage \"quantize\" is not implemented in this build (implemented: init, "
+            "train_vae, progressive_distillation, clip_distillation, cfg_distillation, prune, "
+            "finetune); remove it from \"stages\"");
   EXPECT_NE(Err("model: /m\n").find("is not implemented"), std::string::npos);
   EXPECT_EQ(Err("model: /m\nstages: [finetuen]\n"),
             "job.yaml:2: unknown stage \"finetuen\" (did you mean \"finetune\"?)");
@@ -115,7 +116,7 @@ TEST(JobSpecTest, TeacherStagesDataAndTheirKeys) {
                 .find("unknown key \"train_vae.stesp\" (did you mean \"steps\"?)"),
             std::string::npos);
   // A job without a stage list runs the compression pipeline, not the teacher stages.
-  EXPECT_NE(Err("model: /m\n").find("stage \"prune\" is not implemented"), std::string::npos);
+  EXPECT_NE(Err("model: /m\n").find("stage \"quantize\" is not implemented"), std::string::npos);
 }
 
 TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {

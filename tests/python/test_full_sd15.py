@@ -6,19 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_bin
-
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
+from sdtest.tiny_models import SD15_UNET, write_sd15_random
 
 
 def test_sd15_unet_loads_and_matches(tmp_path):
@@ -44,31 +32,6 @@ def test_sd15_unet_loads_and_matches(tmp_path):
     run_bin("sd_probe", "unet", "--model", unet_dir, "--inputs", inp, "--out", out)
     ours = load_file(out)["sample"]
     assert (ours - ref).abs().max().item() < 1e-4
-
-
-SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                sample_size=512)
-SD15_CLIP = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                 projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
-
-
-def write_sd15_random(out_dir, tiny_dir):
-    """A full SD1.5-configured pipeline folder, random weights, the tiny pipeline's tokenizer
-    and scheduler."""
-    import shutil
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    for name in ("tokenizer", "scheduler", "model_index.json"):
-        src = os.path.join(tiny_dir, name)
-        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(out_dir, name))
-    UNet2DConditionModel(**SD15_UNET).save_pretrained(os.path.join(out_dir, "unet"))
-    AutoencoderKL(**SD15_VAE).save_pretrained(os.path.join(out_dir, "vae"))
-    CLIPTextModel(CLIPTextConfig(**SD15_CLIP)).save_pretrained(os.path.join(out_dir, "text_encoder"))
 
 
 def test_sd15_prunes_at_the_seed_ratios_and_diffusers_runs_it_as_we_do(tiny_sd, tmp_path):

@@ -55,7 +55,7 @@ def pruned(model):
     return os.path.join(runs, done()[-1], "prune")
 
 
-def latency(mode, folder, *flags, rounds=3):
+def latency(mode, folder, *flags, rounds=2):
     times = []
     for _ in range(rounds):
         r = subprocess.run([BENCH, mode, "--model", folder, "--iters", "2", "--threads", str(os.cpu_count()), *flags],

@@ -28,6 +28,8 @@ ln -sfn "${TEACHER#output/toy-teacher/}" output/toy-teacher/model
 PROBE=output/toy-probe.safetensors
 [ -f $PROBE ] || $B/sdctl probe train --data $D/train --heldout $D/heldout --out $PROBE --steps 1200
 
+# Once per teacher (the scripts after this one call it first and need only the teacher).
+[ -f output/toy-eval/eval.json ] && [ output/toy-eval/eval.json -nt "$TEACHER" ] && exit 0
 $B/sdctl eval --model "$TEACHER" --steps 4 --reference "$TEACHER" --reference-steps 50 \
   --guidance 7.5 --prompts $D/heldout --count 100 --seeds-per-prompt 2 --probe $PROBE \
   --out output/toy-eval

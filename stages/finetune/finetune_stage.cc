@@ -25,6 +25,7 @@ namespace fs = std::filesystem;
 namespace {
 
 // The unpruned model to distill from, and the pruned input's pruning map.
+// NOLINTNEXTLINE(bugprone-exception-escape): nlohmann::json's move checks invariants
 struct KdTeacher {
   std::string dir;
   nlohmann::json map;  // empty when the input has none

@@ -9,7 +9,6 @@ Shapes are SD1.5's: the UNet at 64x64 latents (batch 2, a CFG step), the VAE dec
 512x512 (batch 1), the text encoder at 77 tokens (batch 2). MACs are counted with
 torch.utils.flop_counter on diffusers' modules loaded from each folder (FLOPs / 2).
 """
-import datetime
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
-from run_bench import BENCH, MODELS, machine  # noqa: E402
+from run_bench import BENCH, MODELS, write_result  # noqa: E402
 from sdtest.tiny_models import write_sd15_random  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -109,21 +108,12 @@ def main():
     report = json.load(open(os.path.join(result, "prune_report.json")))["components"]
     ratios = {c: {k: round(after[c][k] / before[c][k], 4) for k in before[c]
                   if isinstance(before[c][k], (int, float))} for c in before}
-    out = {"name": "prune_sd15_unet_cpu",
-           "ours": after["unet"]["step_s_batch2"],
-           "reference": before["unet"]["step_s_batch2"],
-           "unit": "s per UNet step (batch 2, 64x64 latents, fp32, C++)",
-           "ratio": round(after["unet"]["step_s_batch2"] / before["unet"]["step_s_batch2"], 4),
-           "machine": machine(), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python3 bench/prune_sd15.py",
-           "ratios_asked": {"unet": 0.3, "text_encoder": 0.25, "vae": 0.2},
-           "before": before, "after": after, "after_over_before": ratios,
-           "unet_time_embedding_refit": report["unet"]["time_embedding_refit"]}
-    path = os.path.join(ROOT, "bench", "results", "prune_sd15_unet_cpu.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(json.dumps(out, indent=2))
+    extra = {"command": "python3 bench/prune_sd15.py",
+             "ratios_asked": {"unet": 0.3, "text_encoder": 0.25, "vae": 0.2},
+             "before": before, "after": after, "after_over_before": ratios,
+             "unet_time_embedding_refit": report["unet"]["time_embedding_refit"]}
+    write_result("prune_sd15_unet_cpu", after["unet"]["step_s_batch2"], before["unet"]["step_s_batch2"],
+                 "s per UNet step (batch 2, 64x64 latents, fp32, C++)", **extra)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,20 @@ def machine():
     return desc
 
 
+def write_result(name, ours, reference, unit, **extra):
+    """bench/results/<name>.json: the keys every result has (ratio = ours / reference), then
+    `extra`; prints and returns the record."""
+    out = {"name": name, "ours": ours, "reference": reference, "unit": unit,
+           "ratio": round(ours / reference, 4), "machine": machine(), "torch": torch.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra}
+    path = os.path.join(ROOT, "bench", "results", f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    print(path, json.dumps(out, indent=2))
+    return out
+
+
 def ensure_models():
     from sdtest.tiny_models import SD15_SCHEDULER, make_unet, write_clip_tokenizer
     from test_full_sd15 import SD15_UNET

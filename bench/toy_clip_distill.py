@@ -10,7 +10,6 @@
                               encoder's size and latency before/after (random weights,
                               the stage itself run on it for a few steps).
 """
-import datetime
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
-from run_bench import BENCH, MODELS, machine  # noqa: E402
+from run_bench import BENCH, MODELS, write_result  # noqa: E402
 from sdtest.tiny_models import SD15_CLIP, write_layer_dropped  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -142,28 +141,20 @@ def report(teacher, student, base):
     prompts = [json.loads(l)["text"] for l in open(os.path.join(ROOT, "output", "toy-data", "heldout",
                                                                 "metadata.jsonl"))][:100] + [""]
     wall = json.load(open(os.path.join(EVAL, "wall.json"))) if os.path.exists(os.path.join(EVAL, "wall.json")) else {}
-    out = {"name": "toy_clip_distill", "ours": s["candidate"]["accuracy"]["shape"], "reference": ref["shape"],
-           "unit": "shape accuracy (fraction of held-out samples)",
-           "ratio": round(s["candidate"]["accuracy"]["shape"] / ref["shape"], 4), "machine": machine(),
-           "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "scripts/toy_clip_distill.sh", "steps": s["candidate"]["steps"], "guidance": 7.5,
-           "teacher_encoder": {"accuracy": ref, "parameters": parameters(teacher),
-                               "layers": json.load(open(os.path.join(teacher, "text_encoder", "config.json")))[
-                                   "num_hidden_layers"]},
-           "student_encoder": {**summary(s), "parameters": parameters(student),
-                               "layers": json.load(open(os.path.join(student, "text_encoder", "config.json")))[
-                                   "num_hidden_layers"]},
-           "accuracy_points_vs_teacher": {k: round(100 * (s["candidate"]["accuracy"][k] - ref[k]), 2) for k in ref},
-           "layer_dropped_undistilled": summary(ev["layer_dropped"]),
-           "cross_attention": cross_attention_keys(teacher, {"student": student, "layer_dropped_undistilled": base},
-                                                   prompts),
-           "full_sd15_text_encoder": full_sd15(teacher), "wall_s": wall}
-    path = os.path.join(ROOT, "bench", "results", "toy_clip_distill.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
-    print(path, json.dumps(out, indent=2))
+    extra = {"command": "scripts/toy_clip_distill.sh", "steps": s["candidate"]["steps"], "guidance": 7.5,
+             "teacher_encoder": {"accuracy": ref, "parameters": parameters(teacher),
+                                 "layers": json.load(open(os.path.join(teacher, "text_encoder", "config.json")))[
+                                     "num_hidden_layers"]},
+             "student_encoder": {**summary(s), "parameters": parameters(student),
+                                 "layers": json.load(open(os.path.join(student, "text_encoder", "config.json")))[
+                                     "num_hidden_layers"]},
+             "accuracy_points_vs_teacher": {k: round(100 * (s["candidate"]["accuracy"][k] - ref[k]), 2) for k in ref},
+             "layer_dropped_undistilled": summary(ev["layer_dropped"]),
+             "cross_attention": cross_attention_keys(teacher, {"student": student, "layer_dropped_undistilled": base},
+                                                     prompts),
+             "full_sd15_text_encoder": full_sd15(teacher), "wall_s": wall}
+    write_result("toy_clip_distill", s["candidate"]["accuracy"]["shape"], ref["shape"],
+                 "shape accuracy (fraction of held-out samples)", **extra)
 
 
 if __name__ == "__main__":

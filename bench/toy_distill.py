@@ -2,15 +2,12 @@
 toy_cfg_distill_6step.json) from the sdctl eval reports scripts/toy_distill.sh leaves in
 output/toy-distill-eval/<name>/eval.json. ours = the student's shape accuracy, reference =
 the teacher's at 50 DDIM steps (CFG 7.5, same prompts and seeds)."""
-import datetime
 import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
-from run_bench import machine  # noqa: E402
+from run_bench import write_result  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 EVAL = os.path.join(ROOT, "output", "toy-distill-eval")
@@ -27,19 +24,11 @@ def summary(e):
 
 
 def write(name, ours_eval, extra):
-    ref = ours_eval["reference"]["accuracy"]["shape"]
-    ours = ours_eval["candidate"]["accuracy"]["shape"]
-    out = {"name": name, "ours": ours, "reference": ref, "unit": "shape accuracy (fraction of held-out samples)",
-           "ratio": round(ours / ref, 4), "machine": machine(), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "teacher50": {"accuracy": ours_eval["reference"]["accuracy"],
-                         "seconds_per_image": ours_eval["reference"]["seconds_per_image"]},
-           "command": "scripts/toy_distill.sh", **extra}
-    path = os.path.join(ROOT, "bench", "results", f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
-    print(path, json.dumps(out, indent=2))
+    write_result(name, ours_eval["candidate"]["accuracy"]["shape"], ours_eval["reference"]["accuracy"]["shape"],
+                 "shape accuracy (fraction of held-out samples)",
+                 teacher50={"accuracy": ours_eval["reference"]["accuracy"],
+                            "seconds_per_image": ours_eval["reference"]["seconds_per_image"]},
+                 command="scripts/toy_distill.sh", **extra)
 
 
 def main():

@@ -8,15 +8,12 @@
       model's shape accuracy, reference = the unpruned teacher's, every attribute
       and the pruned-only and task-only numbers as extra keys.
 """
-import datetime
 import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
-from run_bench import machine  # noqa: E402
+from run_bench import write_result  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 EVAL = os.path.join(ROOT, "output", "toy-prune-eval")
@@ -43,26 +40,18 @@ def main():
     report = json.load(open(os.path.join(kd_run, "prune", "prune_report.json")))["components"]
     walls = {n: json.load(open(os.path.join(EVAL, f"{n}.wall.json")))["seconds"]
              for n in ("toy-prune", "toy-prune-task-only") if os.path.exists(os.path.join(EVAL, f"{n}.wall.json"))}
-    out = {"name": "toy_prune_finetune_accuracy",
-           "ours": kd["accuracy"]["shape"], "reference": teacher["accuracy"]["shape"],
-           "unit": "shape accuracy (fraction of held-out samples)",
-           "ratio": round(kd["accuracy"]["shape"] / teacher["accuracy"]["shape"], 4),
-           "machine": machine(), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "scripts/toy_prune.sh", "steps": e["candidate"]["steps"], "guidance": e["guidance"],
-           "prompts": e["count"], "seeds_per_prompt": e["seeds_per_prompt"],
-           "teacher": teacher, "pruned_only": pruned, "pruned_kd_finetuned": kd, "pruned_task_only_finetuned": task,
-           "every_attribute_at_least_95_percent": all(v is None or v >= 0.95 for v in kd["share_of_teacher"].values()),
-           "prune": {c: {"parameters": r["parameters"], **({"levels": [(lv["channels"], lv["kept"]) for lv in r["levels"]]}
-                                                          if "levels" in r else {})}
-                     for c, r in report.items()},
-           "time_embedding_refit": report["unet"]["time_embedding_refit"],
-           "job_seconds": walls,
-           "runs": {"kd": os.path.relpath(kd_run, ROOT), "task_only": os.path.relpath(task_run, ROOT)}}
-    path = os.path.join(ROOT, "bench", "results", "toy_prune_finetune_accuracy.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(json.dumps(out, indent=2))
+    extra = {"command": "scripts/toy_prune.sh", "steps": e["candidate"]["steps"], "guidance": e["guidance"],
+             "prompts": e["count"], "seeds_per_prompt": e["seeds_per_prompt"],
+             "teacher": teacher, "pruned_only": pruned, "pruned_kd_finetuned": kd, "pruned_task_only_finetuned": task,
+             "every_attribute_at_least_95_percent": all(v is None or v >= 0.95 for v in kd["share_of_teacher"].values()),
+             "prune": {c: {"parameters": r["parameters"], **({"levels": [(lv["channels"], lv["kept"]) for lv in r["levels"]]}
+                                                            if "levels" in r else {})}
+                       for c, r in report.items()},
+             "time_embedding_refit": report["unet"]["time_embedding_refit"],
+             "job_seconds": walls,
+             "runs": {"kd": os.path.relpath(kd_run, ROOT), "task_only": os.path.relpath(task_run, ROOT)}}
+    write_result("toy_prune_finetune_accuracy", kd["accuracy"]["shape"], teacher["accuracy"]["shape"],
+                 "shape accuracy (fraction of held-out samples)", **extra)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,12 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
         DrawNoisedLatents(ctx, latent_vae, cache, batch, step, global_batch, sampling, T);
     const torch::Tensor& latents = n.latents;
     const torch::Tensor ids = m.tokenizer.Tokenize(batch.captions).to(ctx.device);
+    // The teacher's text states: its UNet's context, and the pruned encoder's target.
+    CLIPTextOutput teacher_text;
+    if (teacher) {
+      torch::NoGradGuard tg;
+      teacher_text = teacher->text_encoder->forward(ids);
+    }
     torch::Tensor context, te_loss;
     {
       std::optional<torch::NoGradGuard> ng;
@@ -211,14 +217,9 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
       context = s.last_hidden_state;
       if (recover_te) {
         // Hidden-state distillation: every layer's output and the final states.
-        CLIPTextOutput t;
-        {
-          torch::NoGradGuard tg;
-          t = teacher->text_encoder->forward(ids);
-        }
-        te_loss = torch::mse_loss(s.last_hidden_state, t.last_hidden_state);
+        te_loss = torch::mse_loss(s.last_hidden_state, teacher_text.last_hidden_state);
         for (size_t l = 1; l < s.hidden_states.size(); ++l)
-          te_loss = te_loss + torch::mse_loss(s.hidden_states[l], t.hidden_states[l]) /
+          te_loss = te_loss + torch::mse_loss(s.hidden_states[l], teacher_text.hidden_states[l]) /
                                   static_cast<double>(s.hidden_states.size() - 1);
         context = context.detach();  // the UNet's loss does not move the encoder
       }
@@ -245,10 +246,9 @@ absl::Status FinetuneStage::Run(StageContext& ctx) {
       torch::Tensor teacher_pred;
       {
         torch::NoGradGuard tg;
-        const auto teacher_context = teacher->text_encoder->forward(ids).last_hidden_state;
         if (features) teacher->unet->record_block_outputs(&teacher_blocks);
-        teacher_pred =
-            teacher->unet->forward(scheduler->AddNoise(latents, n.noise, t), t, teacher_context);
+        teacher_pred = teacher->unet->forward(scheduler->AddNoise(latents, n.noise, t), t,
+                                              teacher_text.last_hidden_state);
         teacher->unet->record_block_outputs(nullptr);
       }
       loss = o.task_weight * task +

@@ -11,7 +11,7 @@ import torch
 from conftest import run_bin
 from sdtest.tiny_models import write_layer_dropped
 from test_finetune_stage import run_stage, run_two_ranks, te, unet, write_stage_job
-from test_parity import maxdiff, probe
+from test_parity import assert_diffusers_samples_as_sdctl, maxdiff, probe
 
 PROMPTS = ["a red square", "", "a blue square", "a purple star in the corner"]
 
@@ -31,9 +31,6 @@ def encode(text_encoder_dir, ids):
 
 
 def test_student_is_a_transformers_encoder_the_cpp_one_runs_and_it_learned(tiny_sd, tmp_path):
-    import diffusers
-    from PIL import Image
-
     model_dir, pipe = tiny_sd
     out = str(tmp_path / "out")
     r = run_stage(write_job(tmp_path, model_dir, steps=40), str(tmp_path / "ckpt"), out)
@@ -68,14 +65,7 @@ def test_student_is_a_transformers_encoder_the_cpp_one_runs_and_it_learned(tiny_
         assert after < 0.7 * before, (PROMPTS[j], before, after)
 
     # A complete diffusers folder: diffusers samples it as sdctl does.
-    pipe2 = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
-    with torch.no_grad():
-        img = pipe2(["a red square"], num_inference_steps=2, guidance_scale=5.0, output_type="np",
-                    generator=torch.Generator("cpu").manual_seed(1)).images[0]
-    png = str(tmp_path / "x.png")
-    run_bin("sdctl", "generate", "--model", out, "--prompt", "a red square", "--steps", 2, "--guidance", 5.0,
-            "--seed", 1, "--out", png)
-    assert np.abs(np.asarray(Image.open(png)).astype(np.int16) - (img * 255).round().astype(np.int16)).max() <= 1
+    assert_diffusers_samples_as_sdctl(out, tmp_path, "a red square", steps=2, guidance=5.0, seed=1)
 
 
 def test_resume_is_exact_and_two_workers_match_one(tiny_sd, tmp_path):

@@ -19,6 +19,22 @@ def probe(cmd, model_dir, inputs, tmp_path, *extra):
     return load_file(out)
 
 
+def assert_diffusers_samples_as_sdctl(model_dir, tmp_path, prompt, steps, guidance, seed):
+    """diffusers' StableDiffusionPipeline, loaded from the folder alone, gives the image
+    `sdctl generate` does, within 1/255."""
+    import diffusers
+    from PIL import Image
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    with torch.no_grad():
+        img = pipe([prompt], num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                   generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    png = str(tmp_path / "sdctl.png")
+    run_bin("sdctl", "generate", "--model", model_dir, "--prompt", prompt, "--steps", steps, "--guidance", guidance,
+            "--seed", seed, "--out", png)
+    assert np.abs(np.asarray(Image.open(png)).astype(np.int16) - (img * 255).round().astype(np.int16)).max() <= 1
+
+
 def maxdiff(a, b):
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()

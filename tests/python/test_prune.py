@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import run_bin
 from test_finetune_stage import run_stage, write_stage_job
-from test_parity import maxdiff, probe
+from test_parity import assert_diffusers_samples_as_sdctl, maxdiff, probe
 
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
            "text_encoder": "model.safetensors"}
@@ -43,7 +43,6 @@ def rebuild(original, entry):
 def test_pruned_folder_is_standard_diffusers_and_the_map_is_exact(tiny_sd, tmp_path):
     import diffusers
     import transformers
-    from PIL import Image
 
     model_dir, _ = tiny_sd
     out = prune(tmp_path, model_dir)
@@ -91,14 +90,7 @@ def test_pruned_folder_is_standard_diffusers_and_the_map_is_exact(tiny_sd, tmp_p
     assert abs(err - report["unet"]["time_embedding_refit"]["time_embedding_relative_error"]) < 1e-4
 
     # The C++ pipeline samples it as diffusers' StableDiffusionPipeline does.
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
-    with torch.no_grad():
-        img = pipe(["a red square"], num_inference_steps=3, guidance_scale=5.0, output_type="np",
-                   generator=torch.Generator("cpu").manual_seed(1)).images[0]
-    png = str(tmp_path / "x.png")
-    run_bin("sdctl", "generate", "--model", out, "--prompt", "a red square", "--steps", 3, "--guidance", 5.0,
-            "--seed", 1, "--out", png)
-    assert np.abs(np.asarray(Image.open(png)).astype(np.int16) - (img * 255).round().astype(np.int16)).max() <= 1
+    assert_diffusers_samples_as_sdctl(out, tmp_path, "a red square", steps=3, guidance=5.0, seed=1)
 
 
 def test_l1_removes_the_weakest_neurons_and_an_exact_prune_keeps_the_function(tiny_sd, tmp_path):
@@ -271,14 +263,7 @@ def test_kd_finetune_recovers_each_pruned_component_toward_the_unpruned(tiny_sd,
     assert vae_error(os.path.join(out, "vae")) < 0.8 * vae_error(os.path.join(pruned_tiny, "vae"))
 
     # A fine-tuned pruned folder is as standard as a pruned one.
-    pipe2 = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
-    with torch.no_grad():
-        img = pipe2(["a red square"], num_inference_steps=3, guidance_scale=5.0, output_type="np",
-                    generator=torch.Generator("cpu").manual_seed(1)).images[0]
-    png = str(tmp_path / "x.png")
-    run_bin("sdctl", "generate", "--model", out, "--prompt", "a red square", "--steps", 3, "--guidance", 5.0,
-            "--seed", 1, "--out", png)
-    assert np.abs(np.asarray(Image.open(png)).astype(np.int16) - (img * 255).round().astype(np.int16)).max() <= 1
+    assert_diffusers_samples_as_sdctl(out, tmp_path, "a red square", steps=3, guidance=5.0, seed=1)
 
 
 def test_kd_finetune_resumes_exactly_and_two_workers_match_one(pruned_tiny, tmp_path):

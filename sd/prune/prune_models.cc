@@ -173,14 +173,25 @@ class BlockGraph {
   std::vector<std::pair<std::string, double>> query_scales_;
 };
 
+// One ratio per block_out_channels level: a single value applies to all.
+absl::StatusOr<std::vector<double>> LevelRatios(const std::string& component,
+                                                const std::vector<double>& ratios, size_t levels) {
+  if (ratios.size() == 1) return std::vector<double>(levels, ratios[0]);
+  if (ratios.size() != levels)
+    return absl::InvalidArgumentError(
+        absl::StrCat(component, ": ", ratios.size(), " ratios given, but block_out_channels has ",
+                     levels, " levels (give one ratio, or one per level)"));
+  return ratios;
+}
+
 nlohmann::json LevelReport(const std::vector<int64_t>& old_ch, const std::vector<int64_t>& new_ch,
-                           double ratio) {
+                           const std::vector<double>& ratio) {
   nlohmann::json levels = nlohmann::json::array();
   for (size_t i = 0; i < old_ch.size(); ++i) {
     levels.push_back({{"block_out_channels", i},
                       {"channels", old_ch[i]},
                       {"kept", new_ch[i]},
-                      {"ratio_asked", ratio},
+                      {"ratio_asked", ratio[i]},
                       {"ratio_reached", 1.0 - static_cast<double>(new_ch[i]) / old_ch[i]}});
   }
   return levels;
@@ -251,10 +262,12 @@ absl::StatusOr<nlohmann::json> RefitTimeEmbedding(const UNetConfig& cfg, int64_t
 }  // namespace
 
 absl::StatusOr<PrunedComponent> PruneUNet(const nlohmann::json& config, const TensorMap& w,
-                                          double ratio, const std::string& origin) {
+                                          const std::vector<double>& ratios,
+                                          const std::string& origin) {
   ASSIGN_OR_RETURN(UNetConfig cfg, UNetConfig::FromJson(JsonConfig::FromJson(config, origin)));
   const auto& ch = cfg.block_out_channels;
   const size_t n = ch.size();
+  ASSIGN_OR_RETURN(const std::vector<double> ratio, LevelRatios("unet", ratios, n));
   const int64_t G = cfg.norm_num_groups;
   std::vector<int64_t> kept(n);
   for (size_t i = 0; i < n; ++i) {
@@ -262,7 +275,7 @@ absl::StatusOr<PrunedComponent> PruneUNet(const nlohmann::json& config, const Te
                       cfg.up_block_types[n - 1 - i].rfind("CrossAttn", 0) == 0 ||
                       (cfg.mid_block && i == n - 1);
     ASSIGN_OR_RETURN(kept[i], KeptWidth("unet", absl::StrCat("down_blocks.", i), ch[i], G,
-                                        attn ? cfg.num_attention_heads[i] : 0, ratio));
+                                        attn ? cfg.num_attention_heads[i] : 0, ratio[i]));
   }
   BlockGraph b(w, G);
   nlohmann::json features = nlohmann::json::object();
@@ -315,11 +328,16 @@ absl::StatusOr<PrunedComponent> PruneUNet(const nlohmann::json& config, const Te
   RETURN_IF_ERROR(b.g.Select(w, "unet"));
   PrunedComponent r;
   ASSIGN_OR_RETURN(r.weights, b.Apply(w, r.map));
-  ASSIGN_OR_RETURN(nlohmann::json refit, RefitTimeEmbedding(cfg, kept[0], r.weights));
-  r.map["time_embedding.linear_1.weight"]["refit"] = refit["fit"];
-  r.map["time_embedding.linear_1.bias"]["refit"] = refit["fit"];
-  if (r.weights.contains("time_embedding.cond_proj.weight"))
-    r.map["time_embedding.cond_proj.weight"]["refit"] = refit["fit"];
+  // A first block kept whole keeps the features: nothing to refit (a ridge fit
+  // of the same features would only add its own error).
+  nlohmann::json refit = "none: block_out_channels[0] kept whole";
+  if (kept[0] != ch[0]) {
+    ASSIGN_OR_RETURN(refit, RefitTimeEmbedding(cfg, kept[0], r.weights));
+    r.map["time_embedding.linear_1.weight"]["refit"] = refit["fit"];
+    r.map["time_embedding.linear_1.bias"]["refit"] = refit["fit"];
+    if (r.weights.contains("time_embedding.cond_proj.weight"))
+      r.map["time_embedding.cond_proj.weight"]["refit"] = refit["fit"];
+  }
   for (const auto& [name, s] : feature_streams) features[name] = b.g.kept(s);
   r.features = features;
   r.config = config;
@@ -334,16 +352,18 @@ absl::StatusOr<PrunedComponent> PruneUNet(const nlohmann::json& config, const Te
 }
 
 absl::StatusOr<PrunedComponent> PruneVAE(const nlohmann::json& config, const TensorMap& w,
-                                         double ratio, const std::string& origin) {
+                                         const std::vector<double>& ratios,
+                                         const std::string& origin) {
   ASSIGN_OR_RETURN(VAEConfig cfg, VAEConfig::FromJson(JsonConfig::FromJson(config, origin)));
   const auto& ch = cfg.block_out_channels;
   const size_t n = ch.size();
+  ASSIGN_OR_RETURN(const std::vector<double> ratio, LevelRatios("vae", ratios, n));
   const int64_t G = cfg.norm_num_groups;
   std::vector<int64_t> kept(n);
   for (size_t i = 0; i < n; ++i) {
     // The mid block's single attention head spans the whole width: no constraint.
     ASSIGN_OR_RETURN(
-        kept[i], KeptWidth("vae", absl::StrCat("block_out_channels[", i, "]"), ch[i], G, 0, ratio));
+        kept[i], KeptWidth("vae", absl::StrCat("block_out_channels[", i, "]"), ch[i], G, 0, ratio[i]));
   }
   BlockGraph b(w, G);
   auto mid = [&](const std::string& p, int x) -> absl::StatusOr<int> {

@@ -12,9 +12,9 @@ StageDescriptor PruneDescriptor() {
   d.parse = [](SectionReader& r, const JobSpec&) -> absl::StatusOr<std::any> {
     PruneOptions o;
     // Below 1: a ratio of 1 would remove every channel.
-    RETURN_IF_ERROR(r.Number("unet_ratio", o.unet_ratio, 0, 0.99));
+    RETURN_IF_ERROR(r.NumberList("unet_ratio", o.unet_ratio, 0, 0.99));
     RETURN_IF_ERROR(r.Number("text_encoder_ratio", o.text_encoder_ratio, 0, 0.99));
-    RETURN_IF_ERROR(r.Number("vae_ratio", o.vae_ratio, 0, 0.99));
+    RETURN_IF_ERROR(r.NumberList("vae_ratio", o.vae_ratio, 0, 0.99));
     RETURN_IF_ERROR(r.String("criterion", o.criterion, "l1"));
     if (o.criterion != "l1") return r.Error("criterion", "must be l1");
     return o;

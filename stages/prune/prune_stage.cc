@@ -19,16 +19,13 @@ namespace sd::stages {
 namespace fs = std::filesystem;
 namespace {
 
-using PruneFn = absl::StatusOr<prune::PrunedComponent> (*)(const nlohmann::json&,
-                                                           const safetensors::TensorMap&, double,
-                                                           const std::string&);
-
 // Loads component `name` of `model` through its own loader (old names mapped,
 // shards joined), prunes it, and loads the result the way every reader will:
 // a pruned model that does not load is never written.
-template <typename Config, typename Model, typename Loaded>
+// `prune_fn(config, weights, ratio, origin)`: one of sd/prune's.
+template <typename Config, typename Model, typename Loaded, typename Ratio, typename PruneFn>
 absl::StatusOr<prune::PrunedComponent> PruneComponent(const fs::path& model,
-                                                      const std::string& name, double ratio,
+                                                      const std::string& name, const Ratio& ratio,
                                                       PruneFn prune_fn,
                                                       Loaded (*load)(const std::string&, bool)) {
   const fs::path dir = model / name;
@@ -56,7 +53,7 @@ absl::Status PruneStage::Run(StageContext& ctx) {
   const fs::path in = fs::absolute(input);
   return RunTransformStage(ctx, [&](const std::string& dir) -> absl::Status {
     std::map<std::string, prune::PrunedComponent> pruned;
-    if (o.unet_ratio > 0) {
+    if (PruneOptions::Any(o.unet_ratio)) {
       ASSIGN_OR_RETURN(pruned["unet"], (PruneComponent<UNetConfig, UNet2DConditionModel>(
                                            in, "unet", o.unet_ratio, prune::PruneUNet, LoadUNet)));
     }
@@ -65,12 +62,17 @@ absl::Status PruneStage::Run(StageContext& ctx) {
                                                    in, "text_encoder", o.text_encoder_ratio,
                                                    prune::PruneTextEncoder, LoadCLIPTextModel)));
     }
-    if (o.vae_ratio > 0) {
+    if (PruneOptions::Any(o.vae_ratio)) {
       ASSIGN_OR_RETURN(pruned["vae"], (PruneComponent<VAEConfig, AutoencoderKL>(
                                           in, "vae", o.vae_ratio, prune::PruneVAE, LoadVAE)));
     }
-    const std::map<std::string, double> ratios = {
-        {"unet", o.unet_ratio}, {"text_encoder", o.text_encoder_ratio}, {"vae", o.vae_ratio}};
+    // A single ratio stays a number in the map, a per-level list a list.
+    auto as_json = [](const std::vector<double>& r) -> nlohmann::json {
+      return r.size() == 1 ? nlohmann::json(r[0]) : nlohmann::json(r);
+    };
+    const std::map<std::string, nlohmann::json> ratios = {{"unet", as_json(o.unet_ratio)},
+                                                          {"text_encoder", o.text_encoder_ratio},
+                                                          {"vae", as_json(o.vae_ratio)}};
     nlohmann::json map = {{"format", "sdcompress.pruning_map/1"},
                           {"source", in.string()},
                           {"criterion", o.criterion},

@@ -93,6 +93,33 @@ def test_pruned_folder_is_standard_diffusers_and_the_map_is_exact(tiny_sd, tmp_p
     assert_diffusers_samples_as_sdctl(out, tmp_path, "a red square", steps=3, guidance=5.0, seed=1)
 
 
+def test_per_level_ratios_keep_a_level_whole_and_its_time_embedding_exact(tiny_sd, tmp_path):
+    """A level whose 2-channel groups can only lose none or half is kept whole by a list of
+    ratios; block_out_channels[0] unchanged leaves the time embedding untouched (no refit)."""
+    from diffusers import UNet2DConditionModel
+
+    model_dir, _ = tiny_sd
+    out = prune(tmp_path, model_dir, "  unet_ratio: [0, 0.3]\n  text_encoder_ratio: 0\n  vae_ratio: 0\n")
+    report = json.load(open(os.path.join(out, "prune_report.json")))["components"]["unet"]
+    assert [lv["kept"] for lv in report["levels"]] == [32, 48]
+    assert [lv["ratio_asked"] for lv in report["levels"]] == [0, 0.3]
+    assert report["time_embedding_refit"].startswith("none")
+    pmap = json.load(open(os.path.join(out, "pruning_map.json")))["components"]["unet"]
+    assert pmap["ratio"] == [0, 0.3]
+    assert not any(k.startswith("time_embedding.") for k in pmap["tensors"])
+    before, after = weights(model_dir, "unet"), weights(out, "unet")
+    for k in ("time_embedding.linear_1.weight", "conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"):
+        assert torch.equal(before[k], after[k]), k
+    u = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet"))
+    g = torch.Generator().manual_seed(0)
+    inputs = {"sample": torch.randn(1, 4, 16, 16, generator=g), "timestep": torch.tensor(500),
+              "encoder_hidden_states": torch.randn(1, 77, 32, generator=g)}
+    ours = probe("unet", os.path.join(out, "unet"), inputs, tmp_path)
+    with torch.no_grad():
+        ref = u(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"]).sample
+    assert maxdiff(ours["sample"], ref) < 1e-4
+
+
 def test_l1_removes_the_weakest_neurons_and_an_exact_prune_keeps_the_function(tiny_sd, tmp_path):
     """Text-encoder MLP neurons whose weights are zero are the ones removed, and with only
     those removed the encoder's outputs are unchanged."""
@@ -164,6 +191,7 @@ def test_a_cfg_distilled_unet_keeps_its_guidance_input(tmp_path):
 @pytest.mark.parametrize("section, message", [
     ("  unet_ratio: 0.8\n", "unet: ratio 0.8 would leave down_blocks.0's 16 GroupNorm groups of 2 channels empty"),
     ("  vae_ratio: 0.9\n  unet_ratio: 0\n", "vae: ratio 0.9 would leave block_out_channels[0]'s 16 GroupNorm groups"),
+    ("  unet_ratio: [0, 0.3, 0.3]\n", "unet: 3 ratios given, but block_out_channels has 2 levels"),
 ])
 def test_a_ratio_that_empties_a_group_is_refused_naming_the_block(tiny_sd, tmp_path, section, message):
     job = write_stage_job(tmp_path, "bad", tiny_sd[0], "prune", section, seed=0)

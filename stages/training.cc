@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "sd/models/state_dict.h"
 #include "sd/train/checkpoint.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
@@ -330,6 +331,48 @@ absl::Status WriteModelWithComponents(const std::string& input, const std::strin
 
 std::string WeightsFileName(const std::string& component) {
   return component == "text_encoder" ? "model.safetensors" : "diffusion_pytorch_model.safetensors";
+}
+
+absl::StatusOr<ComponentWeights> LoadComponentWeights(const std::string& model,
+                                                      const std::string& name) {
+  const fs::path dir = fs::path(model) / name;
+  ComponentWeights c;
+  ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load((dir / "config.json").string()));
+  c.config = json.json();
+  if (name == "unet") {
+    ASSIGN_OR_RETURN(auto m, LoadUNet(dir.string(), false));
+    c.weights = StateDict(*m);
+  } else if (name == "vae") {
+    ASSIGN_OR_RETURN(auto m, LoadVAE(dir.string(), false));
+    c.weights = StateDict(*m);
+  } else if (name == "text_encoder") {
+    ASSIGN_OR_RETURN(auto m, LoadCLIPTextModel(dir.string(), false));
+    c.weights = StateDict(*m);
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("unknown component \"", name, "\""));
+  }
+  return c;
+}
+
+absl::Status CheckComponentLoads(const std::string& name, const ComponentWeights& c,
+                                 const std::string& origin) {
+  const JsonConfig json = JsonConfig::FromJson(c.config, origin);
+  if (name == "unet") {
+    ASSIGN_OR_RETURN(UNetConfig cfg, UNetConfig::FromJson(json));
+    UNet2DConditionModel m(cfg);
+    return LoadStateDict(*m, c.weights, origin, origin);
+  }
+  if (name == "vae") {
+    ASSIGN_OR_RETURN(VAEConfig cfg, VAEConfig::FromJson(json));
+    AutoencoderKL m(cfg);
+    return LoadStateDict(*m, c.weights, origin, origin);
+  }
+  if (name == "text_encoder") {
+    ASSIGN_OR_RETURN(CLIPTextConfig cfg, CLIPTextConfig::FromJson(json));
+    CLIPTextModel m(cfg);
+    return LoadStateDict(*m, c.weights, origin, origin);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown component \"", name, "\""));
 }
 
 AutocastGuard::AutocastGuard(const std::string& mixed_precision, const torch::Device& device)

@@ -141,6 +141,17 @@ absl::Status WriteModelWithComponents(const std::string& input, const std::strin
 // encoder, diffusers' for the rest.
 std::string WeightsFileName(const std::string& component);
 
+// Component `name` (unet, vae or text_encoder) of the diffusers folder `model`:
+// its config.json and its weights read through the component's own loader (old
+// names mapped, shards joined), under the names this project writes.
+absl::StatusOr<ComponentWeights> LoadComponentWeights(const std::string& model,
+                                                      const std::string& name);
+// Loads `c` into a fresh model of its kind, as every reader will, so that a
+// transform never writes a component that does not load; `origin` names it in
+// errors ("pruned unet").
+absl::Status CheckComponentLoads(const std::string& name, const ComponentWeights& c,
+                                 const std::string& origin);
+
 // bf16 autocast on CUDA for a scope (matmuls and convolutions in bf16; weights,
 // optimizer and loss stay fp32), switched off again however the scope is left.
 class AutocastGuard {

@@ -362,8 +362,8 @@ absl::StatusOr<PrunedComponent> PruneVAE(const nlohmann::json& config, const Ten
   std::vector<int64_t> kept(n);
   for (size_t i = 0; i < n; ++i) {
     // The mid block's single attention head spans the whole width: no constraint.
-    ASSIGN_OR_RETURN(
-        kept[i], KeptWidth("vae", absl::StrCat("block_out_channels[", i, "]"), ch[i], G, 0, ratio[i]));
+    ASSIGN_OR_RETURN(kept[i], KeptWidth("vae", absl::StrCat("block_out_channels[", i, "]"), ch[i],
+                                        G, 0, ratio[i]));
   }
   BlockGraph b(w, G);
   auto mid = [&](const std::string& p, int x) -> absl::StatusOr<int> {

@@ -19,7 +19,7 @@ struct PruneOptions {
       if (v > 0) return true;
     return false;
   }
-  std::string criterion = "l1";      // channel importance: the L1 norm of the coupled weights
+  std::string criterion = "l1";  // channel importance: the L1 norm of the coupled weights
 };
 
 }  // namespace sd::stages

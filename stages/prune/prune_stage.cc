@@ -4,11 +4,6 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
-#include "sd/io/json_config.h"
-#include "sd/models/autoencoder_kl.h"
-#include "sd/models/clip_text_model.h"
-#include "sd/models/state_dict.h"
-#include "sd/models/unet_2d_condition.h"
 #include "sd/prune/prune_models.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
@@ -19,29 +14,17 @@ namespace sd::stages {
 namespace fs = std::filesystem;
 namespace {
 
-// Loads component `name` of `model` through its own loader (old names mapped,
-// shards joined), prunes it, and loads the result the way every reader will:
-// a pruned model that does not load is never written.
-// `prune_fn(config, weights, ratio, origin)`: one of sd/prune's.
-template <typename Config, typename Model, typename Loaded, typename Ratio, typename PruneFn>
+// Loads component `name` of `model`, prunes it, and checks that the result loads.
+template <typename Ratio, typename PruneFn>
 absl::StatusOr<prune::PrunedComponent> PruneComponent(const fs::path& model,
                                                       const std::string& name, const Ratio& ratio,
-                                                      PruneFn prune_fn,
-                                                      Loaded (*load)(const std::string&, bool)) {
-  const fs::path dir = model / name;
-  const std::string config_path = (dir / "config.json").string();
-  ASSIGN_OR_RETURN(JsonConfig json, JsonConfig::Load(config_path));
-  safetensors::TensorMap weights;
-  {
-    ASSIGN_OR_RETURN(auto m, load(dir.string(), false));
-    weights = StateDict(*m);
-  }
-  ASSIGN_OR_RETURN(prune::PrunedComponent p, prune_fn(json.json(), weights, ratio, config_path));
-  weights.clear();
-  const std::string origin = absl::StrCat("pruned ", name);
-  ASSIGN_OR_RETURN(Config cfg, Config::FromJson(JsonConfig::FromJson(p.config, origin)));
-  Model check(cfg);
-  RETURN_IF_ERROR(LoadStateDict(*check, p.weights, origin, origin));
+                                                      PruneFn prune_fn) {
+  ComponentWeights c;
+  ASSIGN_OR_RETURN(c, LoadComponentWeights(model.string(), name));
+  const std::string config_path = (model / name / "config.json").string();
+  ASSIGN_OR_RETURN(prune::PrunedComponent p, prune_fn(c.config, c.weights, ratio, config_path));
+  c.weights.clear();
+  RETURN_IF_ERROR(CheckComponentLoads(name, {p.config, p.weights}, absl::StrCat("pruned ", name)));
   return p;
 }
 
@@ -54,17 +37,15 @@ absl::Status PruneStage::Run(StageContext& ctx) {
   return RunTransformStage(ctx, [&](const std::string& dir) -> absl::Status {
     std::map<std::string, prune::PrunedComponent> pruned;
     if (PruneOptions::Any(o.unet_ratio)) {
-      ASSIGN_OR_RETURN(pruned["unet"], (PruneComponent<UNetConfig, UNet2DConditionModel>(
-                                           in, "unet", o.unet_ratio, prune::PruneUNet, LoadUNet)));
+      ASSIGN_OR_RETURN(pruned["unet"], PruneComponent(in, "unet", o.unet_ratio, prune::PruneUNet));
     }
     if (o.text_encoder_ratio > 0) {
-      ASSIGN_OR_RETURN(pruned["text_encoder"], (PruneComponent<CLIPTextConfig, CLIPTextModel>(
-                                                   in, "text_encoder", o.text_encoder_ratio,
-                                                   prune::PruneTextEncoder, LoadCLIPTextModel)));
+      ASSIGN_OR_RETURN(
+          pruned["text_encoder"],
+          PruneComponent(in, "text_encoder", o.text_encoder_ratio, prune::PruneTextEncoder));
     }
     if (PruneOptions::Any(o.vae_ratio)) {
-      ASSIGN_OR_RETURN(pruned["vae"], (PruneComponent<VAEConfig, AutoencoderKL>(
-                                          in, "vae", o.vae_ratio, prune::PruneVAE, LoadVAE)));
+      ASSIGN_OR_RETURN(pruned["vae"], PruneComponent(in, "vae", o.vae_ratio, prune::PruneVAE));
     }
     // A single ratio stays a number in the map, a per-level list a list.
     auto as_json = [](const std::vector<double>& r) -> nlohmann::json {

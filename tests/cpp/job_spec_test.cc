@@ -68,10 +68,10 @@ TEST(JobSpecTest, OutOfRange) {
 }
 
 TEST(JobSpecTest, UnimplementedStageIsRefusedNotSkipped) {
-  EXPECT_EQ(Err("model: /m\nstages: [quantize]\n"),
-            "job.yaml:2: stage \"quantize\" is not implemented in this build (implemented: init, "
+  EXPECT_EQ(Err("model: /m\nstages: [optimize]\n"),
+            "job.yaml:2: stage \"optimize\" is not implemented in this build (implemented: init, "
             "train_vae, progressive_distillation, clip_distillation, cfg_distillation, prune, "
-            "finetune); remove it from \"stages\"");
+            "finetune, quantize); remove it from \"stages\"");
   EXPECT_NE(Err("model: /m\n").find("is not implemented"), std::string::npos);
   EXPECT_EQ(Err("model: /m\nstages: [finetuen]\n"),
             "job.yaml:2: unknown stage \"finetuen\" (did you mean \"finetune\"?)");
@@ -116,7 +116,7 @@ TEST(JobSpecTest, TeacherStagesDataAndTheirKeys) {
                 .find("unknown key \"train_vae.stesp\" (did you mean \"steps\"?)"),
             std::string::npos);
   // A job without a stage list runs the compression pipeline, not the teacher stages.
-  EXPECT_NE(Err("model: /m\n").find("stage \"quantize\" is not implemented"), std::string::npos);
+  EXPECT_NE(Err("model: /m\n").find("stage \"optimize\" is not implemented"), std::string::npos);
 }
 
 TEST(JobSpecTest, LrSchedulerTextEncoderAndLatentCache) {

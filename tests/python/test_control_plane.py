@@ -210,8 +210,8 @@ def test_bad_job_yaml_is_refused_and_nothing_is_stored(cluster, tmp_path):
     r = cluster.sdctl("submit", str(bad), check=False)
     assert r.returncode == 1
     assert f'{bad}:4: unknown key "finetune.stpes" (did you mean "steps"?)' in r.stderr
-    unimplemented = tmp_path / "quantize.yaml"
-    unimplemented.write_text("model: /m\nstages: [quantize]\n")
+    unimplemented = tmp_path / "optimize.yaml"
+    unimplemented.write_text("model: /m\nstages: [optimize]\n")
     r = cluster.sdctl("submit", str(unimplemented), check=False)
     assert "is not implemented in this build" in r.stderr
     assert cluster.sdctl("list").stdout.strip() == ""

@@ -140,6 +140,18 @@ def test_job_on_two_workers_with_metrics_scraped_by_prometheus(cluster, tiny_sd,
     cluster.start_coordinator()
     worker_metrics = free_port()
     cluster.start_worker("w1", worker_metrics)
+    # w1 must hold its port before w2 binds its own ephemeral ones: free_port's port is free
+    # again until w1 binds it, and w2 once took it (the scrape then read w2's metrics).
+    deadline = time.time() + 30
+    while True:
+        try:
+            if 'sd_worker_up{worker="w1"}' in urllib.request.urlopen(
+                    f"http://127.0.0.1:{worker_metrics}/metrics").read().decode():
+                break
+        except OSError:
+            pass
+        assert time.time() < deadline, "w1 never served its metrics: " + cluster.worker_log("w1")
+        time.sleep(0.1)
     cluster.start_worker("w2")
     prom = None
     if have_prometheus:

@@ -3,6 +3,7 @@
 // optimizer), `t2i` (text encoder + N UNet steps + VAE decode) or `text-encoder`
 // (one CLIP forward of a padded batch; its parameter count too). Prints one JSON line;
 // bench/run_bench.py runs it beside the diffusers reference in the same run.
+#include <ATen/CPUGeneratorImpl.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <fstream>
@@ -15,9 +16,11 @@
 #include <optional>
 
 #include "common/args.h"
+#include "sd/io/safetensors.h"
 #include "sd/models/autoencoder_kl.h"
 #include "sd/models/unet_2d_condition.h"
 #include "sd/pipeline/stable_diffusion.h"
+#include "sd/quant/calibration.h"
 #include "sd/util/status_macros.h"
 
 namespace {
@@ -46,11 +49,27 @@ absl::Status Run(int argc, char** argv) {
     return absl::InvalidArgumentError(
         "usage: bench_sd unet|unet-train|t2i|text-encoder|vae-decode --model DIR [flags]");
   const std::string mode = argv[1];
-  ASSIGN_OR_RETURN(
-      sd::Args a,
-      sd::Args::Parse(argc - 2, argv + 2,
-                      {"model", "batch", "size", "iters", "warmup", "threads", "dtype", "device",
-                       "steps", "height", "width", "channels-last", "clone", "fuse", "profile"}));
+  ASSIGN_OR_RETURN(sd::Args a, sd::Args::Parse(argc - 2, argv + 2,
+                                               {"model",
+                                                "batch",
+                                                "size",
+                                                "iters",
+                                                "warmup",
+                                                "threads",
+                                                "dtype",
+                                                "device",
+                                                "steps",
+                                                "height",
+                                                "width",
+                                                "channels-last",
+                                                "clone",
+                                                "fuse",
+                                                "profile",
+                                                "int8",
+                                                "calibration-inputs",
+                                                "clipping",
+                                                "io",
+                                                "save-output"}));
   ASSIGN_OR_RETURN(int64_t threads, a.Int("threads", 0));
   if (threads > 0) {
     torch::set_num_threads(static_cast<int>(threads));
@@ -92,6 +111,51 @@ absl::Status Run(int argc, char** argv) {
     auto sample = torch::randn({batch, unet->config().in_channels, size, size}, opts);
     auto ctx = torch::randn({batch, 77, unet->config().cross_attention_dim}, opts);
     auto t = torch::tensor(500, torch::TensorOptions().device(device));
+    if (a.Has("io")) {  // fixed inputs, so the Python side can compare outputs
+      ASSIGN_OR_RETURN(auto io, sd::safetensors::Load(a.Get("io"), torch::kFloat32));
+      sample = io.at("sample").to(opts).contiguous();
+      ctx = io.at("encoder_hidden_states").to(opts);
+      t = io.at("timestep").to(device);
+    }
+    if (a.Get("int8", "0") == "1") {
+      // Calibrated on forwards of the benchmark's own input distribution (random
+      // weights have no real data), at several timesteps, through the library's
+      // observers and clipping; then the same kernels the INT8 loader installs.
+      ASSIGN_OR_RETURN(int64_t n_calib, a.Int("calibration-inputs", 4));
+      const std::string clipping = a.Get("clipping", "mse");
+      std::map<std::string, std::shared_ptr<sd::quant::RangeObserver>> obs;
+      auto layers = sd::quant::QuantizableLayers(*unet);
+      auto floats = sd::quant::RuleFloatLayers(layers);
+      sd::quant::Int8Plan plan;
+      plan.float_layers = floats;
+      for (const auto& l : layers) {
+        if (floats.count(l.name)) continue;
+        if (l.conv) {
+          obs[l.name] = std::make_shared<sd::quant::RangeObserver>(obs.size() + 1);
+          l.hook() = obs[l.name];
+        } else {
+          plan.linears.push_back(l.name);
+        }
+      }
+      {
+        torch::InferenceMode g;
+        auto gen = at::detail::createCPUGenerator(1234);
+        for (int64_t i = 0; i < n_calib; ++i) {
+          auto x = torch::randn(sample.sizes(), gen).to(opts);
+          auto c = torch::randn(ctx.sizes(), gen).to(opts);
+          unet->forward(x, torch::tensor(999 - i * 999 / std::max<int64_t>(1, n_calib - 1)), c);
+        }
+      }
+      sd::quant::ClearHooks(*unet);
+      for (const auto& [name, o] : obs) {
+        ASSIGN_OR_RETURN(plan.conv_inputs[name], sd::quant::ChooseAffine(*o, clipping));
+      }
+      RETURN_IF_ERROR(sd::quant::ApplyInt8(*unet, plan, /*release_float_weights=*/true));
+      out["int8_convolutions"] = plan.conv_inputs.size();
+      out["int8_linears"] = plan.linears.size();
+      out["float_layers"] = plan.float_layers.size();
+      out["clipping"] = clipping;
+    }
     auto target = torch::randn_like(sample);
     std::optional<torch::InferenceMode> guard;
     if (!train) guard.emplace();
@@ -101,6 +165,12 @@ absl::Status Run(int argc, char** argv) {
       torch::mse_loss(y, target).backward();
       for (auto& p : unet->parameters()) p.mutable_grad() = torch::Tensor();
     };
+    if (a.Has("save-output")) {
+      torch::InferenceMode g;
+      RETURN_IF_ERROR(sd::safetensors::Save(
+          a.Get("save-output"),
+          {{"out", unet->forward(sample, t, ctx).to(torch::kFloat32).cpu()}}));
+    }
     if (a.Has("profile")) {
       step();
       torch::autograd::profiler::RecordProfile prof(a.Get("profile"));

@@ -201,7 +201,10 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
                            "); remove it from \"stages\""));
     if (!seen.insert(name).second)
       return at.Error("", absl::StrCat("stage \"", name, "\" is listed twice"));
-    if (desc->needs_dataset && s.dataset.empty())
+    const bool needs_dataset =
+        desc->needs_dataset ||
+        (desc->needs_dataset_with != nullptr && desc->needs_dataset_with(s.options.at(name)));
+    if (needs_dataset && s.dataset.empty())
       return at.Error("", absl::StrCat("stage \"", name,
                                        "\" needs \"dataset\" (an image folder with "
                                        "metadata.jsonl, or WebDataset shards)"));

@@ -26,6 +26,8 @@ struct StageDescriptor {
   std::string section;  // its job.yaml section; "" when it has no options
   Produces produces = Produces::kModel;
   bool needs_dataset = false;
+  // When whether it needs one depends on its options (quantize: only for INT8 calibration).
+  bool (*needs_dataset_with)(const std::any& options) = nullptr;
   bool needs_teacher = false;  // reads the job's model (the teacher) beside its input
   // Reads the section (absent: every option at its default) into the stage's
   // options struct, with every cross-check against the shared settings. Reads

@@ -73,16 +73,21 @@ absl::Status ProbeEval(int argc, char** argv) {
 
 absl::Status Eval(int argc, char** argv) {
   ASSIGN_OR_RETURN(
-      Args args,
-      Args::Parse(argc, argv,
-                  {"model", "reference", "prompts", "probe", "count", "seeds-per-prompt", "steps",
-                   "reference-steps", "guidance", "seed", "batch", "scheduler", "out", "threads"}));
+      Args args, Args::Parse(argc, argv,
+                             {"model", "reference", "prompts", "probe", "count", "seeds-per-prompt",
+                              "steps", "reference-steps", "guidance", "seed", "batch", "scheduler",
+                              "out", "threads", "unet"}));
   for (const char* f : {"model", "prompts", "probe", "out"}) {
     if (!args.Has(f)) return absl::InvalidArgumentError(absl::StrCat("--", f, " is required"));
   }
   RETURN_IF_ERROR(SetThreads(args));
   sd::eval::EvalOptions o;
   o.model = args.Get("model");
+  const std::string unet = args.Get("unet", "float");
+  if (unet != "float" && unet != "int8")
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--unet must be float or int8 (the model's unet_int8.safetensors), got ", unet));
+  o.model_unet_int8 = unet == "int8";
   o.reference = args.Get("reference");
   o.prompts = args.Get("prompts");
   o.probe = args.Get("probe");

@@ -25,7 +25,7 @@ absl::Status Run(int argc, char** argv) {
       Args args, Args::Parse(argc, argv,
                              {"model", "negative-prompt", "steps", "guidance", "seed", "scheduler",
                               "out", "out-dir", "prompts-file", "height", "width",
-                              "images-per-prompt", "device", "dtype", "latents", "threads"},
+                              "images-per-prompt", "device", "dtype", "latents", "threads", "unet"},
                              {"prompt"}, {"vae-slicing"}));
   if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
   sd::GenerateOptions o;
@@ -80,9 +80,16 @@ absl::Status Run(int argc, char** argv) {
     ASSIGN_OR_RETURN(o.latents, f.Get(f.tensors()[0].name, torch::kFloat32));
   }
 
+  const std::string unet = args.Get("unet", "float");
+  if (unet != "float" && unet != "int8")
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--unet must be float or int8 (the model's unet_int8.safetensors), got ", unet));
+  sd::StableDiffusion::LoadOptions load;
+  load.device = torch::Device(dev);
+  load.dtype = dtype;
+  load.unet_int8 = unet == "int8";
   auto t0 = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(sd::StableDiffusion model,
-                   sd::StableDiffusion::Load(args.Get("model"), torch::Device(dev), dtype));
+  ASSIGN_OR_RETURN(sd::StableDiffusion model, sd::StableDiffusion::Load(args.Get("model"), load));
   auto t1 = std::chrono::steady_clock::now();
   std::fprintf(stderr, "loaded %s in %.1fs\n", args.Get("model").c_str(),
                std::chrono::duration<double>(t1 - t0).count());

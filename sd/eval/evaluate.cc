@@ -7,6 +7,7 @@
 #include "sd/eval/image_metrics.h"
 #include "sd/eval/shape_probe.h"
 #include "sd/pipeline/stable_diffusion.h"
+#include "sd/quant/unet_int8.h"
 #include "sd/util/status_macros.h"
 
 namespace sd::eval {
@@ -21,10 +22,13 @@ struct Generated {
   int64_t parameters = 0;
 };
 
-int64_t WeightBytes(const std::string& dir) {
+int64_t WeightBytes(const std::string& dir, bool unet_int8) {
   int64_t n = 0;
   std::error_code ec;
+  if (unet_int8)
+    n += static_cast<int64_t>(fs::file_size(fs::path(dir) / "unet_int8.safetensors", ec));
   for (const char* c : {"unet", "text_encoder", "vae"}) {
+    if (unet_int8 && std::string(c) == "unet") continue;
     for (const auto& e : fs::directory_iterator(fs::path(dir) / c, ec)) {
       const auto ext = e.path().extension();
       if (ext == ".safetensors" || ext == ".bin") n += static_cast<int64_t>(e.file_size());
@@ -35,14 +39,17 @@ int64_t WeightBytes(const std::string& dir) {
 
 absl::StatusOr<Generated> GenerateAll(const std::string& dir,
                                       const std::vector<std::string>& prompts, int64_t steps,
-                                      const EvalOptions& o, const std::string& what) {
-  ASSIGN_OR_RETURN(StableDiffusion sd, StableDiffusion::Load(dir));
+                                      const EvalOptions& o, const std::string& what,
+                                      bool unet_int8) {
+  StableDiffusion::LoadOptions load;
+  load.unet_int8 = unet_int8;
+  ASSIGN_OR_RETURN(StableDiffusion sd, StableDiffusion::Load(dir, load));
   Generated g;
-  for (auto* m : std::initializer_list<torch::nn::Module*>{sd.unet.get(), sd.text_encoder.get(),
-                                                           sd.vae.get()}) {
+  for (auto* m : std::initializer_list<torch::nn::Module*>{sd.text_encoder.get(), sd.vae.get()}) {
     for (const auto& p : m->parameters()) g.parameters += p.numel();
   }
-  g.size_bytes = WeightBytes(dir);
+  g.parameters += quant::UNetParameterCount(*sd.unet);
+  g.size_bytes = WeightBytes(dir, unet_int8);
   std::vector<torch::Tensor> images, latents;
   const int64_t n = static_cast<int64_t>(prompts.size());
   const int64_t total = n * o.seeds_per_prompt;
@@ -123,7 +130,8 @@ absl::StatusOr<EvalResult> Evaluate(const EvalOptions& o) {
   const torch::Tensor& label_t = scenes.labels;
 
   EvalResult r;
-  ASSIGN_OR_RETURN(Generated cand, GenerateAll(o.model, prompts, o.steps, o, "model"));
+  ASSIGN_OR_RETURN(Generated cand,
+                   GenerateAll(o.model, prompts, o.steps, o, "model", o.model_unet_int8));
   r.report["model"] = o.model;
   r.report["prompts"] = o.prompts;
   r.report["count"] = prompts.size();
@@ -135,7 +143,7 @@ absl::StatusOr<EvalResult> Evaluate(const EvalOptions& o) {
   torch::Tensor ref_images;
   if (!o.reference.empty()) {
     ASSIGN_OR_RETURN(Generated ref,
-                     GenerateAll(o.reference, prompts, o.reference_steps, o, "reference"));
+                     GenerateAll(o.reference, prompts, o.reference_steps, o, "reference", false));
     r.report["reference_model"] = o.reference;
     r.report["reference"] = Scores(ref, probe, label_t, o.seeds_per_prompt, o.reference_steps);
     r.report["fidelity"] = {

@@ -16,6 +16,7 @@ namespace sd::eval {
 
 struct EvalOptions {
   std::string model;             // candidate (diffusers folder)
+  bool model_unet_int8 = false;  // the candidate's UNet from its unet_int8.safetensors
   std::string reference;         // optional: the model it is compared with
   std::string prompts;           // dataset whose single-shape scenes give prompts + labels
   std::string probe;             // ShapeProbe weights (sdctl probe train)

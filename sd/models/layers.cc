@@ -12,6 +12,18 @@ void ToChannelsLast(torch::nn::Module& module) {
   }
 }
 
+torch::Tensor Conv2dImpl::forward(const torch::Tensor& x) {
+  if (!hook) return torch::nn::Conv2dImpl::forward(x);
+  return hook->Forward(
+      x, [this](const torch::Tensor& in) { return torch::nn::Conv2dImpl::forward(in); });
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
+  if (!hook) return torch::nn::LinearImpl::forward(x);
+  return hook->Forward(
+      x, [this](const torch::Tensor& in) { return torch::nn::LinearImpl::forward(in); });
+}
+
 torch::Tensor Activation(const std::string& name, const torch::Tensor& x) {
   if (name == "silu" || name == "swish") return torch::silu(x);
   if (name == "gelu") return torch::gelu(x);
@@ -40,17 +52,14 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in, int64_t out, int64_t temb_chann
     : output_scale_factor(output_scale_factor) {
   norm1 = register_module("norm1",
                           torch::nn::GroupNorm(torch::nn::GroupNormOptions(groups, in).eps(eps)));
-  conv1 =
-      register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 3).padding(1)));
+  conv1 = register_module("conv1", Conv2d(torch::nn::Conv2dOptions(in, out, 3).padding(1)));
   if (temb_channels > 0)
-    time_emb_proj = register_module("time_emb_proj", torch::nn::Linear(temb_channels, out));
+    time_emb_proj = register_module("time_emb_proj", Linear(temb_channels, out));
   norm2 = register_module("norm2",
                           torch::nn::GroupNorm(torch::nn::GroupNormOptions(groups, out).eps(eps)));
-  conv2 =
-      register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(out, out, 3).padding(1)));
+  conv2 = register_module("conv2", Conv2d(torch::nn::Conv2dOptions(out, out, 3).padding(1)));
   if (in != out)
-    conv_shortcut =
-        register_module("conv_shortcut", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, 1)));
+    conv_shortcut = register_module("conv_shortcut", Conv2d(torch::nn::Conv2dOptions(in, out, 1)));
 }
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
@@ -68,8 +77,7 @@ torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Te
 Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t out, int64_t padding)
     : padding(padding) {
   conv = register_module(
-      "conv",
-      torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, out, 3).stride(2).padding(padding)));
+      "conv", Conv2d(torch::nn::Conv2dOptions(channels, out, 3).stride(2).padding(padding)));
 }
 
 torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
@@ -79,8 +87,7 @@ torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
 }
 
 Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out) {
-  conv = register_module("conv",
-                         torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, out, 3).padding(1)));
+  conv = register_module("conv", Conv2d(torch::nn::Conv2dOptions(channels, out, 3).padding(1)));
 }
 
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x, c10::IntArrayRef size) {
@@ -103,18 +110,17 @@ AttentionImpl::AttentionImpl(const AttentionOptions& o, std::shared_ptr<Attentio
         "group_norm", torch::nn::GroupNorm(
                           torch::nn::GroupNormOptions(o.norm_groups, o.query_dim).eps(o.norm_eps)));
   }
-  to_q = register_module(
-      "to_q", torch::nn::Linear(torch::nn::LinearOptions(o.query_dim, inner).bias(o.qkv_bias)));
-  to_k = register_module(
-      "to_k", torch::nn::Linear(torch::nn::LinearOptions(kv_dim, inner).bias(o.qkv_bias)));
-  to_v = register_module(
-      "to_v", torch::nn::Linear(torch::nn::LinearOptions(kv_dim, inner).bias(o.qkv_bias)));
+  to_q = register_module("to_q",
+                         Linear(torch::nn::LinearOptions(o.query_dim, inner).bias(o.qkv_bias)));
+  to_k = register_module("to_k", Linear(torch::nn::LinearOptions(kv_dim, inner).bias(o.qkv_bias)));
+  to_v = register_module("to_v", Linear(torch::nn::LinearOptions(kv_dim, inner).bias(o.qkv_bias)));
   to_out = register_module("to_out", torch::nn::ModuleList());
-  to_out->push_back(
-      torch::nn::Linear(torch::nn::LinearOptions(inner, o.query_dim).bias(o.out_bias)));
+  to_out->push_back(Linear(torch::nn::LinearOptions(inner, o.query_dim).bias(o.out_bias)));
 }
 
 void AttentionImpl::fuse_projections() {
+  // INT8 projections have their own fused form (fused_hook); their float weights may be gone.
+  if (to_q->hook || to_k->hook || to_v->hook) return;
   torch::NoGradGuard no_grad;
   const bool self_attn = opt.cross_attention_dim == 0;
   std::vector<torch::Tensor> w, bias;
@@ -123,7 +129,7 @@ void AttentionImpl::fuse_projections() {
   w.push_back(to_v->weight);
   fused_weight = torch::cat(w, 0);
   // The separate weights become views of the fused matrix: one copy in memory.
-  std::vector<torch::nn::Linear> parts;
+  std::vector<Linear> parts;
   if (self_attn) parts.push_back(to_q);
   parts.push_back(to_k);
   parts.push_back(to_v);
@@ -154,7 +160,12 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   const auto& kv = context.defined() ? context : x;
   const int64_t b = x.size(0), h = opt.heads, d = opt.dim_head;
   torch::Tensor q, k, v;
-  if (fused_weight.defined() && !is_training()) {
+  if (fused_hook && opt.cross_attention_dim == 0) {
+    auto qkv = fused_hook->Forward(x, nullptr).view({b, -1, 3, h, d});
+    q = qkv.select(2, 0).transpose(1, 2);
+    k = qkv.select(2, 1).transpose(1, 2);
+    v = qkv.select(2, 2).transpose(1, 2);
+  } else if (fused_weight.defined() && !is_training()) {
     if (opt.cross_attention_dim == 0) {
       auto qkv = torch::nn::functional::linear(x, fused_weight, fused_bias).view({b, -1, 3, h, d});
       q = qkv.select(2, 0).transpose(1, 2);
@@ -188,7 +199,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     out = at::scaled_dot_product_attention(q, k, v);
   }
   out = out.transpose(1, 2).reshape({b, -1, h * d});
-  return to_out[0]->as<torch::nn::Linear>()->forward(out);
+  return to_out[0]->as<Linear>()->forward(out);
 }
 
 torch::Tensor AttentionImpl::forward_spatial(const torch::Tensor& x) {
@@ -201,7 +212,7 @@ torch::Tensor AttentionImpl::forward_spatial(const torch::Tensor& x) {
 }
 
 GEGLUImpl::GEGLUImpl(int64_t in, int64_t out) {
-  proj = register_module("proj", torch::nn::Linear(in, out * 2));
+  proj = register_module("proj", Linear(in, out * 2));
 }
 
 torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
@@ -212,7 +223,7 @@ torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
 FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) {
   net = register_module("net", torch::nn::ModuleList());
   geglu = GEGLU(dim, dim * mult);
-  out = torch::nn::Linear(dim * mult, dim);
+  out = Linear(dim * mult, dim);
   net->push_back(geglu);
   net->push_back(torch::nn::Dropout(0.0));
   net->push_back(out);
@@ -255,10 +266,10 @@ Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DOptions& o,
   norm = register_module(
       "norm", torch::nn::GroupNorm(torch::nn::GroupNormOptions(o.norm_groups, c).eps(1e-6)));
   if (o.use_linear_projection) {
-    proj_in = torch::nn::AnyModule(register_module("proj_in", torch::nn::Linear(c, c)));
+    proj_in = torch::nn::AnyModule(register_module("proj_in", Linear(c, c)));
   } else {
-    proj_in = torch::nn::AnyModule(
-        register_module("proj_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c, 1))));
+    proj_in =
+        torch::nn::AnyModule(register_module("proj_in", Conv2d(torch::nn::Conv2dOptions(c, c, 1))));
   }
   transformer_blocks = register_module("transformer_blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < o.layers; ++i) {
@@ -267,10 +278,10 @@ Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DOptions& o,
                               rec, name + ".transformer_blocks." + std::to_string(i)));
   }
   if (o.use_linear_projection) {
-    proj_out = torch::nn::AnyModule(register_module("proj_out", torch::nn::Linear(c, c)));
+    proj_out = torch::nn::AnyModule(register_module("proj_out", Linear(c, c)));
   } else {
     proj_out = torch::nn::AnyModule(
-        register_module("proj_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c, 1))));
+        register_module("proj_out", Conv2d(torch::nn::Conv2dOptions(c, c, 1))));
   }
 }
 

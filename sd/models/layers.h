@@ -3,6 +3,7 @@
 // exactly diffusers' so that loading a state_dict is a name match.
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,6 +27,34 @@ struct AttentionRecorder {
 // become free views. Inputs must be channels_last too (the models convert them).
 void ToChannelsLast(torch::nn::Module& module);
 
+// Replaces the floating-point forward of one Conv2d or Linear: an INT8 kernel at
+// inference, an observer while calibrating. `float_forward` is the layer's own
+// forward, for hooks that watch rather than replace.
+class LayerHook {
+ public:
+  virtual ~LayerHook() = default;
+  virtual torch::Tensor Forward(
+      const torch::Tensor& x,
+      const std::function<torch::Tensor(const torch::Tensor&)>& float_forward) = 0;
+};
+
+// Conv2d / Linear (same options, parameters and state_dict names)
+// with an optional LayerHook. The base forward is not virtual, so the models
+// hold these types and a quantizer can swap kernels in without rebuilding them.
+struct Conv2dImpl : torch::nn::Conv2dImpl {
+  using torch::nn::Conv2dImpl::Conv2dImpl;
+  torch::Tensor forward(const torch::Tensor& x);
+  std::shared_ptr<LayerHook> hook;
+};
+TORCH_MODULE(Conv2d);
+
+struct LinearImpl : torch::nn::LinearImpl {
+  using torch::nn::LinearImpl::LinearImpl;
+  torch::Tensor forward(const torch::Tensor& x);
+  std::shared_ptr<LayerHook> hook;
+};
+TORCH_MODULE(Linear);
+
 torch::Tensor Activation(const std::string& name, const torch::Tensor& x);
 
 // diffusers.models.embeddings.get_timestep_embedding
@@ -39,8 +68,8 @@ struct ResnetBlock2DImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& temb = {});
 
   torch::nn::GroupNorm norm1{nullptr}, norm2{nullptr};
-  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
-  torch::nn::Linear time_emb_proj{nullptr};
+  Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
+  Linear time_emb_proj{nullptr};
   double output_scale_factor;
 };
 TORCH_MODULE(ResnetBlock2D);
@@ -48,7 +77,7 @@ TORCH_MODULE(ResnetBlock2D);
 struct Downsample2DImpl : torch::nn::Module {
   Downsample2DImpl(int64_t channels, int64_t out, int64_t padding);
   torch::Tensor forward(const torch::Tensor& x);
-  torch::nn::Conv2d conv{nullptr};
+  Conv2d conv{nullptr};
   int64_t padding;
 };
 TORCH_MODULE(Downsample2D);
@@ -58,7 +87,7 @@ struct Upsample2DImpl : torch::nn::Module {
   // `size` is the spatial size to upsample to (the matching skip connection's);
   // empty means twice the input.
   torch::Tensor forward(const torch::Tensor& x, c10::IntArrayRef size = {});
-  torch::nn::Conv2d conv{nullptr};
+  Conv2d conv{nullptr};
 };
 TORCH_MODULE(Upsample2D);
 
@@ -90,7 +119,9 @@ struct AttentionImpl : torch::nn::Module {
 
   AttentionOptions opt;
   torch::Tensor fused_weight, fused_bias;
-  torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
+  // INT8 self-attention: q, k and v from one kernel (sd/quant installs it).
+  std::shared_ptr<LayerHook> fused_hook;
+  Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
   torch::nn::ModuleList to_out;
   torch::nn::GroupNorm group_norm{nullptr};
   std::shared_ptr<AttentionRecorder> recorder;
@@ -101,7 +132,7 @@ TORCH_MODULE(Attention);
 struct GEGLUImpl : torch::nn::Module {
   GEGLUImpl(int64_t in, int64_t out);
   torch::Tensor forward(const torch::Tensor& x);
-  torch::nn::Linear proj{nullptr};
+  Linear proj{nullptr};
 };
 TORCH_MODULE(GEGLU);
 
@@ -110,7 +141,7 @@ struct FeedForwardImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
   torch::nn::ModuleList net;  // net.0 = GEGLU, net.1 = dropout, net.2 = Linear
   GEGLU geglu{nullptr};
-  torch::nn::Linear out{nullptr};
+  Linear out{nullptr};
 };
 TORCH_MODULE(FeedForward);
 

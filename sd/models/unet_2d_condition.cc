@@ -154,16 +154,14 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
   const auto& ch = cfg.block_out_channels;
   const size_t n = ch.size();
   const int64_t temb_dim = cfg.temb_dim();
-  conv_in = register_module(
-      "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg.in_channels, ch[0], 3).padding(1)));
+  conv_in = register_module("conv_in",
+                            Conv2d(torch::nn::Conv2dOptions(cfg.in_channels, ch[0], 3).padding(1)));
   auto time_embedding = std::make_shared<torch::nn::Module>();
-  time_linear_1 = time_embedding->register_module("linear_1", torch::nn::Linear(ch[0], temb_dim));
-  time_linear_2 =
-      time_embedding->register_module("linear_2", torch::nn::Linear(temb_dim, temb_dim));
+  time_linear_1 = time_embedding->register_module("linear_1", Linear(ch[0], temb_dim));
+  time_linear_2 = time_embedding->register_module("linear_2", Linear(temb_dim, temb_dim));
   if (cfg.time_cond_proj_dim > 0) {
     time_cond_proj = time_embedding->register_module(
-        "cond_proj",
-        torch::nn::Linear(torch::nn::LinearOptions(cfg.time_cond_proj_dim, ch[0]).bias(false)));
+        "cond_proj", Linear(torch::nn::LinearOptions(cfg.time_cond_proj_dim, ch[0]).bias(false)));
   }
   register_module("time_embedding", time_embedding);
 
@@ -260,8 +258,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNetConfig& cfg)
       torch::nn::GroupNorm(
           torch::nn::GroupNormOptions(cfg.norm_num_groups, ch[0]).eps(cfg.norm_eps)));
   conv_out = register_module(
-      "conv_out",
-      torch::nn::Conv2d(torch::nn::Conv2dOptions(ch[0], cfg.out_channels, 3).padding(1)));
+      "conv_out", Conv2d(torch::nn::Conv2dOptions(ch[0], cfg.out_channels, 3).padding(1)));
 }
 
 torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in,

@@ -82,8 +82,8 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   std::shared_ptr<AttentionRecorder> recorder_;
   bool channels_last_ = false;
   std::vector<torch::Tensor>* block_outputs_ = nullptr;
-  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
-  torch::nn::Linear time_linear_1{nullptr}, time_linear_2{nullptr}, time_cond_proj{nullptr};
+  Conv2d conv_in{nullptr}, conv_out{nullptr};
+  Linear time_linear_1{nullptr}, time_linear_2{nullptr}, time_cond_proj{nullptr};
   torch::nn::ModuleList down_blocks{nullptr}, up_blocks{nullptr};
   UNetBlock mid{nullptr};
   torch::nn::GroupNorm conv_norm_out{nullptr};

@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "sd/quant/unet_int8.h"
 #include "sd/schedulers/scheduler.h"
 #include "sd/util/status_macros.h"
 
@@ -59,7 +60,16 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir,
   if (options.text_encoder) {
     ASSIGN_OR_RETURN(sd.text_encoder, LoadCLIPTextModel((root / "text_encoder").string(), true));
   }
-  if (options.unet) {
+  if (options.unet && options.unet_int8) {
+    const fs::path file = root / "unet_int8.safetensors";
+    if (!fs::exists(file))
+      return absl::NotFoundError(absl::StrCat(
+          dir, " has no unet_int8.safetensors (the quantize stage writes it with int8: true)"));
+    if (!device.is_cpu())
+      return absl::InvalidArgumentError(
+          absl::StrCat("the INT8 UNet runs on CPU only, not on ", device.str()));
+    ASSIGN_OR_RETURN(sd.unet, quant::LoadUNetInt8(file.string()));
+  } else if (options.unet) {
     ASSIGN_OR_RETURN(sd.unet, LoadUNet((root / "unet").string(), true));
   }
   if (options.vae) {

@@ -35,6 +35,9 @@ struct StableDiffusion {
     // Which of tokenizer, text_encoder, unet, vae to load (the scheduler config
     // always is); the others stay null. A training stage loads what it trains and uses.
     bool tokenizer = true, text_encoder = true, unet = true, vae = true;
+    // The UNet from <dir>/unet_int8.safetensors (the quantize stage's INT8 UNet,
+    // CPU only) instead of unet/.
+    bool unet_int8 = false;
   };
   // Loads a diffusers folder (model_index.json, tokenizer/, text_encoder/, unet/,
   // vae/, scheduler/): the one loading path of sampling, evaluation and training.

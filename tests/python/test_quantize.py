@@ -59,7 +59,7 @@ def sdctl_png(model_dir, tmp_path, dtype, prompt, steps, guidance, lat_path):
 def test_half_precision_folder_loads_in_diffusers_and_samples_as_sdctl(tiny_sd, tmp_path, dtype, torch_dtype,
                                                                        st_name):
     model_dir, _ = tiny_sd
-    out = quantize(tmp_path, model_dir, f"  dtype: {dtype}\n")
+    out = quantize(tmp_path, model_dir, f"  dtype: {dtype}\n  int8: false\n")
     report = json.load(open(os.path.join(out, "quantization.json")))
     assert report["dtype"] == str(torch_dtype).split(".")[1]
     # Every floating-point tensor is stored in the half type, under the plain names (no variant).

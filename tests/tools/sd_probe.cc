@@ -14,6 +14,7 @@
 #include "sd/models/clip_text_model.h"
 #include "sd/models/state_dict.h"
 #include "sd/models/unet_2d_condition.h"
+#include "sd/quant/unet_int8.h"
 #include "sd/schedulers/scheduler.h"
 #include "sd/tokenizer/clip_tokenizer.h"
 #include "sd/train/denoising_loss.h"
@@ -57,8 +58,32 @@ absl::Status TextEncoder(const sd::Args& a) {
   return sd::safetensors::Save(a.Get("out"), out);
 }
 
+// Wraps an INT8 layer's kernel and keeps what it was given and what it returned,
+// so a test can check each layer against the file's format on its own.
+class RecordingHook : public sd::LayerHook {
+ public:
+  RecordingHook(std::shared_ptr<sd::LayerHook> inner, std::string name, TensorMap* out)
+      : inner_(std::move(inner)), name_(std::move(name)), out_(out) {}
+  torch::Tensor Forward(const torch::Tensor& x,
+                        const std::function<torch::Tensor(const torch::Tensor&)>& f) override {
+    auto y = inner_->Forward(x, f);
+    if (!out_->count("in." + name_)) {
+      (*out_)["in." + name_] = x.contiguous().clone();
+      (*out_)["out." + name_] = y.contiguous().clone();
+    }
+    return y;
+  }
+
+ private:
+  std::shared_ptr<sd::LayerHook> inner_;
+  std::string name_;
+  TensorMap* out_;
+};
+
 absl::Status UNet(const sd::Args& a) {
-  ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model")));
+  // --model DIR: a unet/ folder; --int8 FILE: an INT8 UNet (unet_int8.safetensors).
+  ASSIGN_OR_RETURN(auto unet, a.Has("int8") ? sd::quant::LoadUNetInt8(a.Get("int8"))
+                                            : sd::LoadUNet(a.Get("model")));
   ASSIGN_OR_RETURN(auto in, sd::safetensors::Load(a.Get("inputs")));
   ASSIGN_OR_RETURN(auto sample, Need(in, "sample"));
   ASSIGN_OR_RETURN(auto t, Need(in, "timestep"));
@@ -74,7 +99,18 @@ absl::Status UNet(const sd::Args& a) {
   torch::Tensor cond;
   if (in.contains("guidance"))
     cond = sd::GuidanceScaleEmbedding(in.at("guidance"), unet->config().time_cond_proj_dim);
+  TensorMap layer_io;
+  if (a.Has("layer-io")) {
+    for (const auto& l : sd::quant::QuantizableLayers(*unet)) {
+      if (l.hook()) l.hook() = std::make_shared<RecordingHook>(l.hook(), l.name, &layer_io);
+    }
+    for (auto& m : unet->modules(false)) {
+      if (auto* attn = m->as<sd::AttentionImpl>())
+        attn->fused_hook.reset();  // per layer, not fused
+    }
+  }
   TensorMap out{{"sample", unet->forward(sample, t, ctx, cond)}};
+  out.insert(layer_io.begin(), layer_io.end());
   if (cond.defined()) out["timestep_cond"] = cond;
   for (size_t i = 0; i < unet->recorder().maps.size(); ++i)
     out["attn." + unet->recorder().names[i]] = unet->recorder().maps[i];
@@ -189,11 +225,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string cmd = argv[1];
-  auto args = sd::Args::Parse(
-      argc - 2, argv + 2,
-      {"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads", "job", "stage",
-       "checkpoint-dir", "artifacts-dir", "stop-at", "rank", "world-size", "rendezvous", "device"},
-      {}, {"attention-maps", "optimized"});
+  auto args = sd::Args::Parse(argc - 2, argv + 2,
+                              {"model", "inputs", "out", "lr", "steps", "scheduler-config",
+                               "threads", "job", "stage", "checkpoint-dir", "artifacts-dir",
+                               "stop-at", "rank", "world-size", "rendezvous", "device", "int8"},
+                              {}, {"attention-maps", "optimized", "layer-io"});
   if (!args.ok()) {
     std::cerr << args.status().message() << "\n";
     return 2;

@@ -123,20 +123,7 @@ absl::Status Run(int argc, char** argv) {
       // observers and clipping; then the same kernels the INT8 loader installs.
       ASSIGN_OR_RETURN(int64_t n_calib, a.Int("calibration-inputs", 4));
       const std::string clipping = a.Get("clipping", "mse");
-      std::map<std::string, std::shared_ptr<sd::quant::RangeObserver>> obs;
-      auto layers = sd::quant::QuantizableLayers(*unet);
-      auto floats = sd::quant::RuleFloatLayers(layers);
-      sd::quant::Int8Plan plan;
-      plan.float_layers = floats;
-      for (const auto& l : layers) {
-        if (floats.count(l.name)) continue;
-        if (l.conv) {
-          obs[l.name] = std::make_shared<sd::quant::RangeObserver>(obs.size() + 1);
-          l.hook() = obs[l.name];
-        } else {
-          plan.linears.push_back(l.name);
-        }
-      }
+      const auto observed = sd::quant::ObserveConvolutions(*unet, 0);
       {
         torch::InferenceMode g;
         auto gen = at::detail::createCPUGenerator(1234);
@@ -147,9 +134,8 @@ absl::Status Run(int argc, char** argv) {
         }
       }
       sd::quant::ClearHooks(*unet);
-      for (const auto& [name, o] : obs) {
-        ASSIGN_OR_RETURN(plan.conv_inputs[name], sd::quant::ChooseAffine(*o, clipping));
-      }
+      ASSIGN_OR_RETURN(const sd::quant::Int8Plan plan,
+                       sd::quant::PlanFromObservation(observed, clipping));
       RETURN_IF_ERROR(sd::quant::ApplyInt8(*unet, plan, /*release_float_weights=*/true));
       out["int8_convolutions"] = plan.conv_inputs.size();
       out["int8_linears"] = plan.linears.size();

@@ -125,13 +125,43 @@ absl::StatusOr<Affine> ChooseAffine(const RangeObserver& o, const std::string& m
       absl::StrCat("unknown clipping method \"", method, "\" (absmax, percentile or mse)"));
 }
 
+ConvObservation ObserveConvolutions(UNet2DConditionModelImpl& unet, uint64_t seed) {
+  ConvObservation o;
+  const auto layers = QuantizableLayers(unet);
+  o.base.float_layers = RuleFloatLayers(layers);
+  for (const auto& l : layers) {
+    if (o.base.float_layers.count(l.name)) continue;
+    if (l.linear) {
+      o.base.linears.push_back(l.name);
+      continue;
+    }
+    auto obs = std::make_shared<RangeObserver>(++seed);
+    l.hook() = obs;
+    o.observers[l.name] = std::move(obs);
+  }
+  return o;
+}
+
+absl::StatusOr<Int8Plan> PlanFromObservation(const ConvObservation& o, const std::string& method) {
+  Int8Plan p = o.base;
+  for (const auto& [name, obs] : o.observers) {
+    auto a = ChooseAffine(*obs, method);
+    if (!a.ok())
+      return absl::FailedPreconditionError(
+          absl::StrCat("INT8 calibration, layer ", name, ": ", a.status().message()));
+    p.conv_inputs[name] = *a;
+  }
+  return p;
+}
+
 torch::Tensor SqnrProbe::Forward(
     const torch::Tensor& x,
     const std::function<torch::Tensor(const torch::Tensor&)>& float_forward) {
   auto y = float_forward(x);
   auto yq = int8_->Forward(x, float_forward);
-  signal_ += y.to(torch::kFloat64).pow(2).sum().item<double>();
-  noise_ += (yq.to(torch::kFloat64) - y.to(torch::kFloat64)).pow(2).sum().item<double>();
+  const auto y64 = y.to(torch::kFloat64);
+  signal_ += y64.pow(2).sum().item<double>();
+  noise_ += (yq.to(torch::kFloat64) - y64).pow(2).sum().item<double>();
   return y;
 }
 
@@ -151,40 +181,15 @@ absl::StatusOr<Int8Plan> CalibrateUNetInt8(StableDiffusion& sd, const Calibratio
   torch::NoGradGuard no_grad;
   auto& unet = *sd.unet;
   ClearHooks(unet);
-  const auto layers = QuantizableLayers(unet);
-  Int8Plan base;
-  base.float_layers = RuleFloatLayers(layers);
-  std::vector<QuantLayer> convs, linears;
-  for (const auto& l : layers) {
-    if (base.float_layers.count(l.name)) continue;
-    (l.conv ? convs : linears).push_back(l);
-  }
 
   // 1. Observe every convolution's inputs over all calibration prompts and steps.
-  std::map<std::string, std::shared_ptr<RangeObserver>> observers;
-  uint64_t seed = o.seed;
-  for (const auto& l : convs) {
-    observers[l.name] = std::make_shared<RangeObserver>(++seed);
-    l.hook() = observers[l.name];
-  }
+  const ConvObservation observed = ObserveConvolutions(unet, o.seed);
   o.log(absl::StrCat("INT8 calibration: ", o.prompts.size(), " prompts x ", o.steps, " steps over ",
-                     convs.size(), " convolutions"));
+                     observed.observers.size(), " convolutions"));
   auto sampled = Sample(sd, o.prompts, o);
   ClearHooks(unet);
   RETURN_IF_ERROR(sampled.status());
 
-  auto plan_for = [&](const std::string& method) -> absl::StatusOr<Int8Plan> {
-    Int8Plan p = base;
-    for (const auto& l : convs) {
-      auto a = ChooseAffine(*observers.at(l.name), method);
-      if (!a.ok())
-        return absl::FailedPreconditionError(
-            absl::StrCat("INT8 calibration, layer ", l.name, ": ", a.status().message()));
-      p.conv_inputs[l.name] = *a;
-    }
-    for (const auto& l : linears) p.linears.push_back(l.name);
-    return p;
-  };
   auto image_psnr = [&](const Int8Plan& p,
                         const torch::Tensor& reference) -> absl::StatusOr<double> {
     RETURN_IF_ERROR(ApplyInt8(unet, p, /*release_float_weights=*/false));
@@ -202,7 +207,7 @@ absl::StatusOr<Int8Plan> CalibrateUNetInt8(StableDiffusion& sd, const Calibratio
   std::string chosen;
   double chosen_psnr = -1;
   for (const auto& m : methods) {
-    ASSIGN_OR_RETURN(Int8Plan p, plan_for(m));
+    ASSIGN_OR_RETURN(Int8Plan p, PlanFromObservation(observed, m));
     ASSIGN_OR_RETURN(double psnr, image_psnr(p, reference));
     o.log(absl::StrFormat("INT8 calibration: clipping %s -> %.2f dB on %d held-out prompts", m,
                           psnr, o.eval_prompts.size()));
@@ -212,7 +217,7 @@ absl::StatusOr<Int8Plan> CalibrateUNetInt8(StableDiffusion& sd, const Calibratio
       chosen = m;
     }
   }
-  ASSIGN_OR_RETURN(Int8Plan plan, plan_for(chosen));
+  ASSIGN_OR_RETURN(Int8Plan plan, PlanFromObservation(observed, chosen));
 
   // 3. Each layer's own error with the chosen ranges; the worst stay float.
   std::map<std::string, std::shared_ptr<SqnrProbe>> probes;

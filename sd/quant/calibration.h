@@ -6,6 +6,8 @@
 // The clipping method is chosen by the image error it causes on held-out
 // prompts, and layers whose own output error is too large stay float.
 #include <functional>
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -43,6 +45,17 @@ class RangeObserver : public LayerHook {
 //   mse         the range [a * min, a * max] (a in 0.2..1) that minimises the
 //               quantization error of the sampled values.
 absl::StatusOr<Affine> ChooseAffine(const RangeObserver& o, const std::string& method);
+
+// Calibration's split of the UNet: an observer on every convolution that will
+// run INT8, the Linear layers (dynamic: nothing to observe), the rule-float rest.
+struct ConvObservation {
+  Int8Plan base;  // float_layers and linears filled in
+  std::map<std::string, std::shared_ptr<RangeObserver>> observers;
+};
+// Installs the observers as the convolutions' hooks (ClearHooks removes them).
+ConvObservation ObserveConvolutions(UNet2DConditionModelImpl& unet, uint64_t seed);
+// `base` with each observed convolution's input map chosen by `method`.
+absl::StatusOr<Int8Plan> PlanFromObservation(const ConvObservation& o, const std::string& method);
 
 // While installed, a layer runs float (so the trajectory is the float model's)
 // and also its INT8 kernel on the same input, summing both outputs' energy and

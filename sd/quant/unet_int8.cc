@@ -2,8 +2,6 @@
 
 #include <torch/serialize.h>
 
-#include <filesystem>
-#include <fstream>
 #include <set>
 
 #include "absl/strings/match.h"
@@ -201,28 +199,26 @@ int64_t UNetParameterCount(UNet2DConditionModelImpl& unet) {
   return n;
 }
 
-absl::Status SaveUNetInt8(const std::string& path, UNet2DConditionModelImpl& unet,
-                          const Int8Plan& plan) {
+absl::Status SaveUNetInt8(const std::string& path, const std::string& pickle_path,
+                          UNet2DConditionModelImpl& unet, const Int8Plan& plan) {
+  // Quantized once; both files carry the same tensors and header.
   ASSIGN_OR_RETURN(auto th, Int8Tensors(unet, plan));
-  return safetensors::Save(path, th.first, {{kMetadataKey, th.second.dump()}, {"format", "pt"}});
-}
-
-absl::Status SaveUNetInt8Pickle(const std::string& path, UNet2DConditionModelImpl& unet,
-                                const Int8Plan& plan) {
-  ASSIGN_OR_RETURN(auto th, Int8Tensors(unet, plan));
+  const std::string text = th.second.dump();
+  RETURN_IF_ERROR(safetensors::Save(path, th.first, {{kMetadataKey, text}, {"format", "pt"}}));
+  if (pickle_path.empty()) return absl::OkStatus();
   c10::Dict<std::string, torch::Tensor> dict;
   for (const auto& [name, t] : th.first) dict.insert(name, t);
   // torch.load reads tensors and strings alike, but c10::Dict is typed: the
   // header travels as its UTF-8 bytes (bytes(t.tolist()).decode() in Python).
-  const std::string text = th.second.dump();
   dict.insert("__header__", torch::tensor(std::vector<uint8_t>(text.begin(), text.end())));
   std::vector<char> bytes;
   try {
     bytes = torch::pickle_save(c10::IValue(dict));
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("pickling ", path, ": ", e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("pickling ", pickle_path, ": ", e.what_without_backtrace()));
   }
-  return WriteFileAtomic(path, std::string(bytes.begin(), bytes.end()));
+  return WriteFileAtomic(pickle_path, std::string(bytes.begin(), bytes.end()));
 }
 
 absl::StatusOr<UNet2DConditionModel> LoadUNetInt8(const std::string& path) {

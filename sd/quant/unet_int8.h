@@ -49,12 +49,11 @@ void ClearHooks(UNet2DConditionModelImpl& unet);
 // Parameters of the UNet, an INT8 layer's weight counted once whichever form it is in.
 int64_t UNetParameterCount(UNet2DConditionModelImpl& unet);
 
-// Writes the UNet (float weights, plan) as INT8 safetensors, atomically.
-absl::Status SaveUNetInt8(const std::string& path, UNet2DConditionModelImpl& unet,
-                          const Int8Plan& plan);
-// The same tensors as a dict torch.load reads (the seed's unet_int8.pt).
-absl::Status SaveUNetInt8Pickle(const std::string& path, UNet2DConditionModelImpl& unet,
-                                const Int8Plan& plan);
+// Writes the UNet (float weights, plan) as INT8 safetensors, atomically, and
+// unless pickle_path is empty the same tensors as a dict torch.load reads (the
+// seed's unet_int8.pt).
+absl::Status SaveUNetInt8(const std::string& path, const std::string& pickle_path,
+                          UNet2DConditionModelImpl& unet, const Int8Plan& plan);
 // Builds the UNet of the file's config with its INT8 kernels installed. Every
 // mismatch between header and tensors is an error naming the layer.
 absl::StatusOr<UNet2DConditionModel> LoadUNetInt8(const std::string& path);

@@ -60,8 +60,8 @@ absl::StatusOr<nlohmann::json> WriteInt8Unet(StageContext& ctx, const QuantizeOp
   // Calibrated where it will run: the CPU, in float32.
   ASSIGN_OR_RETURN(StableDiffusion sd, StableDiffusion::Load(in.string()));
   ASSIGN_OR_RETURN(quant::Int8Plan plan, quant::CalibrateUNetInt8(sd, c));
-  RETURN_IF_ERROR(quant::SaveUNetInt8((dir / "unet_int8.safetensors").string(), *sd.unet, plan));
-  RETURN_IF_ERROR(quant::SaveUNetInt8Pickle((dir / "unet_int8.pt").string(), *sd.unet, plan));
+  RETURN_IF_ERROR(quant::SaveUNetInt8((dir / "unet_int8.safetensors").string(),
+                                      (dir / "unet_int8.pt").string(), *sd.unet, plan));
   // Read back through the loader every consumer uses: a file it rejects is never published.
   RETURN_IF_ERROR(quant::LoadUNetInt8((dir / "unet_int8.safetensors").string()).status());
   return nlohmann::json{{"files", {"unet_int8.safetensors", "unet_int8.pt"}},

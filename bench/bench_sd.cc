@@ -14,6 +14,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <regex>
 
 #include "common/args.h"
 #include "sd/io/safetensors.h"
@@ -68,6 +69,9 @@ absl::Status Run(int argc, char** argv) {
                                                 "int8",
                                                 "calibration-inputs",
                                                 "clipping",
+                                                "float",
+                                                "int8-convolutions",
+                                                "layer-sqnr",
                                                 "io",
                                                 "save-output"}));
   ASSIGN_OR_RETURN(int64_t threads, a.Int("threads", 0));
@@ -123,7 +127,8 @@ absl::Status Run(int argc, char** argv) {
       // observers and clipping; then the same kernels the INT8 loader installs.
       ASSIGN_OR_RETURN(int64_t n_calib, a.Int("calibration-inputs", 4));
       const std::string clipping = a.Get("clipping", "mse");
-      const auto observed = sd::quant::ObserveConvolutions(*unet, 0);
+      const bool convs = a.Get("int8-convolutions", "1") != "0";
+      const auto observed = sd::quant::ObserveConvolutions(*unet, 0, convs);
       {
         torch::InferenceMode g;
         auto gen = at::detail::createCPUGenerator(1234);
@@ -134,8 +139,43 @@ absl::Status Run(int argc, char** argv) {
         }
       }
       sd::quant::ClearHooks(*unet);
-      ASSIGN_OR_RETURN(const sd::quant::Int8Plan plan,
+      ASSIGN_OR_RETURN(sd::quant::Int8Plan plan,
                        sd::quant::PlanFromObservation(observed, clipping));
+      if (a.Has("float")) {  // a sensitivity experiment: these layers stay float
+        const std::regex keep(a.Get("float"));
+        for (const auto& l : sd::quant::QuantizableLayers(*unet)) {
+          if (!std::regex_search(l.name, keep) || plan.float_layers.count(l.name)) continue;
+          plan.float_layers[l.name] = "--float";
+          plan.conv_inputs.erase(l.name);
+          std::erase(plan.linears, l.name);
+        }
+      }
+      if (a.Get("layer-sqnr", "0") == "1") {
+        // Each INT8 layer's own error on the measured input, the float model's
+        // trajectory throughout (the probe calibration uses, on this input).
+        RETURN_IF_ERROR(sd::quant::ApplyInt8(*unet, plan, /*release_float_weights=*/false));
+        std::map<std::string, std::shared_ptr<sd::quant::SqnrProbe>> probes;
+        for (const auto& l : sd::quant::QuantizableLayers(*unet)) {
+          if (!l.hook()) continue;
+          probes[l.name] = std::make_shared<sd::quant::SqnrProbe>(l.hook());
+          l.hook() = probes[l.name];
+        }
+        for (auto& m : unet->modules(false)) {
+          if (auto* attn = m->as<sd::AttentionImpl>()) attn->fused_hook.reset();
+        }
+        {
+          torch::InferenceMode g;
+          unet->forward(sample, t, ctx);
+        }
+        sd::quant::ClearHooks(*unet);
+        std::vector<std::pair<double, std::string>> by_db;
+        by_db.reserve(probes.size());
+        for (const auto& [name, p] : probes) by_db.emplace_back(p->sqnr_db(), name);
+        std::sort(by_db.begin(), by_db.end());
+        nlohmann::json sq = nlohmann::json::array();
+        for (const auto& [db, name] : by_db) sq.push_back({name, std::round(db * 100) / 100});
+        out["layer_sqnr_db"] = sq;
+      }
       RETURN_IF_ERROR(sd::quant::ApplyInt8(*unet, plan, /*release_float_weights=*/true));
       out["int8_convolutions"] = plan.conv_inputs.size();
       out["int8_linears"] = plan.linears.size();

@@ -26,11 +26,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from run_bench import BENCH, ensure_models, write_result  # noqa: E402
 
 
-def ours(unet_dir, io, out, threads, rounds, int8):
+def ours(unet_dir, io, out, threads, rounds, int8, convolutions=True):
     cmd = [BENCH, "unet", "--model", unet_dir, "--batch", "2", "--size", "64", "--threads",
            str(threads), "--iters", str(rounds), "--warmup", "1", "--io", io, "--save-output", out]
     if int8:
-        cmd += ["--int8", "1", "--calibration-inputs", "4", "--clipping", "mse"]
+        cmd += ["--int8", "1", "--calibration-inputs", "4", "--clipping", "mse",
+                "--int8-convolutions", "1" if convolutions else "0"]
     r = subprocess.run(cmd, check=True, capture_output=True, text=True)
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     from safetensors.torch import load_file
@@ -71,7 +72,10 @@ def main():
                               a.rounds, False)
     int8_rec, int8_out = ours(unet_dir, io, os.path.join(tmp, "int8.safetensors"), a.threads,
                               a.rounds, True)
-    t_fp32, t_int8 = fp32_rec["median_s"], int8_rec["median_s"]
+    # The scope quantize_dynamic and torchao quantize: Linear layers only.
+    lin_rec, lin_out = ours(unet_dir, io, os.path.join(tmp, "int8_linear.safetensors"),
+                            a.threads, a.rounds, True, convolutions=False)
+    t_fp32, t_int8, t_lin = fp32_rec["median_s"], int8_rec["median_s"], lin_rec["median_s"]
 
     from diffusers import UNet2DConditionModel
     args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
@@ -109,6 +113,12 @@ def main():
         int8_linears=int8_rec.get("int8_linears"),
         float_layers=int8_rec.get("float_layers"),
         clipping=int8_rec.get("clipping"),
+        ours_linear_only_s=round(t_lin, 4),
+        ours_linear_only_ratio=round(t_lin / t_fp32, 3),
+        ours_linear_only_error=round(rel_err(lin_out, fp32_out), 5),
+        ours_linear_only_int8_linears=lin_rec.get("int8_linears"),
+        quantize_dynamic_ratio_to_ours_linear_only=round(t_qd / t_lin, 3),
+        torchao_ratio_to_ours_linear_only=round(t_ao / t_lin, 3),
         diffusers_fp32_s=round(t_ref, 4),
         quantize_dynamic_s=round(t_qd, 4),
         quantize_dynamic_error=round(rel_err(qd_out, ref_out), 5),

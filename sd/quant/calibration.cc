@@ -125,7 +125,8 @@ absl::StatusOr<Affine> ChooseAffine(const RangeObserver& o, const std::string& m
       absl::StrCat("unknown clipping method \"", method, "\" (absmax, percentile or mse)"));
 }
 
-ConvObservation ObserveConvolutions(UNet2DConditionModelImpl& unet, uint64_t seed) {
+ConvObservation ObserveConvolutions(UNet2DConditionModelImpl& unet, uint64_t seed,
+                                    bool convolutions) {
   ConvObservation o;
   const auto layers = QuantizableLayers(unet);
   o.base.float_layers = RuleFloatLayers(layers);
@@ -133,6 +134,10 @@ ConvObservation ObserveConvolutions(UNet2DConditionModelImpl& unet, uint64_t see
     if (o.base.float_layers.count(l.name)) continue;
     if (l.linear) {
       o.base.linears.push_back(l.name);
+      continue;
+    }
+    if (!convolutions) {
+      o.base.float_layers[l.name] = "int8_convolutions: false (Linear layers only)";
       continue;
     }
     auto obs = std::make_shared<RangeObserver>(++seed);
@@ -183,12 +188,14 @@ absl::StatusOr<Int8Plan> CalibrateUNetInt8(StableDiffusion& sd, const Calibratio
   ClearHooks(unet);
 
   // 1. Observe every convolution's inputs over all calibration prompts and steps.
-  const ConvObservation observed = ObserveConvolutions(unet, o.seed);
+  const ConvObservation observed = ObserveConvolutions(unet, o.seed, o.convolutions);
   o.log(absl::StrCat("INT8 calibration: ", o.prompts.size(), " prompts x ", o.steps, " steps over ",
                      observed.observers.size(), " convolutions"));
-  auto sampled = Sample(sd, o.prompts, o);
-  ClearHooks(unet);
-  RETURN_IF_ERROR(sampled.status());
+  if (!observed.observers.empty()) {
+    auto sampled = Sample(sd, o.prompts, o);
+    ClearHooks(unet);
+    RETURN_IF_ERROR(sampled.status());
+  }
 
   auto image_psnr = [&](const Int8Plan& p,
                         const torch::Tensor& reference) -> absl::StatusOr<double> {
@@ -203,6 +210,7 @@ absl::StatusOr<Int8Plan> CalibrateUNetInt8(StableDiffusion& sd, const Calibratio
   ASSIGN_OR_RETURN(const torch::Tensor reference, Sample(sd, o.eval_prompts, o));
   std::vector<std::string> methods = {"absmax", "percentile", "mse"};
   if (o.clipping != "auto") methods = {o.clipping};
+  if (observed.observers.empty()) methods = {"none"};  // no static ranges to clip
   nlohmann::json by_method = nlohmann::json::object();
   std::string chosen;
   double chosen_psnr = -1;

@@ -53,7 +53,10 @@ struct ConvObservation {
   std::map<std::string, std::shared_ptr<RangeObserver>> observers;
 };
 // Installs the observers as the convolutions' hooks (ClearHooks removes them).
-ConvObservation ObserveConvolutions(UNet2DConditionModelImpl& unet, uint64_t seed);
+// Without `convolutions` every convolution stays float (the Linear-only scope of
+// torch's quantize_dynamic and torchao: more accurate, less fast).
+ConvObservation ObserveConvolutions(UNet2DConditionModelImpl& unet, uint64_t seed,
+                                    bool convolutions = true);
 // `base` with each observed convolution's input map chosen by `method`.
 absl::StatusOr<Int8Plan> PlanFromObservation(const ConvObservation& o, const std::string& method);
 
@@ -83,6 +86,7 @@ struct CalibrationOptions {
   uint64_t seed = 0;
   std::string clipping = "auto";  // auto (measure all three) | absmax | percentile | mse
   double min_layer_sqnr_db = 20;  // below this a layer stays float
+  bool convolutions = true;       // false: Linear layers only
   int64_t sqnr_prompts = 4;       // calibration prompts the per-layer error is measured on
   std::function<void(const std::string&)> log = [](const std::string&) {};
 };

@@ -23,6 +23,7 @@ StageDescriptor QuantizeDescriptor() {
     RETURN_IF_ERROR(r.Number("guidance_scale", o.guidance_scale, 0, 100));
     RETURN_IF_ERROR(r.String("scheduler", o.scheduler));
     RETURN_IF_ERROR(r.OneOf("clipping", o.clipping, {"auto", "absmax", "percentile", "mse"}));
+    RETURN_IF_ERROR(r.Bool("int8_convolutions", o.int8_convolutions));
     RETURN_IF_ERROR(r.Number("min_layer_sqnr_db", o.min_layer_sqnr_db, 0, 100));
     RETURN_IF_ERROR(r.Int("calibration_batch", o.calibration_batch, 1, 1024));
     return o;

@@ -24,6 +24,10 @@ struct QuantizeOptions {
       "auto";  // auto (the best of the three, measured) | absmax | percentile | mse
   double min_layer_sqnr_db = 20;  // a layer whose INT8 output is noisier stays float
   int64_t calibration_batch = 8;  // prompts per pipeline call
+  // false: only the Linear layers go INT8 (the scope of quantize_dynamic and
+  // torchao); 8-bit activations over all 96 convolutions of SD1.5 cost about
+  // 6x the output error (docs/architecture.md, Quantization).
+  bool int8_convolutions = true;
 };
 
 }  // namespace sd::stages

@@ -55,6 +55,7 @@ absl::StatusOr<nlohmann::json> WriteInt8Unet(StageContext& ctx, const QuantizeOp
   c.clipping = o.clipping;
   c.min_layer_sqnr_db = o.min_layer_sqnr_db;
   c.batch = o.calibration_batch;
+  c.convolutions = o.int8_convolutions;
   c.seed = static_cast<uint64_t>(ctx.job.seed);
   c.log = [&ctx](const std::string& line) { ctx.event(StageEvent::kInfo, line); };
   // Calibrated where it will run: the CPU, in float32.

@@ -223,3 +223,24 @@ def test_int8_errors_name_what_is_wrong(tiny_sd, tmp_path, int8_model):
     no_scale = {k: v for k, v in t.items() if k != f"{name}.input_scale"}
     r = attempt("scale", no_scale, meta)
     assert r.returncode != 0 and f"'{name}.input_scale' is missing" in r.stderr, r.stderr
+
+
+def test_int8_convolutions_false_quantizes_only_the_linear_layers(tiny_sd, tmp_path):
+    """The Linear-only scope of quantize_dynamic and torchao: every convolution stays float,
+    each listed with why, and no clipping is searched (there are no static ranges)."""
+    job = write_job(tmp_path, "linear", tiny_sd[0], SECTION + "  int8_convolutions: false\n")
+    out = str(tmp_path / "out")
+    run_stage(job, str(tmp_path / "ckpt"), out)
+    header = header_of(os.path.join(out, "unet_int8.safetensors"))
+    kinds = {l["kind"] for l in header["layers"].values()}
+    assert kinds == {"linear"}, kinds
+    report = json.load(open(os.path.join(out, "quantization.json")))["int8_unet"]
+    assert report["int8_convolutions"] == 0 and report["int8_linears"] == len(header["layers"]) > 0
+    convs = [n for n, why in report["float_layers"].items() if why.startswith("int8_convolutions: false")]
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(tiny_sd[0], "unet"))
+    all_convs = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    # Every convolution is float: by this option, or by the rules (first, last, ...).
+    assert set(convs) <= all_convs and all_convs <= set(report["float_layers"]), all_convs - set(report["float_layers"])
+    assert convs, report["float_layers"]
+    assert report["calibration"]["clipping"] == "none", report["calibration"]

@@ -13,29 +13,13 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-scripts/toy_world.sh >/dev/null
-B=build/bin
-D=output/toy-data
 E=output/toy-clip-eval
-PROBE=output/toy-probe.safetensors
-TEACHER=output/toy-teacher/model  # scripts/toy_world.sh links the newest trained teacher here
-mkdir -p $E
-. .venv/bin/activate
+. scripts/toy_lib.sh
 
-STUDENT=$(ls -d output/toy-clip-distill/runs/job-*/clip_distillation 2>/dev/null | sort | tail -1 || true)
-if [ -z "$STUDENT" ]; then
-  start=$(date +%s)
-  $B/sdctl run examples/toy-clip-distill.yaml
-  echo "{\"toy-clip-distill\": $(( $(date +%s) - start ))}" > $E/wall.json
-  STUDENT=$(ls -d output/toy-clip-distill/runs/job-*/clip_distillation | sort | tail -1)
-fi
+run_job examples/toy-clip-distill.yaml output/toy-clip-distill clip_distillation
+STUDENT=$(newest output/toy-clip-distill clip_distillation)
 BASE=output/toy-clip-layer-dropped
 [ -d $BASE ] || python3 bench/toy_clip_distill.py layer-dropped "$TEACHER" $BASE
-ev() {  # name model
-  [ -f "$E/$1/eval.json" ] && return 0
-  $B/sdctl eval --model "$2" --steps 50 --reference "$TEACHER" --reference-steps 50 --guidance 7.5 \
-    --prompts $D/heldout --count 100 --seeds-per-prompt 2 --probe $PROBE --out "$E/$1"
-}
-ev student "$STUDENT"
-ev layer_dropped $BASE
+ev student "$STUDENT" 50
+ev layer_dropped $BASE 50
 python3 bench/toy_clip_distill.py report "$TEACHER" "$STUDENT" $BASE

@@ -14,30 +14,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-scripts/toy_world.sh >/dev/null
-B=build/bin
-D=output/toy-data
 E=output/toy-distill-eval
-PROBE=output/toy-probe.safetensors
-TEACHER=output/toy-teacher/model  # scripts/toy_world.sh links the newest trained teacher here
-mkdir -p $E
+. scripts/toy_lib.sh
 
-# The newest finished stage folder of a job output root.
-newest() { ls -d "$1"/runs/job-*/"$2" 2>/dev/null | sort | tail -1; }
-# Runs job file $1 unless output root $2 already holds stage $3; records its wall time.
-run_job() {
-  if [ -z "$(newest "$2" "$3")" ]; then
-    local start=$(date +%s)
-    $B/sdctl run "$1"
-    python3 - "$E/wall.json" "$(basename "$2")" $(( $(date +%s) - start )) <<'PY'
-import json, os, sys
-path, name, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-w = json.load(open(path)) if os.path.exists(path) else {}
-w[name] = secs
-json.dump(w, open(path, "w"), indent=2)
-PY
-  fi
-}
 # A copy of a model (hard links) whose DDIM scheduler uses spacing $3.
 with_spacing() {
   [ -d "$2" ] && return 0
@@ -51,11 +30,6 @@ c["timestep_spacing"] = spacing
 os.remove(path)  # a hard link to the teacher's file: replace, never write through
 json.dump(c, open(path, "w"), indent=2)
 PY
-}
-ev() {  # name model steps
-  [ -f "$E/$1/eval.json" ] && return 0
-  $B/sdctl eval --model "$2" --steps "$3" --reference "$TEACHER" --reference-steps 50 --guidance 7.5 \
-    --prompts $D/heldout --count 100 --seeds-per-prompt 2 --probe $PROBE --out "$E/$1"
 }
 # One more progressive phase from model $1: $2 -> $3 steps, into output root $4.
 more_steps() {

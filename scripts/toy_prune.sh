@@ -13,16 +13,10 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-scripts/toy_world.sh >/dev/null
-B=build/bin
-D=output/toy-data
 E=output/toy-prune-eval
-PROBE=output/toy-probe.safetensors
-TEACHER=output/toy-teacher/model
-mkdir -p $E
-. .venv/bin/activate
+. scripts/toy_lib.sh
 
-run_job() {  # yaml output-dir -> prints the job's run folder
+run_dir_of() {  # yaml output-dir -> runs the job once, prints its run folder
   local run
   run=$(ls -d "$2"/runs/job-*/finetune 2>/dev/null | sort | tail -1 || true)
   if [ -z "$run" ]; then
@@ -34,18 +28,13 @@ run_job() {  # yaml output-dir -> prints the job's run folder
   fi
   dirname "$run"
 }
-KD=$(run_job examples/toy-prune.yaml output/toy-prune)
+KD=$(run_dir_of examples/toy-prune.yaml output/toy-prune)
 sed -e 's/^name: toy-prune$/name: toy-prune-task-only/' \
     -e 's|^output: output/toy-prune$|output: output/toy-prune-task-only|' \
     -e 's/^finetune:$/finetune:\n  teacher: none/' examples/toy-prune.yaml > $E/toy-prune-task-only.yaml
-TASK=$(run_job $E/toy-prune-task-only.yaml output/toy-prune-task-only)
+TASK=$(run_dir_of $E/toy-prune-task-only.yaml output/toy-prune-task-only)
 
-ev() {  # name model
-  [ -f "$E/$1/eval.json" ] && return 0
-  $B/sdctl eval --model "$2" --steps 50 --reference "$TEACHER" --reference-steps 50 --guidance 7.5 \
-    --prompts $D/heldout --count 100 --seeds-per-prompt 2 --probe $PROBE --out "$E/$1"
-}
-ev pruned "$KD/prune"
-ev kd "$KD/finetune"
-ev task_only "$TASK/finetune"
+ev pruned "$KD/prune" 50
+ev kd "$KD/finetune" 50
+ev task_only "$TASK/finetune" 50
 python3 bench/toy_prune.py "$KD" "$TASK"

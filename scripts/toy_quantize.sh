@@ -11,27 +11,11 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-scripts/toy_world.sh >/dev/null
-B=build/bin
-D=output/toy-data
 E=output/toy-quantize-eval
-PROBE=output/toy-probe.safetensors
-TEACHER=output/toy-teacher/model  # scripts/toy_world.sh links the newest trained teacher here
-mkdir -p $E
-. .venv/bin/activate
+. scripts/toy_lib.sh
 
-QUANT=$(ls -d output/toy-quantize/runs/job-*/quantize 2>/dev/null | sort | tail -1 || true)
-if [ -z "$QUANT" ]; then
-  start=$(date +%s)
-  $B/sdctl run examples/toy-quantize.yaml
-  echo "{\"toy-quantize\": $(( $(date +%s) - start ))}" > $E/wall.json
-  QUANT=$(ls -d output/toy-quantize/runs/job-*/quantize | sort | tail -1)
-fi
-ev() {  # name unet
-  [ -f "$E/$1/eval.json" ] && return 0
-  $B/sdctl eval --model "$QUANT" --unet "$2" --steps 50 --reference "$TEACHER" --reference-steps 50 \
-    --guidance 7.5 --prompts $D/heldout --count 100 --seeds-per-prompt 2 --probe $PROBE --out "$E/$1"
-}
-ev fp16 float
-ev int8 int8
+run_job examples/toy-quantize.yaml output/toy-quantize quantize
+QUANT=$(newest output/toy-quantize quantize)
+ev fp16 "$QUANT" 50 --unet float
+ev int8 "$QUANT" 50 --unet int8
 python3 bench/toy_quantize.py "$QUANT"

@@ -153,16 +153,7 @@ absl::Status Run(int argc, char** argv) {
       if (a.Get("layer-sqnr", "0") == "1") {
         // Each INT8 layer's own error on the measured input, the float model's
         // trajectory throughout (the probe calibration uses, on this input).
-        RETURN_IF_ERROR(sd::quant::ApplyInt8(*unet, plan, /*release_float_weights=*/false));
-        std::map<std::string, std::shared_ptr<sd::quant::SqnrProbe>> probes;
-        for (const auto& l : sd::quant::QuantizableLayers(*unet)) {
-          if (!l.hook()) continue;
-          probes[l.name] = std::make_shared<sd::quant::SqnrProbe>(l.hook());
-          l.hook() = probes[l.name];
-        }
-        for (auto& m : unet->modules(false)) {
-          if (auto* attn = m->as<sd::AttentionImpl>()) attn->fused_hook.reset();
-        }
+        ASSIGN_OR_RETURN(const auto probes, sd::quant::InstallSqnrProbes(*unet, plan));
         {
           torch::InferenceMode g;
           unet->forward(sample, t, ctx);

@@ -175,6 +175,21 @@ double SqnrProbe::sqnr_db() const {
   return 10.0 * std::log10(std::max(signal_, 1e-30) / noise_);
 }
 
+absl::StatusOr<std::map<std::string, std::shared_ptr<SqnrProbe>>> InstallSqnrProbes(
+    UNet2DConditionModelImpl& unet, const Int8Plan& plan) {
+  RETURN_IF_ERROR(ApplyInt8(unet, plan, /*release_float_weights=*/false));
+  std::map<std::string, std::shared_ptr<SqnrProbe>> probes;
+  for (const auto& l : QuantizableLayers(unet)) {
+    if (!l.hook()) continue;
+    probes[l.name] = std::make_shared<SqnrProbe>(l.hook());
+    l.hook() = probes[l.name];
+  }
+  for (auto& m : unet.modules(false)) {
+    if (auto* attn = m->as<AttentionImpl>()) attn->fused_hook.reset();
+  }
+  return probes;
+}
+
 absl::StatusOr<Int8Plan> CalibrateUNetInt8(StableDiffusion& sd, const CalibrationOptions& o) {
   if (!sd.unet) return absl::InvalidArgumentError("INT8 calibration: the model has no UNet");
   if (static_cast<int64_t>(o.prompts.size()) < kMinCalibrationSamples)
@@ -228,16 +243,7 @@ absl::StatusOr<Int8Plan> CalibrateUNetInt8(StableDiffusion& sd, const Calibratio
   ASSIGN_OR_RETURN(Int8Plan plan, PlanFromObservation(observed, chosen));
 
   // 3. Each layer's own error with the chosen ranges; the worst stay float.
-  std::map<std::string, std::shared_ptr<SqnrProbe>> probes;
-  RETURN_IF_ERROR(ApplyInt8(unet, plan, /*release_float_weights=*/false));
-  for (const auto& l : QuantizableLayers(unet)) {
-    if (!l.hook()) continue;
-    probes[l.name] = std::make_shared<SqnrProbe>(l.hook());
-    l.hook() = probes[l.name];
-  }
-  for (auto& m : unet.modules(false)) {
-    if (auto* attn = m->as<AttentionImpl>()) attn->fused_hook.reset();
-  }
+  ASSIGN_OR_RETURN(const auto probes, InstallSqnrProbes(unet, plan));
   std::vector<std::string> sqnr_prompts(
       o.prompts.begin(),
       o.prompts.begin() +

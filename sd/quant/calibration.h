@@ -75,6 +75,11 @@ class SqnrProbe : public LayerHook {
   std::shared_ptr<LayerHook> int8_;
   double signal_ = 0, noise_ = 0;
 };
+// Applies `plan` keeping the float weights and wraps every INT8 layer in a
+// SqnrProbe, the fused q/k/v form off so each projection is measured alone;
+// ClearHooks removes them.
+absl::StatusOr<std::map<std::string, std::shared_ptr<SqnrProbe>>> InstallSqnrProbes(
+    UNet2DConditionModelImpl& unet, const Int8Plan& plan);
 
 struct CalibrationOptions {
   std::vector<std::string> prompts;       // the calibration set

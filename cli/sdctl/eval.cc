@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "cli/flags/inference_flags.h"
 #include "cli/sdctl/commands.h"
 #include "common/args.h"
 #include "sd/eval/evaluate.h"
@@ -73,10 +74,13 @@ absl::Status ProbeEval(int argc, char** argv) {
 
 absl::Status Eval(int argc, char** argv) {
   ASSIGN_OR_RETURN(
-      Args args, Args::Parse(argc, argv,
-                             {"model", "reference", "prompts", "probe", "count", "seeds-per-prompt",
-                              "steps", "reference-steps", "guidance", "seed", "batch", "scheduler",
-                              "out", "threads", "unet"}));
+      Args args,
+      Args::Parse(argc, argv,
+                  sdcli::Concat({"model", "reference", "prompts", "probe", "count",
+                                 "seeds-per-prompt", "steps", "reference-steps", "guidance", "seed",
+                                 "batch", "scheduler", "out", "threads", "unet"},
+                                sdcli::InferenceValueFlags()),
+                  {}, sdcli::InferenceSwitches()));
   for (const char* f : {"model", "prompts", "probe", "out"}) {
     if (!args.Has(f)) return absl::InvalidArgumentError(absl::StrCat("--", f, " is required"));
   }
@@ -88,6 +92,8 @@ absl::Status Eval(int argc, char** argv) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--unet must be float or int8 (the model's unet_int8.safetensors), got ", unet));
   o.model_unet_int8 = unet == "int8";
+  // The candidate runs with these; the reference as it is, so the report measures them.
+  ASSIGN_OR_RETURN(o.inference, sdcli::ParseInferenceFlags(args));
   o.reference = args.Get("reference");
   o.prompts = args.Get("prompts");
   o.probe = args.Get("probe");

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "cli/flags/inference_flags.h"
 #include "cli/sdctl/commands.h"
 #include "common/args.h"
 #include "sd/image/png_image.h"
@@ -23,10 +24,12 @@ namespace {
 absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(
       Args args, Args::Parse(argc, argv,
-                             {"model", "negative-prompt", "steps", "guidance", "seed", "scheduler",
-                              "out", "out-dir", "prompts-file", "height", "width",
-                              "images-per-prompt", "device", "dtype", "latents", "threads", "unet"},
-                             {"prompt"}, {"vae-slicing"}));
+                             sdcli::Concat({"model", "negative-prompt", "steps", "guidance", "seed",
+                                            "scheduler", "out", "out-dir", "prompts-file", "height",
+                                            "width", "images-per-prompt", "device", "dtype",
+                                            "latents", "threads", "unet"},
+                                           sdcli::InferenceValueFlags()),
+                             {"prompt"}, sdcli::InferenceSwitches()));
   if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
   sd::GenerateOptions o;
   o.prompts = args.All("prompt");
@@ -53,7 +56,7 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(o.height, args.Int("height", 0));
   ASSIGN_OR_RETURN(o.width, args.Int("width", 0));
   ASSIGN_OR_RETURN(o.images_per_prompt, args.Int("images-per-prompt", 1));
-  o.vae_slicing = args.Has("vae-slicing");
+  ASSIGN_OR_RETURN(o.inference, sdcli::ParseInferenceFlags(args));
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
   if (threads > 0) torch::set_num_threads(static_cast<int>(threads));
   const int64_t total = static_cast<int64_t>(o.prompts.size()) * o.images_per_prompt;

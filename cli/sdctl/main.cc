@@ -3,6 +3,7 @@
 #include <iostream>
 #include <string>
 
+#include "cli/flags/inference_flags.h"
 #include "cli/sdctl/commands.h"
 
 namespace {
@@ -18,7 +19,7 @@ void Usage() {
          "fp32|fp16|bf16]\n"
          "             [--prompts-file FILE] (--out FILE.png | --out-dir DIR) [--latents "
          "FILE.safetensors]\n"
-         "             [--threads N] [--vae-slicing]\n"
+         "             [--threads N] [inference flags]\n"
          "  dataset    synth --out DIR [--count N] [--seed S] [--split train|heldout] ...: the "
          "toy\n"
          "             world's captioned shapes (image folder or WebDataset shards)\n"
@@ -30,9 +31,12 @@ void Usage() {
          "2]: "
          "fidelity,\n"
          "             prompt accuracy, diversity, size and latency; eval.json + grid.png\n"
+         "             [inference flags]: the candidate runs with them, the reference without\n"
          "  run        job.yaml: the whole job on this machine (embedded coordinator + workers)\n"
          "  submit     job.yaml; status JOB; list; logs JOB [-f]; cancel JOB; resume JOB; "
-         "workers\n";
+         "workers\n\n"
+         "inference flags (generate, eval):\n"
+      << sdcli::InferenceFlagsUsage();
 }
 }  // namespace
 

@@ -39,8 +39,8 @@ int64_t WeightBytes(const std::string& dir, bool unet_int8) {
 
 absl::StatusOr<Generated> GenerateAll(const std::string& dir,
                                       const std::vector<std::string>& prompts, int64_t steps,
-                                      const EvalOptions& o, const std::string& what,
-                                      bool unet_int8) {
+                                      const EvalOptions& o, const std::string& what, bool unet_int8,
+                                      const InferenceOptions& inference) {
   StableDiffusion::LoadOptions load;
   load.unet_int8 = unet_int8;
   ASSIGN_OR_RETURN(StableDiffusion sd, StableDiffusion::Load(dir, load));
@@ -61,6 +61,7 @@ absl::StatusOr<Generated> GenerateAll(const std::string& dir,
       go.steps = steps;
       go.guidance_scale = o.guidance;
       go.scheduler = o.scheduler;
+      go.inference = inference;
       // The same call sequence for both models: the same starting noise per image.
       go.seed = static_cast<uint64_t>(o.seed + k * 1000003 + i);
       go.on_final_latents = [&latents](const torch::Tensor& z) { latents.push_back(z.cpu()); };
@@ -130,20 +131,21 @@ absl::StatusOr<EvalResult> Evaluate(const EvalOptions& o) {
   const torch::Tensor& label_t = scenes.labels;
 
   EvalResult r;
-  ASSIGN_OR_RETURN(Generated cand,
-                   GenerateAll(o.model, prompts, o.steps, o, "model", o.model_unet_int8));
+  ASSIGN_OR_RETURN(Generated cand, GenerateAll(o.model, prompts, o.steps, o, "model",
+                                               o.model_unet_int8, o.inference));
   r.report["model"] = o.model;
   r.report["prompts"] = o.prompts;
   r.report["count"] = prompts.size();
   r.report["seeds_per_prompt"] = o.seeds_per_prompt;
   r.report["guidance"] = o.guidance;
   r.report["scheduler"] = o.scheduler;
+  r.report["inference"] = InferenceOptionsJson(o.inference);
   r.report["seed"] = o.seed;
   r.report["candidate"] = Scores(cand, probe, label_t, o.seeds_per_prompt, o.steps);
   torch::Tensor ref_images;
   if (!o.reference.empty()) {
-    ASSIGN_OR_RETURN(Generated ref,
-                     GenerateAll(o.reference, prompts, o.reference_steps, o, "reference", false));
+    ASSIGN_OR_RETURN(Generated ref, GenerateAll(o.reference, prompts, o.reference_steps, o,
+                                                "reference", false, {}));
     r.report["reference_model"] = o.reference;
     r.report["reference"] = Scores(ref, probe, label_t, o.seeds_per_prompt, o.reference_steps);
     r.report["fidelity"] = {

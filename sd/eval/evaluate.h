@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "nlohmann/json.hpp"
+#include "sd/pipeline/stable_diffusion.h"
 
 namespace sd::eval {
 
@@ -28,6 +29,7 @@ struct EvalOptions {
   int64_t seed = 0;
   int64_t batch = 16;
   std::string scheduler = "ddim";
+  InferenceOptions inference;  // the candidate's (token merging, slicing, tiling)
   std::function<void(const std::string& what, int64_t done, int64_t total)> progress;
 };
 

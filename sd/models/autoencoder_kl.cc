@@ -211,13 +211,93 @@ void AutoencoderKLImpl::set_channels_last(bool on) {
   channels_last_ = on;
 }
 
-LatentDistribution AutoencoderKLImpl::encode(const torch::Tensor& images) {
+torch::Tensor AutoencoderKLImpl::encode_moments(const torch::Tensor& images) {
   auto moments =
       encoder(channels_last_ ? images.contiguous(at::MemoryFormat::ChannelsLast) : images);
   if (channels_last_) moments = moments.contiguous();
   if (quant_conv) moments = quant_conv(moments);
+  return moments;
+}
+
+namespace {
+
+LatentDistribution Posterior(const torch::Tensor& moments) {
   auto parts = moments.chunk(2, 1);
   return {parts[0], torch::clamp(parts[1], -30.0, 20.0)};
+}
+
+// diffusers' tiled_encode/tiled_decode: `fn` maps square tiles of side `tile`,
+// taken every `stride` input pixels, to output tiles; each output tile is blended
+// into the one above and the one to its left over `blend` rows/columns (in place
+// and in raster order, as diffusers does, so a blended tile feeds the next blend),
+// then cropped to `keep` x `keep` and the crops are concatenated.
+torch::Tensor Tiled(const torch::Tensor& x, int64_t tile, int64_t stride, int64_t blend,
+                    int64_t keep, const std::function<torch::Tensor(const torch::Tensor&)>& fn) {
+  std::vector<std::vector<torch::Tensor>> rows;
+  for (int64_t i = 0; i < x.size(2); i += stride) {
+    auto& row = rows.emplace_back();
+    for (int64_t j = 0; j < x.size(3); j += stride)
+      row.push_back(fn(x.slice(2, i, i + tile).slice(3, j, j + tile)));
+  }
+  // Weights y / extent, computed in double and rounded once as diffusers' Python floats are.
+  const auto ramp = [](int64_t extent, const torch::Tensor& like) {
+    std::vector<double> w(static_cast<size_t>(extent));
+    for (int64_t y = 0; y < extent; ++y)
+      w[static_cast<size_t>(y)] = static_cast<double>(y) / static_cast<double>(extent);
+    return torch::tensor(w, torch::kFloat64).to(like.device(), like.scalar_type());
+  };
+  std::vector<torch::Tensor> out_rows;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::vector<torch::Tensor> crops;
+    for (size_t j = 0; j < rows[i].size(); ++j) {
+      auto& t = rows[i][j];
+      if (i > 0) {
+        const auto& a = rows[i - 1][j];
+        const int64_t e = std::min({a.size(2), t.size(2), blend});
+        const auto w = ramp(e, t).view({1, 1, e, 1});
+        auto head = t.slice(2, 0, e);
+        head.copy_(a.slice(2, a.size(2) - e) * (1 - w) + head * w);
+      }
+      if (j > 0) {
+        const auto& a = rows[i][j - 1];
+        const int64_t e = std::min({a.size(3), t.size(3), blend});
+        const auto w = ramp(e, t).view({1, 1, 1, e});
+        auto head = t.slice(3, 0, e);
+        head.copy_(a.slice(3, a.size(3) - e) * (1 - w) + head * w);
+      }
+      crops.push_back(t.slice(2, 0, keep).slice(3, 0, keep));
+    }
+    out_rows.push_back(torch::cat(crops, 3));
+  }
+  return torch::cat(out_rows, 2);
+}
+
+}  // namespace
+
+LatentDistribution AutoencoderKLImpl::encode(const torch::Tensor& images) {
+  return Posterior(encode_moments(images));
+}
+
+int64_t AutoencoderKLImpl::latent_tile() const {
+  return config_.sample_size >> (config_.block_out_channels.size() - 1);
+}
+
+LatentDistribution AutoencoderKLImpl::encode_tiled(const torch::Tensor& images) {
+  const int64_t tile = config_.sample_size;
+  if (images.size(2) <= tile && images.size(3) <= tile) return encode(images);
+  const auto blend = static_cast<int64_t>(static_cast<double>(latent_tile()) * 0.25);
+  return Posterior(Tiled(images, tile, static_cast<int64_t>(static_cast<double>(tile) * 0.75),
+                         blend, latent_tile() - blend,
+                         [this](const torch::Tensor& t) { return encode_moments(t); }));
+}
+
+torch::Tensor AutoencoderKLImpl::decode_tiled(const torch::Tensor& latents) {
+  const int64_t tile = latent_tile();
+  if (latents.size(2) <= tile && latents.size(3) <= tile) return decode(latents);
+  const int64_t sample = config_.sample_size;
+  const auto blend = static_cast<int64_t>(static_cast<double>(sample) * 0.25);
+  return Tiled(latents, tile, static_cast<int64_t>(static_cast<double>(tile) * 0.75), blend,
+               sample - blend, [this](const torch::Tensor& t) { return decode(t); });
 }
 
 torch::Tensor AutoencoderKLImpl::decode(const torch::Tensor& latents) {
@@ -225,12 +305,6 @@ torch::Tensor AutoencoderKLImpl::decode(const torch::Tensor& latents) {
   auto z = post_quant_conv ? post_quant_conv(in) : in;
   auto out = decoder(z);
   return channels_last_ ? out.contiguous() : out;
-}
-
-torch::Tensor AutoencoderKLImpl::decode_sliced(const torch::Tensor& latents) {
-  std::vector<torch::Tensor> out;
-  for (int64_t i = 0; i < latents.size(0); ++i) out.push_back(decode(latents.slice(0, i, i + 1)));
-  return torch::cat(out, 0);
 }
 
 absl::StatusOr<AutoencoderKL> LoadVAE(const std::string& dir, bool copy_weights) {

@@ -73,8 +73,12 @@ class AutoencoderKLImpl : public torch::nn::Module {
   LatentDistribution encode(const torch::Tensor& images);
   // unscaled latents -> images in about [-1, 1]
   torch::Tensor decode(const torch::Tensor& latents);
-  // Decodes one image at a time so peak memory scales with one image (VAE slicing).
-  torch::Tensor decode_sliced(const torch::Tensor& latents);
+  // VAE tiling as diffusers' enable_vae_tiling: latents larger than the VAE's
+  // sample_size / 8 are decoded in overlapping tiles of that size (a quarter
+  // overlap) blended linearly at the seams, so peak memory stays that of one
+  // tile; smaller latents decode whole. encode_tiled is the same for images.
+  torch::Tensor decode_tiled(const torch::Tensor& latents);
+  LatentDistribution encode_tiled(const torch::Tensor& images);
   const VAEConfig& config() const { return config_; }
   VAEConfig& mutable_config() { return config_; }
   // NHWC weights and activations (see ToChannelsLast); outputs are NCHW-contiguous.
@@ -85,6 +89,9 @@ class AutoencoderKLImpl : public torch::nn::Module {
   torch::nn::Conv2d quant_conv{nullptr}, post_quant_conv{nullptr};
 
  private:
+  torch::Tensor encode_moments(const torch::Tensor& images);
+  int64_t latent_tile() const;
+
   VAEConfig config_;
   bool channels_last_ = false;
 };

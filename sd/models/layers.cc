@@ -1,5 +1,6 @@
 #include "sd/models/layers.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace sd {
@@ -191,12 +192,28 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     recorder->names.push_back(name);
     recorder->maps.push_back(probs);
     out = torch::matmul(probs.to(v.scalar_type()), v);
-  } else if (opt.upcast && q.scalar_type() != torch::kFloat32) {
-    out = at::scaled_dot_product_attention(q.to(torch::kFloat32), k.to(torch::kFloat32),
-                                           v.to(torch::kFloat32))
-              .to(q.scalar_type());
   } else {
-    out = at::scaled_dot_product_attention(q, k, v);
+    const bool upcast = opt.upcast && q.scalar_type() != torch::kFloat32;
+    const auto sdpa = [upcast](const torch::Tensor& qs, const torch::Tensor& ks,
+                               const torch::Tensor& vs) {
+      if (!upcast) return at::scaled_dot_product_attention(qs, ks, vs);
+      return at::scaled_dot_product_attention(qs.to(torch::kFloat32), ks.to(torch::kFloat32),
+                                              vs.to(torch::kFloat32))
+          .to(qs.scalar_type());
+    };
+    const int64_t slice = slice_size < 0 ? std::max<int64_t>(1, h / 2) : slice_size;
+    if (slice > 0 && slice < b * h) {
+      const auto q3 = q.reshape({b * h, q.size(2), d}), k3 = k.reshape({b * h, k.size(2), d}),
+                 v3 = v.reshape({b * h, v.size(2), d});
+      out = torch::empty_like(q3);
+      for (int64_t i = 0; i < b * h; i += slice) {
+        const int64_t e = std::min(b * h, i + slice);
+        out.slice(0, i, e).copy_(sdpa(q3.slice(0, i, e), k3.slice(0, i, e), v3.slice(0, i, e)));
+      }
+      out = out.view({b, h, -1, d});
+    } else {
+      out = sdpa(q, k, v);
+    }
   }
   out = out.transpose(1, 2).reshape({b, -1, h * d});
   return to_out[0]->as<Linear>()->forward(out);
@@ -253,9 +270,20 @@ BasicTransformerBlockImpl::BasicTransformerBlockImpl(int64_t dim, int64_t heads,
 }
 
 torch::Tensor BasicTransformerBlockImpl::forward(torch::Tensor x, const torch::Tensor& context) {
-  x = attn1(norm1(x)) + x;
-  x = attn2(norm2(x), context) + x;
-  return ff(norm3(x)) + x;
+  std::optional<TokenMerge> m;
+  if (tome) m = tome->ForBlock(x);
+  if (!m) {
+    x = attn1(norm1(x)) + x;
+    x = attn2(norm2(x), context) + x;
+    return ff(norm3(x)) + x;
+  }
+  // tomesd's patched block: merge after each norm, unmerge before each residual.
+  const ToMeOptions& o = tome->options;
+  const auto merge = [&](bool on, const torch::Tensor& t) { return on ? m->Merge(t) : t; };
+  const auto unmerge = [&](bool on, const torch::Tensor& t) { return on ? m->Unmerge(t) : t; };
+  x = unmerge(o.merge_attn, attn1(merge(o.merge_attn, norm1(x)))) + x;
+  x = unmerge(o.merge_crossattn, attn2(merge(o.merge_crossattn, norm2(x)), context)) + x;
+  return unmerge(o.merge_mlp, ff(merge(o.merge_mlp, norm3(x)))) + x;
 }
 
 Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DOptions& o,

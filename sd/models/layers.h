@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "sd/models/token_merging.h"
+
 namespace sd {
 
 // Collects attention probabilities when a caller asks for them (attention
@@ -118,6 +120,10 @@ struct AttentionImpl : torch::nn::Module {
   void unfuse_projections();
 
   AttentionOptions opt;
+  // > 0: attention over at most this many (batch x head) slices at a time, so the
+  // score matrix of only those is live (diffusers' attention slicing); < 0: half
+  // the heads (diffusers' "auto").
+  int64_t slice_size = 0;
   torch::Tensor fused_weight, fused_bias;
   // INT8 self-attention: q, k and v from one kernel (sd/quant installs it).
   std::shared_ptr<LayerHook> fused_hook;
@@ -153,6 +159,8 @@ struct BasicTransformerBlockImpl : torch::nn::Module {
   torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
   Attention attn1{nullptr}, attn2{nullptr};
   FeedForward ff{nullptr};
+  // Set by the UNet while token merging is on (shared by all its blocks).
+  std::shared_ptr<TokenMergingState> tome;
 };
 TORCH_MODULE(BasicTransformerBlock);
 

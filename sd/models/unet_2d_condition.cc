@@ -266,6 +266,10 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in,
                                                 const torch::Tensor& context,
                                                 const torch::Tensor& timestep_cond) {
   if (recorder_->enabled) recorder_->Clear();
+  if (tome_) {
+    tome_->height = sample_in.size(2);
+    tome_->width = sample_in.size(3);
+  }
   auto sample = config_.center_input_sample ? 2 * sample_in - 1.0 : sample_in;
   const int64_t b = sample.size(0);
   auto t = timestep.to(sample.device());
@@ -329,6 +333,23 @@ void UNet2DConditionModelImpl::fuse_qkv_projections(bool on) {
         attn->unfuse_projections();
       }
     }
+  }
+}
+
+void UNet2DConditionModelImpl::set_token_merging(const std::optional<ToMeOptions>& options) {
+  tome_.reset();
+  if (options) {
+    tome_ = std::make_shared<TokenMergingState>();
+    tome_->options = *options;
+  }
+  for (auto& m : modules(/*include_self=*/false)) {
+    if (auto* blk = m->as<BasicTransformerBlockImpl>()) blk->tome = tome_;
+  }
+}
+
+void UNet2DConditionModelImpl::set_attention_slice(int64_t slice_size) {
+  for (auto& m : modules(/*include_self=*/false)) {
+    if (auto* attn = m->as<AttentionImpl>()) attn->slice_size = slice_size;
   }
 }
 

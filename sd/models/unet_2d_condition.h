@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -73,6 +74,13 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   bool channels_last() const { return channels_last_; }
   // See AttentionImpl::fuse_projections.
   void fuse_qkv_projections(bool on);
+  // Token merging (tomesd) in every transformer block; nullopt turns it off. A new
+  // call restarts the destination generator from options.seed.
+  void set_token_merging(const std::optional<ToMeOptions>& options);
+  bool token_merging() const { return tome_ != nullptr; }
+  // Attention in chunks of `slice_size` (batch x head) slices (diffusers'
+  // enable_attention_slicing); 0: all at once.
+  void set_attention_slice(int64_t slice_size);
   // While set, each forward appends to `out` the output of every down block, the
   // mid block and every up block, in that order (feature distillation); null: off.
   void record_block_outputs(std::vector<torch::Tensor>* out) { block_outputs_ = out; }
@@ -80,6 +88,7 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
  private:
   UNetConfig config_;
   std::shared_ptr<AttentionRecorder> recorder_;
+  std::shared_ptr<TokenMergingState> tome_;
   bool channels_last_ = false;
   std::vector<torch::Tensor>* block_outputs_ = nullptr;
   Conv2d conv_in{nullptr}, conv_out{nullptr};

@@ -114,6 +114,53 @@ torch::Tensor StableDiffusion::EncodePrompts(const std::vector<std::string>& pro
   return text_encoder->forward(ids).last_hidden_state;
 }
 
+absl::Status ValidateInferenceOptions(const InferenceOptions& o) {
+  if (o.attention_slice < 0 && o.attention_slice != kAttentionSliceAuto)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention slice size must be >= 0 (0: off) or auto, got ", o.attention_slice));
+  if (!o.tome) return absl::OkStatus();
+  const ToMeOptions& t = *o.tome;
+  if (t.sx < 1 || t.sy < 1)
+    return absl::InvalidArgumentError(
+        absl::StrCat("token merging strides must be >= 1, got sx=", t.sx, " sy=", t.sy));
+  // Each sy x sx window keeps one destination, so at most 1 - 1/(sx*sy) of the
+  // tokens can go (tomesd clamps silently; a user asking for more should know).
+  const double max_ratio = 1.0 - 1.0 / static_cast<double>(t.sx * t.sy);
+  if (!(t.ratio > 0) || t.ratio > max_ratio)
+    return absl::InvalidArgumentError(absl::StrCat("token merging ratio must be in (0, ", max_ratio,
+                                                   "] for sx=", t.sx, " sy=", t.sy, ", got ",
+                                                   t.ratio));
+  if (t.max_downsample != 1 && t.max_downsample != 2 && t.max_downsample != 4 &&
+      t.max_downsample != 8)
+    return absl::InvalidArgumentError(
+        absl::StrCat("token merging max_downsample must be 1, 2, 4 or 8, got ", t.max_downsample));
+  if (!t.merge_attn && !t.merge_crossattn && !t.merge_mlp)
+    return absl::InvalidArgumentError(
+        "token merging on, but none of self-attention, cross-attention or MLP is merged");
+  return absl::OkStatus();
+}
+
+nlohmann::json InferenceOptionsJson(const InferenceOptions& o) {
+  nlohmann::json j = {{"attention_slice", o.attention_slice == kAttentionSliceAuto
+                                              ? nlohmann::json("auto")
+                                              : nlohmann::json(o.attention_slice)},
+                      {"vae_slicing", o.vae_slicing},
+                      {"vae_tiling", o.vae_tiling},
+                      {"tome", nullptr}};
+  if (o.tome) {
+    const ToMeOptions& t = *o.tome;
+    j["tome"] = {{"ratio", t.ratio},
+                 {"max_downsample", t.max_downsample},
+                 {"sx", t.sx},
+                 {"sy", t.sy},
+                 {"use_rand", t.use_rand},
+                 {"merge_attn", t.merge_attn},
+                 {"merge_crossattn", t.merge_crossattn},
+                 {"merge_mlp", t.merge_mlp}};
+  }
+  return j;
+}
+
 absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOptions& o) {
   if (o.prompts.empty()) return absl::InvalidArgumentError("no prompt given");
   if (!o.negative_prompts.empty() && o.negative_prompts.size() != o.prompts.size()) {
@@ -143,7 +190,16 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
     }
   }
   ASSIGN_OR_RETURN(auto scheduler, MakeScheduler(o.scheduler, sd.scheduler_config));
+  RETURN_IF_ERROR(ValidateInferenceOptions(o.inference));
   try {
+    if (o.inference.tome) {
+      ToMeOptions tome = *o.inference.tome;
+      tome.seed = o.seed;  // a new generator per call: same seed, same picture
+      sd.unet->set_token_merging(tome);
+    } else {
+      sd.unet->set_token_merging(std::nullopt);
+    }
+    sd.unet->set_attention_slice(o.inference.attention_slice);
     torch::InferenceMode guard;
     const bool cfg = o.guidance_scale > 1.0 && guidance_dim == 0;
     const int64_t n = static_cast<int64_t>(o.prompts.size()) * o.images_per_prompt;
@@ -194,7 +250,23 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
     }
     auto z = latents / sd.vae->config().scaling_factor;
     if (o.on_final_latents) o.on_final_latents(z);
-    auto images = o.vae_slicing ? sd.vae->decode_sliced(z) : sd.vae->decode(z);
+    torch::Tensor images;
+    const InferenceOptions& inf = o.inference;
+    if (inf.vae_slicing || inf.vae_tiling) {
+      // diffusers order: slice the batch first, then tile each image.
+      const auto one = [&](const torch::Tensor& zi) {
+        return inf.vae_tiling ? sd.vae->decode_tiled(zi) : sd.vae->decode(zi);
+      };
+      if (inf.vae_slicing) {
+        std::vector<torch::Tensor> parts;
+        for (int64_t i = 0; i < z.size(0); ++i) parts.push_back(one(z.slice(0, i, i + 1)));
+        images = torch::cat(parts, 0);
+      } else {
+        images = one(z);
+      }
+    } else {
+      images = sd.vae->decode(z);
+    }
     images = (images.to(torch::kFloat32) / 2 + 0.5).clamp(0, 1);
     return images.permute({0, 2, 3, 1}).contiguous().to(torch::kCPU);
   } catch (const c10::Error& e) {

@@ -12,6 +12,7 @@
 #include "sd/io/json_config.h"
 #include "sd/models/autoencoder_kl.h"
 #include "sd/models/clip_text_model.h"
+#include "sd/models/token_merging.h"
 #include "sd/models/unet_2d_condition.h"
 #include "sd/tokenizer/clip_tokenizer.h"
 
@@ -55,6 +56,23 @@ struct StableDiffusion {
   torch::Tensor EncodePrompts(const std::vector<std::string>& prompts);
 };
 
+// Speed/memory trade-offs that leave the model as it is (sdctl generate, sdctl
+// eval and the server take the same flags, see AddInferenceFlags).
+inline constexpr int64_t kAttentionSliceAuto = -1;
+struct InferenceOptions {
+  std::optional<ToMeOptions> tome;  // token merging; its seed is the generation's seed
+  // UNet attention in chunks of this many (batch x head) slices; kAttentionSliceAuto:
+  // half of each layer's heads (diffusers' "auto"); 0: off.
+  int64_t attention_slice = 0;
+  bool vae_slicing = false;  // decode one image at a time
+  bool vae_tiling = false;   // decode large latents in overlapping tiles
+};
+
+// Names the bad option (ratio range, strides, slice size).
+absl::Status ValidateInferenceOptions(const InferenceOptions& o);
+// For reports: what an evaluation or benchmark ran with.
+nlohmann::json InferenceOptionsJson(const InferenceOptions& o);
+
 struct GenerateOptions {
   std::vector<std::string> prompts;
   std::vector<std::string> negative_prompts;  // empty: "" for each prompt
@@ -65,7 +83,7 @@ struct GenerateOptions {
   int64_t height = 0, width = 0;      // 0: unet sample_size * vae scale factor
   int64_t images_per_prompt = 1;
   torch::Tensor latents;  // optional initial latents [B, C, h, w] (before init_noise_sigma scaling)
-  bool vae_slicing = false;
+  InferenceOptions inference;
   std::function<void(int64_t step, int64_t total)> on_step;
   // Receives the final (unscaled) latents before they are decoded.
   std::function<void(const torch::Tensor& latents)> on_final_latents;

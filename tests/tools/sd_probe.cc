@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "cli/flags/inference_flags.h"
 #include "common/args.h"
 #include "sd/io/safetensors.h"
 #include "sd/models/autoencoder_kl.h"
@@ -94,6 +95,9 @@ absl::Status UNet(const sd::Args& a) {
     unet->set_channels_last(true);
     unet->fuse_qkv_projections(true);
   }
+  ASSIGN_OR_RETURN(sd::InferenceOptions inference, sdcli::ParseInferenceFlags(a));
+  unet->set_token_merging(inference.tome);
+  unet->set_attention_slice(inference.attention_slice);
   // "guidance" [B] (w as diffusers' pipelines pass it, guidance_scale - 1): the
   // UNet gets GuidanceScaleEmbedding(w) as its timestep_cond.
   torch::Tensor cond;
@@ -123,10 +127,13 @@ absl::Status Vae(const sd::Args& a) {
   ASSIGN_OR_RETURN(auto images, Need(in, "images"));
   ASSIGN_OR_RETURN(auto latents, Need(in, "latents"));
   torch::NoGradGuard g;
-  auto post = vae->encode(images);
+  if (a.Has("optimized")) vae->set_channels_last(true);
+  const bool tiled = a.Has("vae-tiling");
+  auto post = tiled ? vae->encode_tiled(images) : vae->encode(images);
   return sd::safetensors::Save(
-      a.Get("out"),
-      {{"mean", post.mean}, {"logvar", post.logvar}, {"decoded", vae->decode(latents)}});
+      a.Get("out"), {{"mean", post.mean},
+                     {"logvar", post.logvar},
+                     {"decoded", tiled ? vae->decode_tiled(latents) : vae->decode(latents)}});
 }
 
 absl::Status TrainStep(const sd::Args& a) {
@@ -225,11 +232,13 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string cmd = argv[1];
-  auto args = sd::Args::Parse(argc - 2, argv + 2,
-                              {"model", "inputs", "out", "lr", "steps", "scheduler-config",
-                               "threads", "job", "stage", "checkpoint-dir", "artifacts-dir",
-                               "stop-at", "rank", "world-size", "rendezvous", "device", "int8"},
-                              {}, {"attention-maps", "optimized", "layer-io"});
+  auto args = sd::Args::Parse(
+      argc - 2, argv + 2,
+      sdcli::Concat({"model", "inputs", "out", "lr", "steps", "scheduler-config", "threads", "job",
+                     "stage", "checkpoint-dir", "artifacts-dir", "stop-at", "rank", "world-size",
+                     "rendezvous", "device", "int8"},
+                    sdcli::InferenceValueFlags()),
+      {}, sdcli::Concat({"attention-maps", "optimized", "layer-io"}, sdcli::InferenceSwitches()));
   if (!args.ok()) {
     std::cerr << args.status().message() << "\n";
     return 2;

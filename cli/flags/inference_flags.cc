@@ -1,0 +1,74 @@
+#include "cli/flags/inference_flags.h"
+
+#include "absl/strings/str_cat.h"
+#include "sd/util/status_macros.h"
+
+namespace sdcli {
+
+const std::vector<std::string>& InferenceValueFlags() {
+  static const std::vector<std::string> flags = {"tome", "tome-max-downsample", "tome-sx",
+                                                 "tome-sy", "attention-slice"};
+  return flags;
+}
+
+const std::vector<std::string>& InferenceSwitches() {
+  static const std::vector<std::string> flags = {"tome-no-rand", "tome-merge-crossattn",
+                                                 "tome-merge-mlp", "vae-slicing", "vae-tiling"};
+  return flags;
+}
+
+const char* InferenceFlagsUsage() {
+  return "  --tome RATIO               token merging (tomesd) at this ratio, e.g. 0.5\n"
+         "  --tome-max-downsample N    merge in blocks downsampled at most N times (1)\n"
+         "  --tome-sx N --tome-sy N    destination window (2 x 2)\n"
+         "  --tome-no-rand             top-left destination per window instead of random\n"
+         "  --tome-merge-crossattn     also merge around cross-attention\n"
+         "  --tome-merge-mlp           also merge around the feed-forward\n"
+         "  --attention-slice N|auto|max  UNet attention N (batch x head) slices at a time\n"
+         "  --vae-slicing              decode one image at a time\n"
+         "  --vae-tiling               decode large images in overlapping tiles\n";
+}
+
+absl::StatusOr<sd::InferenceOptions> ParseInferenceFlags(const sd::Args& args) {
+  sd::InferenceOptions o;
+  if (args.Has("tome")) {
+    sd::ToMeOptions t;
+    ASSIGN_OR_RETURN(t.ratio, args.Double("tome", t.ratio));
+    ASSIGN_OR_RETURN(t.max_downsample, args.Int("tome-max-downsample", t.max_downsample));
+    ASSIGN_OR_RETURN(t.sx, args.Int("tome-sx", t.sx));
+    ASSIGN_OR_RETURN(t.sy, args.Int("tome-sy", t.sy));
+    t.use_rand = !args.Has("tome-no-rand");
+    t.merge_crossattn = args.Has("tome-merge-crossattn");
+    t.merge_mlp = args.Has("tome-merge-mlp");
+    o.tome = t;
+  } else {
+    for (const char* f : {"tome-max-downsample", "tome-sx", "tome-sy", "tome-no-rand",
+                          "tome-merge-crossattn", "tome-merge-mlp"}) {
+      if (args.Has(f))
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", f, " configures token merging: give --tome RATIO too"));
+    }
+  }
+  const std::string slice = args.Get("attention-slice", "0");
+  if (slice == "auto") {
+    o.attention_slice = sd::kAttentionSliceAuto;
+  } else if (slice == "max") {
+    o.attention_slice = 1;
+  } else {
+    ASSIGN_OR_RETURN(o.attention_slice, args.Int("attention-slice", 0));
+    if (o.attention_slice < 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat("--attention-slice must be a count >= 0, auto or max, got ", slice));
+  }
+  o.vae_slicing = args.Has("vae-slicing");
+  o.vae_tiling = args.Has("vae-tiling");
+  RETURN_IF_ERROR(sd::ValidateInferenceOptions(o));
+  return o;
+}
+
+std::vector<std::string> Concat(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+}  // namespace sdcli

@@ -16,6 +16,7 @@
 #include <optional>
 #include <regex>
 
+#include "cli/flags/inference_flags.h"
 #include "common/args.h"
 #include "sd/io/safetensors.h"
 #include "sd/models/autoencoder_kl.h"
@@ -28,13 +29,14 @@ namespace {
 
 // VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a child would
 // report its parent's peak.
-double PeakRssMb() {
+double StatusMb(const std::string& key) {
   std::ifstream in("/proc/self/status");
   for (std::string line; std::getline(in, line);) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+    if (line.rfind(key, 0) == 0) return std::stod(line.substr(key.size())) / 1024.0;
   }
   return -1;
 }
+double PeakRssMb() { return StatusMb("VmHWM:"); }
 
 void Sync(const torch::Device& d) {
   if (d.is_cuda()) torch::cuda::synchronize();
@@ -51,29 +53,32 @@ absl::Status Run(int argc, char** argv) {
         "usage: bench_sd unet|unet-train|t2i|text-encoder|vae-decode --model DIR [flags]");
   const std::string mode = argv[1];
   ASSIGN_OR_RETURN(sd::Args a, sd::Args::Parse(argc - 2, argv + 2,
-                                               {"model",
-                                                "batch",
-                                                "size",
-                                                "iters",
-                                                "warmup",
-                                                "threads",
-                                                "dtype",
-                                                "device",
-                                                "steps",
-                                                "height",
-                                                "width",
-                                                "channels-last",
-                                                "clone",
-                                                "fuse",
-                                                "profile",
-                                                "int8",
-                                                "calibration-inputs",
-                                                "clipping",
-                                                "float",
-                                                "int8-convolutions",
-                                                "layer-sqnr",
-                                                "io",
-                                                "save-output"}));
+                                               sdcli::Concat({"model",
+                                                              "batch",
+                                                              "size",
+                                                              "iters",
+                                                              "warmup",
+                                                              "threads",
+                                                              "dtype",
+                                                              "device",
+                                                              "steps",
+                                                              "height",
+                                                              "width",
+                                                              "channels-last",
+                                                              "clone",
+                                                              "fuse",
+                                                              "profile",
+                                                              "int8",
+                                                              "calibration-inputs",
+                                                              "clipping",
+                                                              "float",
+                                                              "int8-convolutions",
+                                                              "layer-sqnr",
+                                                              "io",
+                                                              "save-output"},
+                                                             sdcli::InferenceValueFlags()),
+                                               {}, sdcli::InferenceSwitches()));
+  ASSIGN_OR_RETURN(sd::InferenceOptions inference, sdcli::ParseInferenceFlags(a));
   ASSIGN_OR_RETURN(int64_t threads, a.Int("threads", 0));
   if (threads > 0) {
     torch::set_num_threads(static_cast<int>(threads));
@@ -108,6 +113,9 @@ absl::Status Run(int argc, char** argv) {
     // Training runs as the finetune stage does: plain layout, unfused projections.
     if (a.Get("channels-last", train ? "0" : "1") == "1") unet->set_channels_last(true);
     if (a.Get("fuse", train ? "0" : "1") == "1") unet->fuse_qkv_projections(true);
+    unet->set_token_merging(inference.tome);
+    unet->set_attention_slice(inference.attention_slice);
+    out["inference"] = sd::InferenceOptionsJson(inference);
     unet->train(train);
     ASSIGN_OR_RETURN(int64_t batch, a.Int("batch", 2));
     ASSIGN_OR_RETURN(int64_t size, a.Int("size", 64));
@@ -203,6 +211,8 @@ absl::Status Run(int argc, char** argv) {
     ASSIGN_OR_RETURN(o.height, a.Int("height", 512));
     ASSIGN_OR_RETURN(o.width, a.Int("width", 512));
     o.scheduler = "ddim";
+    o.inference = inference;
+    out["inference"] = sd::InferenceOptionsJson(inference);
     absl::Status failed;
     measure([&] {
       if (auto images = sd::Generate(model, o); !images.ok()) failed = images.status();
@@ -234,8 +244,11 @@ absl::Status Run(int argc, char** argv) {
     int64_t params = 0;
     for (const auto& p : vae->decoder->parameters()) params += p.numel();
     out["decoder_parameters"] = params;
+    out["inference"] = sd::InferenceOptionsJson(inference);
+    // What the decode adds is the peak minus this (weights and latents are loaded).
+    out["rss_before_mb"] = StatusMb("VmRSS:");
     torch::InferenceMode guard;
-    measure([&] { vae->decode(z); });
+    measure([&] { sd::DecodeLatents(*vae, z, inference); });
   } else {
     return absl::InvalidArgumentError(
         "mode must be unet, unet-train, t2i, text-encoder or vae-decode");

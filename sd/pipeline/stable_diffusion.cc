@@ -161,6 +161,18 @@ nlohmann::json InferenceOptionsJson(const InferenceOptions& o) {
   return j;
 }
 
+torch::Tensor DecodeLatents(AutoencoderKLImpl& vae, const torch::Tensor& z,
+                            const InferenceOptions& o) {
+  // diffusers' order: the batch one image at a time first, then tiles of each.
+  const auto one = [&](const torch::Tensor& zi) {
+    return o.vae_tiling ? vae.decode_tiled(zi) : vae.decode(zi);
+  };
+  if (!o.vae_slicing || z.size(0) == 1) return one(z);
+  std::vector<torch::Tensor> parts;
+  for (int64_t i = 0; i < z.size(0); ++i) parts.push_back(one(z.slice(0, i, i + 1)));
+  return torch::cat(parts, 0);
+}
+
 absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOptions& o) {
   if (o.prompts.empty()) return absl::InvalidArgumentError("no prompt given");
   if (!o.negative_prompts.empty() && o.negative_prompts.size() != o.prompts.size()) {
@@ -250,23 +262,7 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
     }
     auto z = latents / sd.vae->config().scaling_factor;
     if (o.on_final_latents) o.on_final_latents(z);
-    torch::Tensor images;
-    const InferenceOptions& inf = o.inference;
-    if (inf.vae_slicing || inf.vae_tiling) {
-      // diffusers order: slice the batch first, then tile each image.
-      const auto one = [&](const torch::Tensor& zi) {
-        return inf.vae_tiling ? sd.vae->decode_tiled(zi) : sd.vae->decode(zi);
-      };
-      if (inf.vae_slicing) {
-        std::vector<torch::Tensor> parts;
-        for (int64_t i = 0; i < z.size(0); ++i) parts.push_back(one(z.slice(0, i, i + 1)));
-        images = torch::cat(parts, 0);
-      } else {
-        images = one(z);
-      }
-    } else {
-      images = sd.vae->decode(z);
-    }
+    auto images = DecodeLatents(*sd.vae, z, o.inference);
     images = (images.to(torch::kFloat32) / 2 + 0.5).clamp(0, 1);
     return images.permute({0, 2, 3, 1}).contiguous().to(torch::kCPU);
   } catch (const c10::Error& e) {

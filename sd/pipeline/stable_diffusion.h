@@ -73,6 +73,10 @@ absl::Status ValidateInferenceOptions(const InferenceOptions& o);
 // For reports: what an evaluation or benchmark ran with.
 nlohmann::json InferenceOptionsJson(const InferenceOptions& o);
 
+// Unscaled latents -> images in about [-1, 1], with the VAE slicing and tiling asked for.
+torch::Tensor DecodeLatents(AutoencoderKLImpl& vae, const torch::Tensor& z,
+                            const InferenceOptions& o);
+
 struct GenerateOptions {
   std::vector<std::string> prompts;
   std::vector<std::string> negative_prompts;  // empty: "" for each prompt

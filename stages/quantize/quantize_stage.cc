@@ -14,6 +14,11 @@
 #include "stages/quantize/quantize_options.h"
 #include "stages/training.h"
 
+namespace sd::embedded {
+extern const char* const kTomeUtilsPy;  // stages/quantize/python/*.py, compiled in
+extern const char* const kCompileUtilsPy;
+}  // namespace sd::embedded
+
 namespace sd::stages {
 namespace fs = std::filesystem;
 namespace {
@@ -104,11 +109,17 @@ absl::Status QuantizeStage::Run(StageContext& ctx) {
       return absl::InvalidArgumentError(absl::StrCat(
           "quantize: ", in.string(), " has none of text_encoder/, unet/, vae/ to quantize"));
     RETURN_IF_ERROR(WriteModelWithComponents(in.string(), dir, replaced));
+    // The seed's layout: Python helpers for users who load the folder in diffusers.
+    RETURN_IF_ERROR(
+        WriteFileAtomic((fs::path(dir) / "tome_utils.py").string(), embedded::kTomeUtilsPy));
+    RETURN_IF_ERROR(
+        WriteFileAtomic((fs::path(dir) / "compile_utils.py").string(), embedded::kCompileUtilsPy));
     nlohmann::json report = {{"format", "sdcompress.quantization/1"},
                              {"source", in.string()},
                              {"dtype", torch_name},
                              {"file_names", "plain (no variant suffix)"},
-                             {"components", components}};
+                             {"components", components},
+                             {"python_helpers", {"tome_utils.py", "compile_utils.py"}}};
     if (o.int8) {
       ASSIGN_OR_RETURN(report["int8_unet"], WriteInt8Unet(ctx, o, in, dir));
     }

@@ -71,7 +71,7 @@ TEST(JobSpecTest, UnimplementedStageIsRefusedNotSkipped) {
   EXPECT_EQ(Err("model: /m\nstages: [optimize]\n"),
             "job.yaml:2: stage \"optimize\" is not implemented in this build (implemented: init, "
             "train_vae, progressive_distillation, clip_distillation, cfg_distillation, prune, "
-            "finetune, quantize); remove it from \"stages\"");
+            "finetune, quantize, export); remove it from \"stages\"");
   EXPECT_NE(Err("model: /m\n").find("is not implemented"), std::string::npos);
   EXPECT_EQ(Err("model: /m\nstages: [finetuen]\n"),
             "job.yaml:2: unknown stage \"finetuen\" (did you mean \"finetune\"?)");

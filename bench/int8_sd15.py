@@ -17,13 +17,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run_bench import BENCH, ensure_models, write_result  # noqa: E402
+from run_bench import BENCH, ensure_models, median, timed_rounds, write_result  # noqa: E402
 
 
 def ours(unet_dir, io, out, threads, rounds, int8, convolutions=True):
@@ -39,13 +38,7 @@ def ours(unet_dir, io, out, threads, rounds, int8, convolutions=True):
 
 
 def timed(fn, rounds):
-    fn()
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
+    return median(timed_rounds(fn, rounds))
 
 
 def rel_err(a, b):

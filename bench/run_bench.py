@@ -49,6 +49,23 @@ def write_result(name, ours, reference, unit, **extra):
     return out
 
 
+def timed_rounds(fn, rounds):
+    """One warm-up call of fn, then the wall time of each of `rounds` calls."""
+    import time
+
+    fn()
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def median(ts):
+    return sorted(ts)[len(ts) // 2]
+
+
 def ensure_models():
     from sdtest.tiny_models import SD15_SCHEDULER, make_unet, write_clip_tokenizer
     from test_full_sd15 import SD15_UNET

@@ -15,12 +15,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run_bench import BENCH, ensure_models, write_result  # noqa: E402
+from run_bench import BENCH, ensure_models, median, timed_rounds, write_result  # noqa: E402
 
 
 def ours(unet_dir, latent, threads, rounds, tome=None):
@@ -30,20 +29,6 @@ def ours(unet_dir, latent, threads, rounds, tome=None):
         cmd += ["--tome", str(tome)]
     r = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def timed(fn, rounds):
-    fn()
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
-
-
-def median(ts):
-    return sorted(ts)[len(ts) // 2]
 
 
 def main():
@@ -72,9 +57,9 @@ def main():
             with torch.inference_mode():
                 ref(*args)
 
-        d_plain = timed(run, a.rounds)
+        d_plain = timed_rounds(run, a.rounds)
         tomesd.apply_patch(ref, ratio=a.ratio)
-        d_tome = timed(run, a.rounds)
+        d_tome = timed_rounds(run, a.rounds)
         tomesd.remove_patch(ref)
 
         t_plain, t_tome = plain["median_s"], merged["median_s"]

@@ -10,13 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_bin
 from test_finetune_stage import run_stage, write_stage_job
+from test_quantize import run_one_stage
 
 
 def export(tmp_path, model_dir, section, name="export"):
-    job = write_stage_job(tmp_path, name, model_dir, "export", section, seed=0)
-    out = str(tmp_path / f"{name}_out")
-    run_stage(job, str(tmp_path / f"{name}_ckpt"), out)
-    return out
+    return run_one_stage(tmp_path, model_dir, "export", section, name)
 
 
 def test_sharded_unet_loads_in_diffusers_and_cpp_as_the_source(tiny_sd, tmp_path):

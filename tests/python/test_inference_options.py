@@ -5,19 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from conftest import run_bin
+from test_parity import probe
 
 ATOL = 1e-4
-
-
-def probe(cmd, model_dir, inputs, tmp_path, *extra):
-    inp = os.path.join(tmp_path, f"{cmd}_in.safetensors")
-    out = os.path.join(tmp_path, f"{cmd}_out.safetensors")
-    save_file({k: v.contiguous() for k, v in inputs.items()}, inp)
-    run_bin("sd_probe", cmd, "--model", model_dir, "--inputs", inp, "--out", out, *map(str, extra))
-    return load_file(out)
 
 
 def unet_inputs(batch, h, w, seed=0):

@@ -16,11 +16,16 @@ FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorc
          "text_encoder": "model.safetensors"}
 
 
-def quantize(tmp_path, model_dir, section, name="quant"):
-    job = write_stage_job(tmp_path, name, model_dir, "quantize", section, seed=0)
+def run_one_stage(tmp_path, model_dir, stage, section, name):
+    """The single-stage job `stage` (options `section`) on model_dir; returns its output folder."""
+    job = write_stage_job(tmp_path, name, model_dir, stage, section, seed=0)
     out = str(tmp_path / f"{name}_out")
     run_stage(job, str(tmp_path / f"{name}_ckpt"), out)
     return out
+
+
+def quantize(tmp_path, model_dir, section, name="quant"):
+    return run_one_stage(tmp_path, model_dir, "quantize", section, name)
 
 
 def latents(tmp_path, seed):

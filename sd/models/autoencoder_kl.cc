@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "sd/io/safetensors.h"
+#include "sd/models/onnx_emitter.h"
 #include "sd/models/state_dict.h"
 #include "sd/util/status_macros.h"
 
@@ -183,6 +184,91 @@ torch::Tensor VAEDecoderImpl::forward(const torch::Tensor& z) {
     if (blk->samplers) h = blk->samplers[0]->as<Upsample2D>()->forward(h);
   }
   return conv_out(torch::silu(conv_norm_out(h)));
+}
+
+std::string VAEMidBlockImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                        const std::string& x) const {
+  auto h = (*resnets)[0]->as<ResnetBlock2DImpl>()->ExportOnnx(e, prefix + ".resnets.0", x);
+  if (attentions) {
+    h = (*attentions)[0]->as<AttentionImpl>()->ExportOnnxSpatial(e, prefix + ".attentions.0", h);
+  }
+  return (*resnets)[1]->as<ResnetBlock2DImpl>()->ExportOnnx(e, prefix + ".resnets.1", h);
+}
+
+std::string VAEEncoderImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                       const std::string& x) const {
+  auto h = e.Conv2d(prefix + ".conv_in", *conv_in, x);
+  for (size_t i = 0; i < down_blocks->size(); ++i) {
+    const std::string p = absl::StrCat(prefix, ".down_blocks.", i);
+    auto* blk = (*down_blocks)[i]->as<VAEBlockImpl>();
+    for (size_t j = 0; j < blk->resnets->size(); ++j) {
+      h = (*blk->resnets)[j]->as<ResnetBlock2DImpl>()->ExportOnnx(
+          e, absl::StrCat(p, ".resnets.", j), h);
+    }
+    if (blk->samplers) {
+      h = (*blk->samplers)[0]->as<Downsample2DImpl>()->ExportOnnx(
+          e, absl::StrCat(p, ".downsamplers.0"), h);
+    }
+  }
+  h = mid_block->ExportOnnx(e, prefix + ".mid_block", h);
+  return e.Conv2d(prefix + ".conv_out", *conv_out,
+                  e.SiLU(e.GroupNorm(prefix + ".conv_norm_out", *conv_norm_out, h)));
+}
+
+std::string VAEDecoderImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                       const std::string& z) const {
+  auto h =
+      mid_block->ExportOnnx(e, prefix + ".mid_block", e.Conv2d(prefix + ".conv_in", *conv_in, z));
+  for (size_t i = 0; i < up_blocks->size(); ++i) {
+    const std::string p = absl::StrCat(prefix, ".up_blocks.", i);
+    auto* blk = (*up_blocks)[i]->as<VAEBlockImpl>();
+    for (size_t j = 0; j < blk->resnets->size(); ++j) {
+      h = (*blk->resnets)[j]->as<ResnetBlock2DImpl>()->ExportOnnx(
+          e, absl::StrCat(p, ".resnets.", j), h);
+    }
+    if (blk->samplers) {
+      h = (*blk->samplers)[0]->as<Upsample2DImpl>()->ExportOnnx(e, absl::StrCat(p, ".upsamplers.0"),
+                                                                h);
+    }
+  }
+  return e.Conv2d(prefix + ".conv_out", *conv_out,
+                  e.SiLU(e.GroupNorm(prefix + ".conv_norm_out", *conv_norm_out, h)));
+}
+
+absl::StatusOr<onnx::Graph> AutoencoderKLImpl::ExportOnnxDecoder() const {
+  return BuildOnnxGraph("vae_decoder", [this](onnx::Graph& g) {
+    using onnx::Dim;
+    OnnxEmitter e(g);
+    g.AddInput({"latent_sample",
+                onnx::ElemType::kFloat,
+                {Dim::Symbolic("batch"), Dim::Fixed(config_.latent_channels),
+                 Dim::Symbolic("latent_height"), Dim::Symbolic("latent_width")}});
+    std::string z = "latent_sample";
+    if (post_quant_conv) z = e.Conv2d("post_quant_conv", *post_quant_conv, z);
+    g.Rename(decoder->ExportOnnx(e, "decoder", z), "sample");
+    g.AddOutput({"sample",
+                 onnx::ElemType::kFloat,
+                 {Dim::Symbolic("batch"), Dim::Fixed(config_.out_channels), Dim::Symbolic("height"),
+                  Dim::Symbolic("width")}});
+  });
+}
+
+absl::StatusOr<onnx::Graph> AutoencoderKLImpl::ExportOnnxEncoder() const {
+  return BuildOnnxGraph("vae_encoder", [this](onnx::Graph& g) {
+    using onnx::Dim;
+    OnnxEmitter e(g);
+    g.AddInput({"sample",
+                onnx::ElemType::kFloat,
+                {Dim::Symbolic("batch"), Dim::Fixed(config_.in_channels), Dim::Symbolic("height"),
+                 Dim::Symbolic("width")}});
+    auto m = encoder->ExportOnnx(e, "encoder", "sample");
+    if (quant_conv) m = e.Conv2d("quant_conv", *quant_conv, m);
+    g.Rename(m, "latent_parameters");
+    g.AddOutput({"latent_parameters",
+                 onnx::ElemType::kFloat,
+                 {Dim::Symbolic("batch"), Dim::Fixed(2 * config_.latent_channels),
+                  Dim::Symbolic("latent_height"), Dim::Symbolic("latent_width")}});
+  });
 }
 
 torch::Tensor LatentDistribution::sample(const std::optional<at::Generator>& gen) const {

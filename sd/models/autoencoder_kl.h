@@ -8,6 +8,7 @@
 #include "absl/status/statusor.h"
 #include "sd/io/json_config.h"
 #include "sd/models/layers.h"
+#include "sd/onnx/graph.h"
 
 namespace sd {
 
@@ -31,6 +32,7 @@ struct VAEConfig {
 struct VAEMidBlockImpl : torch::nn::Module {
   VAEMidBlockImpl(int64_t channels, int64_t groups, bool attention);
   torch::Tensor forward(const torch::Tensor& x);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x) const;
   torch::nn::ModuleList resnets{nullptr}, attentions{nullptr};
 };
 TORCH_MODULE(VAEMidBlock);
@@ -43,6 +45,7 @@ TORCH_MODULE(VAEBlock);
 struct VAEEncoderImpl : torch::nn::Module {
   explicit VAEEncoderImpl(const VAEConfig& c);
   torch::Tensor forward(const torch::Tensor& x);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x) const;
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   torch::nn::ModuleList down_blocks{nullptr};
   VAEMidBlock mid_block{nullptr};
@@ -53,6 +56,7 @@ TORCH_MODULE(VAEEncoder);
 struct VAEDecoderImpl : torch::nn::Module {
   explicit VAEDecoderImpl(const VAEConfig& c);
   torch::Tensor forward(const torch::Tensor& z);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& z) const;
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   torch::nn::ModuleList up_blocks{nullptr};
   VAEMidBlock mid_block{nullptr};
@@ -79,6 +83,12 @@ class AutoencoderKLImpl : public torch::nn::Module {
   // tile; smaller latents decode whole. encode_tiled is the same for images.
   torch::Tensor decode_tiled(const torch::Tensor& latents);
   LatentDistribution encode_tiled(const torch::Tensor& images);
+  // float32 graphs, batch and spatial axes symbolic. Decoder: latent_sample
+  // (unscaled latents) -> sample, as decode. Encoder: sample (images in [-1, 1]) ->
+  // latent_parameters, the posterior's mean and logvar concatenated on channels
+  // (logvar not yet clamped), as quant_conv(encoder(x)).
+  absl::StatusOr<onnx::Graph> ExportOnnxDecoder() const;
+  absl::StatusOr<onnx::Graph> ExportOnnxEncoder() const;
   const VAEConfig& config() const { return config_; }
   VAEConfig& mutable_config() { return config_; }
   // NHWC weights and activations (see ToChannelsLast); outputs are NCHW-contiguous.

@@ -2,9 +2,12 @@
 
 #include <cmath>
 #include <filesystem>
+#include <limits>
 
+#include "absl/strings/str_cat.h"
 #include "sd/io/safetensors.h"
 #include "sd/models/layers.h"
+#include "sd/models/onnx_emitter.h"
 #include "sd/models/state_dict.h"
 #include "sd/util/status_macros.h"
 
@@ -140,6 +143,74 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids, int64_
   out.pooler_output =
       out.last_hidden_state.index({torch::arange(ids.size(0), ids.options()), eos_pos});
   return out;
+}
+
+std::string CLIPAttentionImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                          const std::string& x, const std::string& mask) const {
+  onnx::Scope scope(e.graph(), prefix);
+  const int64_t d = q_proj->weight.size(0) / heads;
+  const auto out = e.Attention(e.Linear(prefix + ".q_proj", *q_proj, x),
+                               e.Linear(prefix + ".k_proj", *k_proj, x),
+                               e.Linear(prefix + ".v_proj", *v_proj, x), heads, d, mask);
+  return e.Linear(prefix + ".out_proj", *out_proj, out);
+}
+
+std::string CLIPMLPImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                    const std::string& x) const {
+  return e.Linear(prefix + ".fc2", *fc2, e.Activation(act, e.Linear(prefix + ".fc1", *fc1, x)));
+}
+
+std::string CLIPEncoderLayerImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                             const std::string& x, const std::string& mask) const {
+  onnx::Scope scope(e.graph(), prefix);
+  const auto h =
+      e.Add(x, self_attn->ExportOnnx(e, prefix + ".self_attn",
+                                     e.LayerNorm(prefix + ".layer_norm1", *layer_norm1, x), mask));
+  return e.Add(h, mlp->ExportOnnx(e, prefix + ".mlp",
+                                  e.LayerNorm(prefix + ".layer_norm2", *layer_norm2, h)));
+}
+
+absl::StatusOr<onnx::Graph> CLIPTextModelImpl::ExportOnnx() const {
+  return BuildOnnxGraph("text_encoder", [this](onnx::Graph& g) {
+    using onnx::Dim;
+    OnnxEmitter e(g);
+    g.AddInput(
+        {"input_ids", onnx::ElemType::kInt64, {Dim::Symbolic("batch"), Dim::Symbolic("sequence")}});
+    const std::string ids = "input_ids";
+    const auto t = g.Op("Squeeze", {e.Shape(ids, 1, 2), g.Int64s({0})});
+    const auto positions = g.Op("Range", {g.Int64(0), t, g.Int64(1)});
+    auto h = e.Add(
+        e.Embedding("text_model.embeddings.token_embedding", *token_embedding, ids),
+        e.Embedding("text_model.embeddings.position_embedding", *position_embedding, positions));
+    // The causal mask as forward builds it: -inf above the diagonal, 0 elsewhere.
+    const auto tt =
+        g.Op("Concat", {e.Shape(ids, 1, 2), e.Shape(ids, 1, 2)}, {{"axis", int64_t{0}}});
+    const auto full = g.Op("Expand", {g.Float(-std::numeric_limits<float>::infinity()), tt});
+    const auto mask = g.Op("Trilu", {full, g.Int64(1)}, {{"upper", int64_t{1}}});
+    for (size_t i = 0; i < layers->size(); ++i) {
+      h = (*layers)[i]->as<CLIPEncoderLayerImpl>()->ExportOnnx(
+          e, absl::StrCat("text_model.encoder.layers.", i), h, mask);
+    }
+    const auto last = e.LayerNorm("text_model.final_layer_norm", *final_layer_norm, h);
+    // transformers' legacy rule (see forward): with eos_token_id 2 the EOS is the
+    // largest id, else the first eos_token_id. ArgMax takes the first maximum, as torch.
+    const auto ids32 = g.Op("Cast", {ids}, {{"to", int64_t{6}}});
+    const auto key = config_.eos_token_id == 2
+                         ? ids32
+                         : g.Op("Cast", {g.Op("Equal", {ids, g.Int64(config_.eos_token_id)})},
+                                {{"to", int64_t{6}}});
+    const auto eos = g.Op("ArgMax", {key}, {{"axis", int64_t{-1}}, {"keepdims", int64_t{1}}});
+    const auto pooled = g.Op("GatherND", {last, eos}, {{"batch_dims", int64_t{1}}});
+    g.Rename(last, "last_hidden_state");
+    g.Rename(pooled, "pooler_output");
+    g.AddOutput(
+        {"last_hidden_state",
+         onnx::ElemType::kFloat,
+         {Dim::Symbolic("batch"), Dim::Symbolic("sequence"), Dim::Fixed(config_.hidden_size)}});
+    g.AddOutput({"pooler_output",
+                 onnx::ElemType::kFloat,
+                 {Dim::Symbolic("batch"), Dim::Fixed(config_.hidden_size)}});
+  });
 }
 
 absl::StatusOr<CLIPTextModel> LoadCLIPTextModel(const std::string& dir, bool copy_weights) {

@@ -7,8 +7,11 @@
 
 #include "absl/status/statusor.h"
 #include "sd/io/json_config.h"
+#include "sd/onnx/graph.h"
 
 namespace sd {
+
+class OnnxEmitter;  // sd/models/onnx_emitter.h
 
 struct CLIPTextConfig {
   int64_t vocab_size = 49408;
@@ -40,6 +43,8 @@ struct CLIPAttentionImpl : torch::nn::Module {
   // explicitly then; SDPA otherwise).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask,
                         torch::Tensor* probs = nullptr);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x,
+                         const std::string& mask) const;
   int64_t heads;
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
 };
@@ -48,6 +53,7 @@ TORCH_MODULE(CLIPAttention);
 struct CLIPMLPImpl : torch::nn::Module {
   CLIPMLPImpl(int64_t dim, int64_t inner, std::string act);
   torch::Tensor forward(const torch::Tensor& x);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x) const;
   std::string act;
   torch::nn::Linear fc1{nullptr}, fc2{nullptr};
 };
@@ -57,6 +63,8 @@ struct CLIPEncoderLayerImpl : torch::nn::Module {
   explicit CLIPEncoderLayerImpl(const CLIPTextConfig& c);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask,
                         torch::Tensor* probs = nullptr);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x,
+                         const std::string& mask) const;
   CLIPAttention self_attn{nullptr};
   torch::nn::LayerNorm layer_norm1{nullptr}, layer_norm2{nullptr};
   CLIPMLP mlp{nullptr};
@@ -72,6 +80,9 @@ class CLIPTextModelImpl : public torch::nn::Module {
   CLIPTextOutput forward(const torch::Tensor& input_ids, int64_t num_layers = -1,
                          bool output_attentions = false);
   const CLIPTextConfig& config() const { return config_; }
+  // The float32 graph of forward (every layer): input_ids [batch, sequence] (int64)
+  // -> last_hidden_state [batch, sequence, hidden] and pooler_output [batch, hidden].
+  absl::StatusOr<onnx::Graph> ExportOnnx() const;
 
  private:
   CLIPTextConfig config_;

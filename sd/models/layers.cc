@@ -1,5 +1,8 @@
 #include "sd/models/layers.h"
 
+#include "absl/strings/str_cat.h"
+#include "sd/models/onnx_emitter.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -33,15 +36,25 @@ torch::Tensor Activation(const std::string& name, const torch::Tensor& x) {
   TORCH_CHECK(false, "unsupported activation \"", name, "\"");
 }
 
+namespace {
+
+// exp(-log(10000) * i / (half - shift)), float32 as diffusers computes it.
+torch::Tensor TimestepFrequencies(int64_t half, double downscale_freq_shift,
+                                  const torch::Device& device) {
+  auto exponent =
+      -std::log(10000.0) *
+      torch::arange(0, half, torch::TensorOptions().dtype(torch::kFloat32).device(device));
+  exponent = exponent / (static_cast<double>(half) - downscale_freq_shift);
+  return torch::exp(exponent);
+}
+
+}  // namespace
+
 torch::Tensor TimestepEmbedding(const torch::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos,
                                 double downscale_freq_shift) {
   const int64_t half = dim / 2;
-  auto exponent =
-      -std::log(10000.0) *
-      torch::arange(0, half,
-                    torch::TensorOptions().dtype(torch::kFloat32).device(timesteps.device()));
-  exponent = exponent / (static_cast<double>(half) - downscale_freq_shift);
-  auto emb = timesteps.unsqueeze(1).to(torch::kFloat32) * torch::exp(exponent).unsqueeze(0);
+  auto emb = timesteps.unsqueeze(1).to(torch::kFloat32) *
+             TimestepFrequencies(half, downscale_freq_shift, timesteps.device()).unsqueeze(0);
   emb = torch::cat({torch::sin(emb), torch::cos(emb)}, -1);
   if (flip_sin_to_cos) emb = torch::cat({emb.slice(1, half), emb.slice(1, 0, half)}, -1);
   if (dim % 2 == 1) emb = F::pad(emb, F::PadFuncOptions({0, 1, 0, 0}));
@@ -328,6 +341,137 @@ torch::Tensor Transformer2DModelImpl::forward(const torch::Tensor& x,
   // NHWC-strided tensor as is; forcing NCHW here would add a copy.
   if (!opt.use_linear_projection) h = proj_out.forward(h);
   return h + x;
+}
+
+// ---- ONNX export: each block as its forward above, on OnnxEmitter. ----
+
+std::string TimestepEmbeddingOnnx(OnnxEmitter& e, const std::string& timesteps, int64_t dim,
+                                  bool flip_sin_to_cos, double downscale_freq_shift) {
+  auto& g = e.graph();
+  const int64_t half = dim / 2;
+  const auto freqs =
+      e.Weight("time_proj.frequencies",
+               TimestepFrequencies(half, downscale_freq_shift, torch::kCPU), {1, half});
+  const auto args = e.Mul(e.Unsqueeze(timesteps, {1}), freqs);
+  const auto sin = g.Op("Sin", {args}), cos = g.Op("Cos", {args});
+  auto emb = g.Op("Concat", flip_sin_to_cos ? std::vector{cos, sin} : std::vector{sin, cos},
+                  {{"axis", int64_t{-1}}});
+  if (dim % 2 == 1) emb = g.Op("Pad", {emb, g.Int64s({0, 0, 0, 1})});
+  return emb;
+}
+
+std::string ResnetBlock2DImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                          const std::string& x, const std::string& temb) const {
+  onnx::Scope scope(e.graph(), prefix);
+  auto h = e.Conv2d(prefix + ".conv1", *conv1, e.SiLU(e.GroupNorm(prefix + ".norm1", *norm1, x)));
+  if (time_emb_proj && !temb.empty()) {
+    h = e.Add(
+        h, e.Unsqueeze(e.Linear(prefix + ".time_emb_proj", *time_emb_proj, e.SiLU(temb)), {2, 3}));
+  }
+  h = e.Conv2d(prefix + ".conv2", *conv2, e.SiLU(e.GroupNorm(prefix + ".norm2", *norm2, h)));
+  const auto shortcut = conv_shortcut ? e.Conv2d(prefix + ".conv_shortcut", *conv_shortcut, x) : x;
+  auto out = e.Add(shortcut, h);
+  if (output_scale_factor != 1.0) out = e.Scale(out, static_cast<float>(1.0 / output_scale_factor));
+  return out;
+}
+
+std::string Downsample2DImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                         const std::string& x) const {
+  auto& g = e.graph();
+  const auto in = padding == 0 ? g.Op("Pad", {x, g.Int64s({0, 0, 0, 0, 0, 0, 1, 1})}) : x;
+  return e.Conv2d(prefix + ".conv", *conv, in);
+}
+
+std::string Upsample2DImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                       const std::string& x, const std::string& size_like) const {
+  auto& g = e.graph();
+  onnx::Scope scope(g, prefix);
+  // torch's "nearest" is ONNX's asymmetric/floor.
+  const std::vector<onnx::Attribute> attrs = {
+      {"mode", std::string("nearest")},
+      {"coordinate_transformation_mode", std::string("asymmetric")},
+      {"nearest_mode", std::string("floor")}};
+  std::string up;
+  if (size_like.empty()) {
+    up = g.Op("Resize", {x, "", g.Floats({1, 1, 2, 2}, {4})}, attrs);
+  } else {
+    const auto sizes =
+        g.Op("Concat", {e.Shape(x, 0, 2), e.Shape(size_like, 2, 4)}, {{"axis", int64_t{0}}});
+    up = g.Op("Resize", {x, "", "", sizes}, attrs);
+  }
+  return e.Conv2d(prefix + ".conv", *conv, up);
+}
+
+std::string AttentionImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                      const std::string& x, const std::string& context) const {
+  TORCH_CHECK(!fused_hook, "ONNX export: ", prefix,
+              " runs an INT8 kernel; export the floating-point model instead");
+  onnx::Scope scope(e.graph(), prefix);
+  const auto& kv = context.empty() ? x : context;
+  const auto q = e.Linear(prefix + ".to_q", *to_q, x);
+  const auto k = e.Linear(prefix + ".to_k", *to_k, kv);
+  const auto v = e.Linear(prefix + ".to_v", *to_v, kv);
+  const auto out = e.Attention(q, k, v, opt.heads, opt.dim_head);
+  return e.Linear(prefix + ".to_out.0", *(*to_out)[0]->as<LinearImpl>(), out);
+}
+
+std::string AttentionImpl::ExportOnnxSpatial(OnnxEmitter& e, const std::string& prefix,
+                                             const std::string& x) const {
+  const auto h = group_norm ? e.GroupNorm(prefix + ".group_norm", *group_norm, x) : x;
+  const auto tokens = e.Transpose(e.Reshape(h, {0, opt.query_dim, -1}), {0, 2, 1});
+  const auto out = e.Transpose(ExportOnnx(e, prefix, tokens), {0, 2, 1});
+  return e.Add(e.graph().Op("Reshape", {out, e.Shape(x, 0, 4)}), x);
+}
+
+std::string GEGLUImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                  const std::string& x) const {
+  auto& g = e.graph();
+  const int64_t inner = proj->weight.size(0) / 2;
+  const auto parts = g.Op("Split", {e.Linear(prefix + ".proj", *proj, x), g.Int64s({inner, inner})},
+                          {{"axis", int64_t{-1}}}, 2);
+  return e.Mul(parts[0], e.Gelu(parts[1]));
+}
+
+std::string FeedForwardImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                        const std::string& x) const {
+  onnx::Scope scope(e.graph(), prefix);
+  return e.Linear(prefix + ".net.2", *out, geglu->ExportOnnx(e, prefix + ".net.0", x));
+}
+
+std::string BasicTransformerBlockImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                                  const std::string& x_in,
+                                                  const std::string& context) const {
+  onnx::Scope scope(e.graph(), prefix);
+  auto x = x_in;
+  x = e.Add(attn1->ExportOnnx(e, prefix + ".attn1", e.LayerNorm(prefix + ".norm1", *norm1, x)), x);
+  x = e.Add(
+      attn2->ExportOnnx(e, prefix + ".attn2", e.LayerNorm(prefix + ".norm2", *norm2, x), context),
+      x);
+  return e.Add(ff->ExportOnnx(e, prefix + ".ff", e.LayerNorm(prefix + ".norm3", *norm3, x)), x);
+}
+
+std::string Transformer2DModelImpl::ExportOnnx(OnnxEmitter& e, const std::string& prefix,
+                                               const std::string& x,
+                                               const std::string& context) const {
+  onnx::Scope scope(e.graph(), prefix);
+  const int64_t c = opt.channels;
+  const auto proj = [&](const torch::nn::AnyModule& m, const std::string& name,
+                        const std::string& in) {
+    if (opt.use_linear_projection) return e.Linear(prefix + name, *m.ptr()->as<LinearImpl>(), in);
+    return e.Conv2d(prefix + name, *m.ptr()->as<Conv2dImpl>(), in);
+  };
+  auto h = e.GroupNorm(prefix + ".norm", *norm, x);
+  if (!opt.use_linear_projection) h = proj(proj_in, ".proj_in", h);
+  h = e.Reshape(e.Transpose(h, {0, 2, 3, 1}), {0, -1, c});
+  if (opt.use_linear_projection) h = proj(proj_in, ".proj_in", h);
+  for (size_t i = 0; i < transformer_blocks->size(); ++i) {
+    h = (*transformer_blocks)[i]->as<BasicTransformerBlockImpl>()->ExportOnnx(
+        e, absl::StrCat(prefix, ".transformer_blocks.", i), h, context);
+  }
+  if (opt.use_linear_projection) h = proj(proj_out, ".proj_out", h);
+  h = e.graph().Op("Reshape", {e.Transpose(h, {0, 2, 1}), e.Shape(x, 0, 4)});
+  if (!opt.use_linear_projection) h = proj(proj_out, ".proj_out", h);
+  return e.Add(h, x);
 }
 
 }  // namespace sd

@@ -12,6 +12,11 @@
 
 namespace sd {
 
+class OnnxEmitter;  // sd/models/onnx_emitter.h
+
+// Each module's ExportOnnx writes its subgraph: `prefix` is its state_dict prefix,
+// the string arguments and result are ONNX value names (same layouts as forward).
+
 // Collects attention probabilities when a caller asks for them (attention
 // distillation matches these maps between teacher and student).
 struct AttentionRecorder {
@@ -62,6 +67,9 @@ torch::Tensor Activation(const std::string& name, const torch::Tensor& x);
 // diffusers.models.embeddings.get_timestep_embedding
 torch::Tensor TimestepEmbedding(const torch::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos,
                                 double downscale_freq_shift);
+// The same on an ONNX value `timesteps` [B] (float32).
+std::string TimestepEmbeddingOnnx(OnnxEmitter& e, const std::string& timesteps, int64_t dim,
+                                  bool flip_sin_to_cos, double downscale_freq_shift);
 
 struct ResnetBlock2DImpl : torch::nn::Module {
   // temb_channels <= 0 means no time embedding (VAE).
@@ -69,6 +77,8 @@ struct ResnetBlock2DImpl : torch::nn::Module {
                     double output_scale_factor = 1.0);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& temb = {});
 
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x,
+                         const std::string& temb = "") const;
   torch::nn::GroupNorm norm1{nullptr}, norm2{nullptr};
   Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
   Linear time_emb_proj{nullptr};
@@ -79,6 +89,7 @@ TORCH_MODULE(ResnetBlock2D);
 struct Downsample2DImpl : torch::nn::Module {
   Downsample2DImpl(int64_t channels, int64_t out, int64_t padding);
   torch::Tensor forward(const torch::Tensor& x);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x) const;
   Conv2d conv{nullptr};
   int64_t padding;
 };
@@ -89,6 +100,9 @@ struct Upsample2DImpl : torch::nn::Module {
   // `size` is the spatial size to upsample to (the matching skip connection's);
   // empty means twice the input.
   torch::Tensor forward(const torch::Tensor& x, c10::IntArrayRef size = {});
+  // `size_like`: a value whose spatial size to upsample to; empty: twice the input.
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x,
+                         const std::string& size_like = "") const;
   Conv2d conv{nullptr};
 };
 TORCH_MODULE(Upsample2D);
@@ -113,6 +127,10 @@ struct AttentionImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {});
   // Spatial form used by the VAE mid block: [B, C, H, W] with group_norm and residual.
   torch::Tensor forward_spatial(const torch::Tensor& x);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x,
+                         const std::string& context = "") const;
+  std::string ExportOnnxSpatial(OnnxEmitter& e, const std::string& prefix,
+                                const std::string& x) const;
   // Inference only: one GEMM for q/k/v (self-attention) or k/v (cross-attention)
   // instead of three. to_q/to_k/to_v then hold views of the fused matrix, so there
   // is one copy of the weights and in-place updates reach both.
@@ -138,6 +156,7 @@ TORCH_MODULE(Attention);
 struct GEGLUImpl : torch::nn::Module {
   GEGLUImpl(int64_t in, int64_t out);
   torch::Tensor forward(const torch::Tensor& x);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x) const;
   Linear proj{nullptr};
 };
 TORCH_MODULE(GEGLU);
@@ -145,6 +164,7 @@ TORCH_MODULE(GEGLU);
 struct FeedForwardImpl : torch::nn::Module {
   FeedForwardImpl(int64_t dim, int64_t mult = 4);
   torch::Tensor forward(const torch::Tensor& x);
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x) const;
   torch::nn::ModuleList net;  // net.0 = GEGLU, net.1 = dropout, net.2 = Linear
   GEGLU geglu{nullptr};
   Linear out{nullptr};
@@ -156,6 +176,9 @@ struct BasicTransformerBlockImpl : torch::nn::Module {
                             bool upcast, const std::shared_ptr<AttentionRecorder>& rec,
                             const std::string& name);
   torch::Tensor forward(torch::Tensor x, const torch::Tensor& context);
+  // The plain block: token merging is an inference option, not part of the model.
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x,
+                         const std::string& context) const;
   torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
   Attention attn1{nullptr}, attn2{nullptr};
   FeedForward ff{nullptr};
@@ -180,6 +203,8 @@ struct Transformer2DModelImpl : torch::nn::Module {
                          const std::shared_ptr<AttentionRecorder>& rec, const std::string& name);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context);
   Transformer2DOptions opt;
+  std::string ExportOnnx(OnnxEmitter& e, const std::string& prefix, const std::string& x,
+                         const std::string& context) const;
   torch::nn::GroupNorm norm{nullptr};
   torch::nn::AnyModule proj_in, proj_out;  // Conv2d 1x1, or Linear with use_linear_projection
   torch::nn::ModuleList transformer_blocks;

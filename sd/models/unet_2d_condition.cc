@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "sd/io/safetensors.h"
+#include "sd/models/onnx_emitter.h"
 #include "sd/models/state_dict.h"
 #include "sd/util/status_macros.h"
 
@@ -322,6 +323,97 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& sample_in,
   }
   h = conv_out(torch::silu(conv_norm_out(h)));
   return channels_last_ ? h.contiguous() : h;
+}
+
+absl::StatusOr<onnx::Graph> UNet2DConditionModelImpl::ExportOnnx() const {
+  return BuildOnnxGraph("unet", [this](onnx::Graph& g) {
+    using onnx::Dim;
+    const auto& c = config_;
+    OnnxEmitter e(g);
+    g.AddInput({"sample",
+                onnx::ElemType::kFloat,
+                {Dim::Symbolic("batch"), Dim::Fixed(c.in_channels), Dim::Symbolic("height"),
+                 Dim::Symbolic("width")}});
+    g.AddInput({"timestep", onnx::ElemType::kFloat, {Dim::Symbolic("timestep_batch")}});
+    g.AddInput(
+        {"encoder_hidden_states",
+         onnx::ElemType::kFloat,
+         {Dim::Symbolic("batch"), Dim::Symbolic("sequence"), Dim::Fixed(c.cross_attention_dim)}});
+    if (c.time_cond_proj_dim > 0) {
+      g.AddInput({"timestep_cond",
+                  onnx::ElemType::kFloat,
+                  {Dim::Symbolic("batch"), Dim::Fixed(c.time_cond_proj_dim)}});
+    }
+    const std::string context = "encoder_hidden_states";
+    auto sample = std::string("sample");
+    if (c.center_input_sample) sample = g.Op("Sub", {e.Scale(sample, 2.0f), g.Float(1.0f)});
+    // One timestep for the whole batch, or one per sample, as forward's expand.
+    const auto t = g.Op("Expand", {"timestep", e.Shape(sample, 0, 1)});
+    auto temb = [&] {
+      onnx::Scope scope(g, "time_embedding");
+      auto emb =
+          TimestepEmbeddingOnnx(e, t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
+      if (time_cond_proj) {
+        emb = e.Add(emb, e.Linear("time_embedding.cond_proj", *time_cond_proj, "timestep_cond"));
+      }
+      return e.Linear("time_embedding.linear_2", *time_linear_2,
+                      e.SiLU(e.Linear("time_embedding.linear_1", *time_linear_1, emb)));
+    }();
+
+    auto h = e.Conv2d("conv_in", *conv_in, sample);
+    std::vector<std::string> skips{h};
+    for (size_t i = 0; i < down_blocks->size(); ++i) {
+      const std::string p = absl::StrCat("down_blocks.", i);
+      auto* blk = (*down_blocks)[i]->as<UNetBlockImpl>();
+      for (size_t j = 0; j < blk->resnets->size(); ++j) {
+        h = (*blk->resnets)[j]->as<ResnetBlock2DImpl>()->ExportOnnx(
+            e, absl::StrCat(p, ".resnets.", j), h, temb);
+        if (blk->attentions) {
+          h = (*blk->attentions)[j]->as<Transformer2DModelImpl>()->ExportOnnx(
+              e, absl::StrCat(p, ".attentions.", j), h, context);
+        }
+        skips.push_back(h);
+      }
+      if (blk->downsamplers) {
+        h = (*blk->downsamplers)[0]->as<Downsample2DImpl>()->ExportOnnx(
+            e, absl::StrCat(p, ".downsamplers.0"), h);
+        skips.push_back(h);
+      }
+    }
+    if (mid) {
+      h = (*mid->resnets)[0]->as<ResnetBlock2DImpl>()->ExportOnnx(e, "mid_block.resnets.0", h,
+                                                                  temb);
+      h = (*mid->attentions)[0]->as<Transformer2DModelImpl>()->ExportOnnx(
+          e, "mid_block.attentions.0", h, context);
+      h = (*mid->resnets)[1]->as<ResnetBlock2DImpl>()->ExportOnnx(e, "mid_block.resnets.1", h,
+                                                                  temb);
+    }
+    for (size_t i = 0; i < up_blocks->size(); ++i) {
+      const std::string p = absl::StrCat("up_blocks.", i);
+      auto* blk = (*up_blocks)[i]->as<UNetBlockImpl>();
+      for (size_t j = 0; j < blk->resnets->size(); ++j) {
+        const auto skip = skips.back();
+        skips.pop_back();
+        h = (*blk->resnets)[j]->as<ResnetBlock2DImpl>()->ExportOnnx(
+            e, absl::StrCat(p, ".resnets.", j), g.Op("Concat", {h, skip}, {{"axis", int64_t{1}}}),
+            temb);
+        if (blk->attentions) {
+          h = (*blk->attentions)[j]->as<Transformer2DModelImpl>()->ExportOnnx(
+              e, absl::StrCat(p, ".attentions.", j), h, context);
+        }
+      }
+      if (blk->upsamplers) {
+        h = (*blk->upsamplers)[0]->as<Upsample2DImpl>()->ExportOnnx(
+            e, absl::StrCat(p, ".upsamplers.0"), h, skips.back());
+      }
+    }
+    h = e.Conv2d("conv_out", *conv_out, e.SiLU(e.GroupNorm("conv_norm_out", *conv_norm_out, h)));
+    g.Rename(h, "out_sample");
+    g.AddOutput({"out_sample",
+                 onnx::ElemType::kFloat,
+                 {Dim::Symbolic("batch"), Dim::Fixed(c.out_channels), Dim::Symbolic("height"),
+                  Dim::Symbolic("width")}});
+  });
 }
 
 void UNet2DConditionModelImpl::fuse_qkv_projections(bool on) {

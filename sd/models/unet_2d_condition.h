@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "sd/io/json_config.h"
 #include "sd/models/layers.h"
+#include "sd/onnx/graph.h"
 
 namespace sd {
 
@@ -67,6 +68,11 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
                         const torch::Tensor& timestep_cond = {});
 
   const UNetConfig& config() const { return config_; }
+  // The float32 graph of forward: inputs sample [batch, C, height, width],
+  // timestep [batch or 1] (float), encoder_hidden_states [batch, sequence, D] (and
+  // timestep_cond [batch, time_cond_proj_dim] with a time_cond_proj_dim); output
+  // out_sample. Batch, spatial and sequence axes are symbolic.
+  absl::StatusOr<onnx::Graph> ExportOnnx() const;
   // Turn on to collect every attention map of the next forward in recorder().
   AttentionRecorder& recorder() { return *recorder_; }
   // NHWC weights and activations (see ToChannelsLast); the output is contiguous NCHW either way.

@@ -15,9 +15,9 @@ StageDescriptor ExportDescriptor() {
     ExportOptions o;
     RETURN_IF_ERROR(r.Bool("sharded", o.sharded));
     RETURN_IF_ERROR(r.Int("max_shard_mb", o.max_shard_mb, 1, 1 << 20));
-    if (!o.sharded)
-      return r.Error("sharded",
-                     "is false, and it is the only export format built yet: nothing to export");
+    RETURN_IF_ERROR(r.Bool("onnx", o.onnx));
+    if (!o.sharded && !o.onnx)
+      return r.Error("onnx", "and export.sharded are both false: nothing to export");
     return o;
   };
   d.total_steps = [](const std::any&) -> int64_t { return 1; };

@@ -12,6 +12,10 @@ struct ExportOptions {
   // Largest shard, MiB (a tensor larger than this gets a shard of its own). What a
   // streaming loader holds beside the model at once.
   int64_t max_shard_mb = 500;
+  // export/onnx/: unet.onnx, vae_decoder.onnx, vae_encoder.onnx and
+  // text_encoder.onnx, float32, IR 8 / opset 17, weights in <model>.onnx.data,
+  // each checked by the onnx checker before the stage succeeds.
+  bool onnx = true;
 };
 
 }  // namespace sd::stages

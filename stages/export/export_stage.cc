@@ -6,6 +6,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "sd/io/safetensors.h"
+#include "sd/models/autoencoder_kl.h"
+#include "sd/models/clip_text_model.h"
+#include "sd/models/unet_2d_condition.h"
+#include "sd/onnx/graph.h"
 #include "sd/util/file.h"
 #include "sd/util/status_macros.h"
 #include "stages/export/export_options.h"
@@ -68,6 +72,62 @@ absl::StatusOr<nlohmann::json> WriteShards(const std::string& input, const Expor
                         {"max_shard_bytes", max_bytes}};
 }
 
+// Writes one graph as <dir>/<name>.onnx (+ .data) and runs the checker on it.
+absl::StatusOr<nlohmann::json> WriteChecked(const absl::StatusOr<onnx::Graph>& graph,
+                                            const fs::path& dir, const std::string& source) {
+  RETURN_IF_ERROR(graph.status());
+  onnx::WriteOptions wo;
+  wo.metadata = {{"source", source}, {"component", graph->name()}};
+  onnx::WriteReport r;
+  const std::string path = (dir / (graph->name() + ".onnx")).string();
+  RETURN_IF_ERROR(onnx::WriteModel(*graph, path, wo, &r));
+  RETURN_IF_ERROR(onnx::CheckModel(path));
+  nlohmann::json inputs = nlohmann::json::array(), outputs = nlohmann::json::array();
+  for (const auto& v : graph->inputs()) inputs.push_back(v.name);
+  for (const auto& v : graph->outputs()) outputs.push_back(v.name);
+  return nlohmann::json{
+      {"file", graph->name() + ".onnx"},
+      {"data_file", r.data_path.empty() ? "" : fs::path(r.data_path).filename().string()},
+      {"model_bytes", r.model_bytes},
+      {"data_bytes", r.data_bytes},
+      {"nodes", r.nodes},
+      {"initializers", r.initializers},
+      {"inputs", inputs},
+      {"outputs", outputs}};
+}
+
+// export/onnx/: every component the model has, one at a time (each is loaded,
+// written and released before the next).
+absl::StatusOr<nlohmann::json> WriteOnnx(const std::string& input, const fs::path& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("export: cannot create ", dir.string()));
+  const fs::path in(input);
+  nlohmann::json models = nlohmann::json::object();
+  if (fs::exists(in / "unet" / "config.json")) {
+    ASSIGN_OR_RETURN(auto unet, LoadUNet((in / "unet").string()));
+    ASSIGN_OR_RETURN(models["unet"], WriteChecked(unet->ExportOnnx(), dir, input));
+  }
+  if (fs::exists(in / "vae" / "config.json")) {
+    ASSIGN_OR_RETURN(auto vae, LoadVAE((in / "vae").string()));
+    ASSIGN_OR_RETURN(models["vae_decoder"], WriteChecked(vae->ExportOnnxDecoder(), dir, input));
+    ASSIGN_OR_RETURN(models["vae_encoder"], WriteChecked(vae->ExportOnnxEncoder(), dir, input));
+  }
+  if (fs::exists(in / "text_encoder" / "config.json")) {
+    ASSIGN_OR_RETURN(auto te, LoadCLIPTextModel((in / "text_encoder").string()));
+    ASSIGN_OR_RETURN(models["text_encoder"], WriteChecked(te->ExportOnnx(), dir, input));
+  }
+  if (models.empty())
+    return absl::InvalidArgumentError(absl::StrCat(
+        "export: onnx exports unet, vae and text_encoder, but ", input, " has none of them"));
+  const onnx::WriteOptions defaults;
+  return nlohmann::json{{"dir", "onnx"},
+                        {"ir_version", defaults.ir_version},
+                        {"opset", defaults.opset},
+                        {"dtype", "float32"},
+                        {"models", models}};
+}
+
 }  // namespace
 
 absl::Status ExportStage::Run(StageContext& ctx) {
@@ -78,6 +138,9 @@ absl::Status ExportStage::Run(StageContext& ctx) {
     nlohmann::json report = {{"format", "sdcompress.export/1"}, {"source", in}};
     if (o.sharded) {
       ASSIGN_OR_RETURN(report["sharded"], WriteShards(in, o, fs::path(dir) / "sharded"));
+    }
+    if (o.onnx) {
+      ASSIGN_OR_RETURN(report["onnx"], WriteOnnx(in, fs::path(dir) / "onnx"));
     }
     RETURN_IF_ERROR(WriteFileAtomic((fs::path(dir) / "export.json").string(), report.dump(2)));
     ctx.event(StageEvent::kInfo, absl::StrCat("export: ", report.dump()));

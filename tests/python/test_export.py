@@ -68,9 +68,9 @@ def test_export_errors_name_the_problem(tiny_sd, tmp_path):
     job = write_stage_job(tmp_path, "bad", model_dir, "export", "  max_shard_mb: 0\n", seed=0)
     r = run_bin("sdctl", "submit", job, check=False)
     assert r.returncode != 0 and 'key "export.max_shard_mb" is 0, out of range' in r.stderr, r.stderr
-    job = write_stage_job(tmp_path, "off", model_dir, "export", "  sharded: false\n", seed=0)
+    job = write_stage_job(tmp_path, "off", model_dir, "export", "  sharded: false\n  onnx: false\n", seed=0)
     r = run_bin("sdctl", "submit", job, check=False)
-    assert r.returncode != 0 and "only export format built yet" in r.stderr, r.stderr
+    assert r.returncode != 0 and "nothing to export" in r.stderr, r.stderr
     # a folder without a UNet: refused by name, nothing published
     no_unet = tmp_path / "no_unet"
     no_unet.mkdir()

@@ -21,6 +21,7 @@
 #include "sd/io/safetensors.h"
 #include "sd/models/autoencoder_kl.h"
 #include "sd/models/unet_2d_condition.h"
+#include "sd/pipeline/cuda_graph.h"
 #include "sd/pipeline/stable_diffusion.h"
 #include "sd/quant/calibration.h"
 #include "sd/util/status_macros.h"
@@ -50,7 +51,8 @@ double Median(std::vector<double> v) {
 absl::Status Run(int argc, char** argv) {
   if (argc < 2)
     return absl::InvalidArgumentError(
-        "usage: bench_sd unet|unet-train|t2i|text-encoder|vae-decode --model DIR [flags]");
+        "usage: bench_sd unet|unet-train|unet-load|t2i|text-encoder|vae-decode --model DIR "
+        "[flags]");
   const std::string mode = argv[1];
   ASSIGN_OR_RETURN(sd::Args a, sd::Args::Parse(argc - 2, argv + 2,
                                                sdcli::Concat({"model",
@@ -75,7 +77,8 @@ absl::Status Run(int argc, char** argv) {
                                                               "int8-convolutions",
                                                               "layer-sqnr",
                                                               "io",
-                                                              "save-output"},
+                                                              "save-output",
+                                                              "copy"},
                                                              sdcli::InferenceValueFlags()),
                                                {}, sdcli::InferenceSwitches()));
   ASSIGN_OR_RETURN(sd::InferenceOptions inference, sdcli::ParseInferenceFlags(a));
@@ -113,8 +116,7 @@ absl::Status Run(int argc, char** argv) {
     // Training runs as the finetune stage does: plain layout, unfused projections.
     if (a.Get("channels-last", train ? "0" : "1") == "1") unet->set_channels_last(true);
     if (a.Get("fuse", train ? "0" : "1") == "1") unet->fuse_qkv_projections(true);
-    unet->set_token_merging(inference.tome);
-    unet->set_attention_slice(inference.attention_slice);
+    RETURN_IF_ERROR(sd::ApplyInferenceOptions(*unet, inference, 0, device));
     out["inference"] = sd::InferenceOptionsJson(inference);
     unet->train(train);
     ASSIGN_OR_RETURN(int64_t batch, a.Int("batch", 2));
@@ -184,8 +186,11 @@ absl::Status Run(int argc, char** argv) {
     auto target = torch::randn_like(sample);
     std::optional<torch::InferenceMode> guard;
     if (!train) guard.emplace();
+    // --cuda-graphs: the step as Generate runs it, captured once and replayed.
+    std::optional<sd::UNetGraph> graph;
+    if (inference.cuda_graphs && !train) graph.emplace(unet);
     auto step = [&] {
-      auto y = unet->forward(sample, t, ctx);
+      auto y = graph ? graph->Forward(sample, t, ctx) : unet->forward(sample, t, ctx);
       if (!train) return;
       torch::mse_loss(y, target).backward();
       for (auto& p : unet->parameters()) p.mutable_grad() = torch::Tensor();
@@ -202,6 +207,28 @@ absl::Status Run(int argc, char** argv) {
       step();
     }
     measure(step);
+    if (graph) {
+      out["cuda_graph_replayed"] = graph->replayed();
+      out["cuda_graph_captures"] = graph->captures();
+    }
+  } else if (mode == "unet-load") {
+    // What loading costs in memory: the peak over the RSS before, one load of the
+    // folder (one file or a sharded index), every weight touched after it.
+    ASSIGN_OR_RETURN(const int64_t copy, a.Int("copy", 1));
+    out["rss_before_mb"] = StatusMb("VmRSS:");
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSIGN_OR_RETURN(auto unet, sd::LoadUNet(a.Get("model"), /*copy_weights=*/copy == 1));
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    double sum = 0;
+    int64_t bytes = 0;
+    for (const auto& p : unet->parameters()) {
+      sum += p.sum().item<double>();
+      bytes += p.numel() * static_cast<int64_t>(p.element_size());
+    }
+    out["checksum"] = sum;
+    out["weight_mb"] = static_cast<double>(bytes) / (1 << 20);
+    out["rss_after_mb"] = StatusMb("VmRSS:");
+    out["copy"] = copy == 1;
   } else if (mode == "t2i") {
     ASSIGN_OR_RETURN(sd::StableDiffusion model,
                      sd::StableDiffusion::Load(a.Get("model"), device, dtype));
@@ -251,7 +278,7 @@ absl::Status Run(int argc, char** argv) {
     measure([&] { sd::DecodeLatents(*vae, z, inference); });
   } else {
     return absl::InvalidArgumentError(
-        "mode must be unet, unet-train, t2i, text-encoder or vae-decode");
+        "mode must be unet, unet-train, unet-load, t2i, text-encoder or vae-decode");
   }
   out["times_s"] = times;
   out["median_s"] = Median(times);

@@ -2,7 +2,7 @@
 count, alternating the two, and writes one JSON per metric to bench/results/.
 
     .venv/bin/python bench/run_bench.py [--device cpu|cuda] [--dtype fp32|fp16] [--threads N]
-                                        [--rounds 2] [--only unet,tiny,t2i,toy-train] [--steps 4]
+                                        [--rounds 2] [--only unet,tiny,t2i,toy-train,cuda-graphs] [--steps 4]
 """
 import argparse
 import datetime
@@ -180,6 +180,15 @@ def main():
         it = ["--iters", "20", "--warmup", "3", "--size", "16"]
         records += compare(f"unet_tiny_16x16_b2_{suffix}", [BENCH, "unet", "--model", tiny_dir, *common, *it],
                            [*py, "unet", tiny_dir, *common, *it], a.rounds)
+        flush()
+    if "cuda-graphs" in only:
+        # The UNet step captured once and replayed against the same step launched eagerly
+        # (ours both), SD1.5 and the tiny UNet, where launch overhead is most of the step.
+        # Off CUDA --cuda-graphs falls back to eager, so the ratio there is ~1 by design.
+        for label, model, it in (("sd15_64x64", unet_dir, ["--iters", str(a.iters), "--warmup", "1"]),
+                                 ("tiny_16x16", tiny_dir, ["--iters", "20", "--warmup", "3", "--size", "16"])):
+            cmd = [BENCH, "unet", "--model", model, *common, *it]
+            records += compare(f"cuda_graphs_unet_{label}_b2_{suffix}", [*cmd, "--cuda-graphs"], cmd, a.rounds)
         flush()
     if "toy-train" in only:
         # One training step (forward + backward) of the toy teacher's UNet at its batch size.

@@ -19,4 +19,4 @@ PYTHONPATH=/tmp/site:tests/python python3 -m sdtest.tiny_models /tmp/tiny-sd >/d
 .devcarry/bin/sdctl generate --model /tmp/tiny-sd --prompt "a red circle" --steps 10 --device cuda --dtype fp16 \
   --out "$OUT/tiny_cuda_fp16.png" 2>&1 | tail -1
 python3 bench/run_bench.py --device cuda --dtype fp16 --threads 16 --rounds 2 --iters 10 --steps "${STEPS:-50}" \
-  --only "${ONLY:-unet,tiny,t2i}" --out "$OUT/results"
+  --only "${ONLY:-unet,tiny,t2i,cuda-graphs}" --out "$OUT/results"

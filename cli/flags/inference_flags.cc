@@ -6,14 +6,15 @@
 namespace sdcli {
 
 const std::vector<std::string>& InferenceValueFlags() {
-  static const std::vector<std::string> flags = {"tome", "tome-max-downsample", "tome-sx",
-                                                 "tome-sy", "attention-slice"};
+  static const std::vector<std::string> flags = {"tome",    "tome-max-downsample", "tome-sx",
+                                                 "tome-sy", "attention-slice",     "sdpa"};
   return flags;
 }
 
 const std::vector<std::string>& InferenceSwitches() {
-  static const std::vector<std::string> flags = {"tome-no-rand", "tome-merge-crossattn",
-                                                 "tome-merge-mlp", "vae-slicing", "vae-tiling"};
+  static const std::vector<std::string> flags = {"tome-no-rand",   "tome-merge-crossattn",
+                                                 "tome-merge-mlp", "vae-slicing",
+                                                 "vae-tiling",     "cuda-graphs"};
   return flags;
 }
 
@@ -25,6 +26,8 @@ const char* InferenceFlagsUsage() {
          "  --tome-merge-crossattn     also merge around cross-attention\n"
          "  --tome-merge-mlp           also merge around the feed-forward\n"
          "  --attention-slice N|auto|max  UNet attention N (batch x head) slices at a time\n"
+         "  --sdpa auto|math|flash|efficient|cudnn  attention kernel (efficient, cudnn: CUDA)\n"
+         "  --cuda-graphs              capture the UNet step once and replay it (CUDA)\n"
          "  --vae-slicing              decode one image at a time\n"
          "  --vae-tiling               decode large images in overlapping tiles\n";
 }
@@ -60,6 +63,12 @@ absl::StatusOr<sd::InferenceOptions> ParseInferenceFlags(const sd::Args& args) {
       return absl::InvalidArgumentError(
           absl::StrCat("--attention-slice must be a count >= 0, auto or max, got ", slice));
   }
+  if (args.Has("sdpa")) {
+    auto b = sd::ParseSdpaBackend(args.Get("sdpa", ""));
+    if (!b.ok()) return absl::InvalidArgumentError(absl::StrCat("--sdpa: ", b.status().message()));
+    o.sdpa = *b;
+  }
+  o.cuda_graphs = args.Has("cuda-graphs");
   o.vae_slicing = args.Has("vae-slicing");
   o.vae_tiling = args.Has("vae-tiling");
   RETURN_IF_ERROR(sd::ValidateInferenceOptions(o));

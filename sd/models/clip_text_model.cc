@@ -73,7 +73,7 @@ torch::Tensor CLIPAttentionImpl::forward(const torch::Tensor& x, const torch::Te
                  .softmax(-1);
     out = torch::matmul(*probs, v);
   } else {
-    out = at::scaled_dot_product_attention(q, k, v, mask);
+    out = Sdpa(sdpa, q, k, v, mask);
   }
   return out_proj(out.transpose(1, 2).reshape({b, t, heads * d}));
 }

@@ -7,11 +7,10 @@
 
 #include "absl/status/statusor.h"
 #include "sd/io/json_config.h"
+#include "sd/models/layers.h"
 #include "sd/onnx/graph.h"
 
 namespace sd {
-
-class OnnxEmitter;  // sd/models/onnx_emitter.h
 
 struct CLIPTextConfig {
   int64_t vocab_size = 49408;
@@ -37,7 +36,7 @@ struct CLIPTextOutput {
   std::vector<torch::Tensor> attentions;
 };
 
-struct CLIPAttentionImpl : torch::nn::Module {
+struct CLIPAttentionImpl : torch::nn::Module, UsesSdpa {
   CLIPAttentionImpl(int64_t dim, int64_t heads);
   // `probs`, when given, receives the attention probabilities (computed
   // explicitly then; SDPA otherwise).

@@ -114,6 +114,70 @@ torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x, c10::IntArrayRef s
   return conv(h);
 }
 
+absl::StatusOr<SdpaBackend> ParseSdpaBackend(const std::string& name) {
+  for (auto b : {SdpaBackend::kAuto, SdpaBackend::kMath, SdpaBackend::kFlash,
+                 SdpaBackend::kEfficient, SdpaBackend::kCudnn}) {
+    if (name == SdpaBackendName(b)) return b;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "attention backend \"", name, "\" is not one of auto, math, flash, efficient, cudnn"));
+}
+
+const char* SdpaBackendName(SdpaBackend b) {
+  switch (b) {
+    case SdpaBackend::kAuto:
+      return "auto";
+    case SdpaBackend::kMath:
+      return "math";
+    case SdpaBackend::kFlash:
+      return "flash";
+    case SdpaBackend::kEfficient:
+      return "efficient";
+    case SdpaBackend::kCudnn:
+      return "cudnn";
+  }
+  return "?";
+}
+
+absl::Status CheckSdpaBackend(SdpaBackend b, const torch::Device& device) {
+  if ((b == SdpaBackend::kEfficient || b == SdpaBackend::kCudnn) && !device.is_cuda())
+    return absl::InvalidArgumentError(absl::StrCat("attention backend ", SdpaBackendName(b),
+                                                   " runs on CUDA only; this run is on ",
+                                                   device.str(), " (use auto, math or flash)"));
+  return absl::OkStatus();
+}
+
+torch::Tensor Sdpa(SdpaBackend backend, const torch::Tensor& q, const torch::Tensor& k,
+                   const torch::Tensor& v, const torch::Tensor& mask) {
+  if (backend != SdpaBackend::kAuto && q.dim() == 3) {
+    // The fused kernels take [B, heads, N, d] only (slicing hands [slices, N, d]).
+    return Sdpa(backend, q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask).squeeze(0);
+  }
+  const std::optional<torch::Tensor> m = mask.defined() ? std::optional(mask) : std::nullopt;
+  switch (backend) {
+    case SdpaBackend::kAuto:
+      break;
+    case SdpaBackend::kMath:
+      return std::get<0>(at::_scaled_dot_product_attention_math(q, k, v, m));
+    case SdpaBackend::kFlash:
+      if (!q.is_cuda())
+        return std::get<0>(at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, m));
+      TORCH_CHECK(!m, "the CUDA flash attention kernel takes no attention mask");
+      return std::get<0>(at::_scaled_dot_product_flash_attention(q, k, v));
+    case SdpaBackend::kEfficient:
+      return std::get<0>(at::_scaled_dot_product_efficient_attention(q, k, v, m, false));
+    case SdpaBackend::kCudnn:
+      return std::get<0>(at::_scaled_dot_product_cudnn_attention(q, k, v, m, false));
+  }
+  return at::scaled_dot_product_attention(q, k, v, m);
+}
+
+void SetSdpaBackend(torch::nn::Module& module, SdpaBackend backend) {
+  for (auto& m : module.modules()) {
+    if (auto* u = dynamic_cast<UsesSdpa*>(m.get())) u->sdpa = backend;
+  }
+}
+
 AttentionImpl::AttentionImpl(const AttentionOptions& o, std::shared_ptr<AttentionRecorder> rec,
                              std::string n)
     : opt(o), recorder(std::move(rec)), name(std::move(n)) {
@@ -207,11 +271,11 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     out = torch::matmul(probs.to(v.scalar_type()), v);
   } else {
     const bool upcast = opt.upcast && q.scalar_type() != torch::kFloat32;
-    const auto sdpa = [upcast](const torch::Tensor& qs, const torch::Tensor& ks,
-                               const torch::Tensor& vs) {
-      if (!upcast) return at::scaled_dot_product_attention(qs, ks, vs);
-      return at::scaled_dot_product_attention(qs.to(torch::kFloat32), ks.to(torch::kFloat32),
-                                              vs.to(torch::kFloat32))
+    const auto sdpa = [upcast, backend = this->sdpa](const torch::Tensor& qs,
+                                                     const torch::Tensor& ks,
+                                                     const torch::Tensor& vs) {
+      if (!upcast) return Sdpa(backend, qs, ks, vs);
+      return Sdpa(backend, qs.to(torch::kFloat32), ks.to(torch::kFloat32), vs.to(torch::kFloat32))
           .to(qs.scalar_type());
     };
     const int64_t slice = slice_size < 0 ? std::max<int64_t>(1, h / 2) : slice_size;

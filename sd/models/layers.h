@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "sd/models/token_merging.h"
 
 namespace sd {
@@ -107,6 +108,27 @@ struct Upsample2DImpl : torch::nn::Module {
 };
 TORCH_MODULE(Upsample2D);
 
+// Which of LibTorch's scaled-dot-product-attention kernels attention runs on.
+// kAuto is LibTorch's own choice per call; the others call that kernel directly,
+// so the choice is per model, not process-wide state (the server runs several
+// models). Flash on CPU is LibTorch's CPU flash kernel; on CUDA flash,
+// memory-efficient and cuDNN are the kernels xFormers' role is played by.
+enum class SdpaBackend { kAuto, kMath, kFlash, kEfficient, kCudnn };
+absl::StatusOr<SdpaBackend> ParseSdpaBackend(const std::string& name);
+const char* SdpaBackendName(SdpaBackend b);
+// Refuses a kernel the device does not have (efficient and cuDNN are CUDA-only).
+absl::Status CheckSdpaBackend(SdpaBackend b, const torch::Device& device);
+// softmax(q k^T / sqrt(d) + mask) v on `backend`; q, k, v [B, heads, N, d].
+torch::Tensor Sdpa(SdpaBackend backend, const torch::Tensor& q, const torch::Tensor& k,
+                   const torch::Tensor& v, const torch::Tensor& mask = {});
+// Mixed into every attention module, so one walk sets the backend of a UNet, a
+// VAE or a text encoder.
+struct UsesSdpa {
+  virtual ~UsesSdpa() = default;
+  SdpaBackend sdpa = SdpaBackend::kAuto;
+};
+void SetSdpaBackend(torch::nn::Module& module, SdpaBackend backend);
+
 struct AttentionOptions {
   int64_t query_dim = 0;
   int64_t cross_attention_dim = 0;  // 0: self-attention
@@ -120,7 +142,7 @@ struct AttentionOptions {
 };
 
 // diffusers.models.attention_processor.Attention (to_q/to_k/to_v/to_out.0).
-struct AttentionImpl : torch::nn::Module {
+struct AttentionImpl : torch::nn::Module, UsesSdpa {
   AttentionImpl(const AttentionOptions& o, std::shared_ptr<AttentionRecorder> recorder,
                 std::string name);
   // x: [B, N, C]; context: [B, M, Cc] or undefined for self-attention.

@@ -118,6 +118,10 @@ absl::Status ValidateInferenceOptions(const InferenceOptions& o) {
   if (o.attention_slice < 0 && o.attention_slice != kAttentionSliceAuto)
     return absl::InvalidArgumentError(absl::StrCat(
         "attention slice size must be >= 0 (0: off) or auto, got ", o.attention_slice));
+  if (o.tome && o.cuda_graphs)
+    return absl::InvalidArgumentError(
+        "CUDA graphs and token merging do not combine: merging draws its destinations on the "
+        "CPU each step, which a captured graph would replay frozen; drop one of them");
   if (!o.tome) return absl::OkStatus();
   const ToMeOptions& t = *o.tome;
   if (t.sx < 1 || t.sy < 1)
@@ -146,6 +150,8 @@ nlohmann::json InferenceOptionsJson(const InferenceOptions& o) {
                                               : nlohmann::json(o.attention_slice)},
                       {"vae_slicing", o.vae_slicing},
                       {"vae_tiling", o.vae_tiling},
+                      {"sdpa", SdpaBackendName(o.sdpa)},
+                      {"cuda_graphs", o.cuda_graphs},
                       {"tome", nullptr}};
   if (o.tome) {
     const ToMeOptions& t = *o.tome;
@@ -161,8 +167,25 @@ nlohmann::json InferenceOptionsJson(const InferenceOptions& o) {
   return j;
 }
 
+absl::Status ApplyInferenceOptions(UNet2DConditionModelImpl& unet, const InferenceOptions& o,
+                                   uint64_t seed, const torch::Device& device) {
+  RETURN_IF_ERROR(ValidateInferenceOptions(o));
+  RETURN_IF_ERROR(CheckSdpaBackend(o.sdpa, device));
+  if (o.tome) {
+    ToMeOptions tome = *o.tome;
+    tome.seed = seed;  // a new generator per call: same seed, same picture
+    unet.set_token_merging(tome);
+  } else {
+    unet.set_token_merging(std::nullopt);
+  }
+  unet.set_attention_slice(o.attention_slice);
+  SetSdpaBackend(unet, o.sdpa);
+  return absl::OkStatus();
+}
+
 torch::Tensor DecodeLatents(AutoencoderKLImpl& vae, const torch::Tensor& z,
                             const InferenceOptions& o) {
+  SetSdpaBackend(vae, o.sdpa);
   // diffusers' order: the batch one image at a time first, then tiles of each.
   const auto one = [&](const torch::Tensor& zi) {
     return o.vae_tiling ? vae.decode_tiled(zi) : vae.decode(zi);
@@ -202,16 +225,9 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
     }
   }
   ASSIGN_OR_RETURN(auto scheduler, MakeScheduler(o.scheduler, sd.scheduler_config));
-  RETURN_IF_ERROR(ValidateInferenceOptions(o.inference));
+  RETURN_IF_ERROR(ApplyInferenceOptions(*sd.unet, o.inference, o.seed, sd.device));
+  SetSdpaBackend(*sd.text_encoder, o.inference.sdpa);
   try {
-    if (o.inference.tome) {
-      ToMeOptions tome = *o.inference.tome;
-      tome.seed = o.seed;  // a new generator per call: same seed, same picture
-      sd.unet->set_token_merging(tome);
-    } else {
-      sd.unet->set_token_merging(std::nullopt);
-    }
-    sd.unet->set_attention_slice(o.inference.attention_slice);
     torch::InferenceMode guard;
     const bool cfg = o.guidance_scale > 1.0 && guidance_dim == 0;
     const int64_t n = static_cast<int64_t>(o.prompts.size()) * o.images_per_prompt;
@@ -248,11 +264,17 @@ absl::StatusOr<torch::Tensor> Generate(StableDiffusion& sd, const GenerateOption
       guidance_cond = GuidanceScaleEmbedding(torch::full({n}, o.guidance_scale - 1.0), guidance_dim)
                           .to(sd.device, sd.dtype);
     const auto& ts = scheduler->timesteps();
+    UNetGraph* graph = nullptr;
+    if (o.inference.cuda_graphs && sd.device.is_cuda()) {
+      if (!sd.unet_graph) sd.unet_graph = std::make_shared<UNetGraph>(sd.unet);
+      graph = sd.unet_graph.get();
+    }
     for (size_t i = 0; i < ts.size(); ++i) {
       auto input = cfg ? torch::cat({latents, latents}, 0) : latents;
       input = scheduler->ScaleModelInput(input, i);
       auto t = torch::tensor(static_cast<float>(ts[i]), torch::TensorOptions().device(sd.device));
-      auto eps = sd.unet->forward(input, t, context, guidance_cond);
+      auto eps = graph ? graph->Forward(input, t, context, guidance_cond)
+                       : sd.unet->forward(input, t, context, guidance_cond);
       if (cfg) {
         auto parts = eps.chunk(2, 0);
         eps = parts[0] + o.guidance_scale * (parts[1] - parts[0]);

@@ -14,6 +14,7 @@
 #include "sd/models/clip_text_model.h"
 #include "sd/models/token_merging.h"
 #include "sd/models/unet_2d_condition.h"
+#include "sd/pipeline/cuda_graph.h"
 #include "sd/tokenizer/clip_tokenizer.h"
 
 namespace sd {
@@ -26,6 +27,9 @@ struct StableDiffusion {
   JsonConfig scheduler_config;
   torch::Device device = torch::kCPU;
   torch::Dtype dtype = torch::kFloat32;
+  // The captured denoising step when --cuda-graphs is on (kept across Generate
+  // calls, so a server's next batch of the same shape replays without capturing).
+  std::shared_ptr<UNetGraph> unet_graph;
 
   struct LoadOptions {
     torch::Device device = torch::kCPU;
@@ -66,12 +70,22 @@ struct InferenceOptions {
   int64_t attention_slice = 0;
   bool vae_slicing = false;  // decode one image at a time
   bool vae_tiling = false;   // decode large latents in overlapping tiles
+  // The attention kernel of the text encoder, UNet and VAE (see SdpaBackend).
+  SdpaBackend sdpa = SdpaBackend::kAuto;
+  // Capture the UNet step in a CUDA graph and replay it (see UNetGraph); on other
+  // devices the step runs eagerly.
+  bool cuda_graphs = false;
 };
 
 // Names the bad option (ratio range, strides, slice size).
 absl::Status ValidateInferenceOptions(const InferenceOptions& o);
 // For reports: what an evaluation or benchmark ran with.
 nlohmann::json InferenceOptionsJson(const InferenceOptions& o);
+
+// Puts `o` on a UNet: token merging (its destination generator from `seed`),
+// attention slicing and the attention backend, which must exist on `device`.
+absl::Status ApplyInferenceOptions(UNet2DConditionModelImpl& unet, const InferenceOptions& o,
+                                   uint64_t seed, const torch::Device& device);
 
 // Unscaled latents -> images in about [-1, 1], with the VAE slicing and tiling asked for.
 torch::Tensor DecodeLatents(AutoencoderKLImpl& vae, const torch::Tensor& z,

@@ -92,6 +92,44 @@ def test_attention_slicing_matches_diffusers(tiny_sd, tmp_path, slice_flag):
     assert (out["sample"] - ref).abs().max().item() < ATOL
 
 
+@pytest.mark.parametrize("backend", ["auto", "math", "flash"])
+def test_attention_backends_match_diffusers(tiny_sd, tmp_path, backend):
+    """Each CPU kernel LibTorch has, called directly, gives diffusers' UNet output; a sliced
+    attention on it too."""
+    model_dir, pipe = tiny_sd
+    inputs = unet_inputs(2, 16, 16, seed=6)
+    with torch.no_grad():
+        ref = pipe.unet(inputs["sample"], inputs["timestep"],
+                        encoder_hidden_states=inputs["encoder_hidden_states"]).sample
+    for extra in ([], ["--attention-slice", "1"]):
+        out = probe("unet", os.path.join(model_dir, "unet"), inputs, tmp_path, "--sdpa", backend, *extra)
+        assert (out["sample"] - ref).abs().max().item() < ATOL, extra
+
+
+def test_generate_with_each_cpu_attention_backend_is_the_same_picture(tiny_sd, tmp_path):
+    model_dir, _ = tiny_sd
+    common = ["--prompt", "a green square", "--steps", 3, "--seed", 3]
+    pics = {b: sdctl_png(model_dir, tmp_path, b, *common, "--sdpa", b) for b in ("auto", "math", "flash")}
+    assert np.abs(pics["math"] - pics["auto"]).max() <= 1
+    assert np.abs(pics["flash"] - pics["auto"]).max() <= 1
+
+
+def test_cuda_graphs_fall_back_to_eager_off_cuda(tiny_sd, tmp_path):
+    """--cuda-graphs is accepted everywhere; on the CPU the step runs eagerly (same picture)
+    and the benchmark says no graph was replayed."""
+    model_dir, _ = tiny_sd
+    common = ["--prompt", "a blue circle", "--steps", 2, "--seed", 5]
+    eager = sdctl_png(model_dir, tmp_path, "eager", *common)
+    graphs = sdctl_png(model_dir, tmp_path, "graphs", *common, "--cuda-graphs")
+    assert np.array_equal(eager, graphs)
+    import json
+
+    r = run_bin("bench_sd", "unet", "--model", os.path.join(model_dir, "unet"), "--size", 16, "--iters", 1,
+                "--cuda-graphs")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["inference"]["cuda_graphs"] is True and out["cuda_graph_replayed"] is False
+
+
 def test_vae_tiling_matches_diffusers(tiny_sd, tmp_path):
     """The tiny VAE's sample_size is 32, so its tiles are 16x16 latents / 32x32 pixels: 40x24
     latents make a 3x2 grid of overlapping tiles with a partial last row and column."""
@@ -158,6 +196,10 @@ def test_generate_with_tome_and_vae_tiling_matches_diffusers_with_tomesd(tiny_sd
     (["--tome", 0.5, "--tome-sy", 0], "strides must be >= 1, got sx=2 sy=0"),
     (["--attention-slice", "-2"], "--attention-slice must be a count >= 0, auto or max, got -2"),
     (["--attention-slice", "half"], "attention-slice"),
+    (["--sdpa", "xformers"], '--sdpa: attention backend "xformers" is not one of auto, math, flash, efficient, cudnn'),
+    (["--sdpa", "efficient"], "attention backend efficient runs on CUDA only; this run is on cpu"),
+    (["--sdpa", "cudnn"], "attention backend cudnn runs on CUDA only"),
+    (["--cuda-graphs", "--tome", 0.5], "CUDA graphs and token merging do not combine"),
 ])
 def test_bad_inference_flags_are_named(tiny_sd, tmp_path, flags, message):
     model_dir, _ = tiny_sd

@@ -96,8 +96,7 @@ absl::Status UNet(const sd::Args& a) {
     unet->fuse_qkv_projections(true);
   }
   ASSIGN_OR_RETURN(sd::InferenceOptions inference, sdcli::ParseInferenceFlags(a));
-  unet->set_token_merging(inference.tome);
-  unet->set_attention_slice(inference.attention_slice);
+  RETURN_IF_ERROR(sd::ApplyInferenceOptions(*unet, inference, 0, torch::kCPU));
   // "guidance" [B] (w as diffusers' pipelines pass it, guidance_scale - 1): the
   // UNet gets GuidanceScaleEmbedding(w) as its timestep_cond.
   torch::Tensor cond;

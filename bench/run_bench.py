@@ -189,6 +189,10 @@ def main():
                                  ("tiny_16x16", tiny_dir, ["--iters", "20", "--warmup", "3", "--size", "16"])):
             cmd = [BENCH, "unet", "--model", model, *common, *it]
             records += compare(f"cuda_graphs_unet_{label}_b2_{suffix}", [*cmd, "--cuda-graphs"], cmd, a.rounds)
+        # the whole 512x512 text-to-image, --steps of them (the 50 on the GPU)
+        cmd = [BENCH, "t2i", "--model", pipe_dir, *common, "--iters", "1", "--warmup", "1", "--steps", str(a.steps)]
+        records += compare(f"cuda_graphs_t2i_sd15_512x512_ddim{a.steps}_cfg_{suffix}", [*cmd, "--cuda-graphs"], cmd,
+                           a.rounds)
         flush()
     if "toy-train" in only:
         # One training step (forward + backward) of the toy teacher's UNet at its batch size.

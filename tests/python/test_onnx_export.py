@@ -132,6 +132,41 @@ def test_onnx_file_is_what_the_checker_and_the_runtime_see(tiny_sd, tmp_path):
         ort.InferenceSession(str(bad / "unet.onnx"), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("variant", ["guidance_embedded", "linear_projection_centered"])
+def test_unet_variants_run_in_onnxruntime_as_in_diffusers(tmp_path, variant):
+    """A CFG-distilled UNet (time_cond_proj_dim: timestep_cond is an input) and one with
+    linear proj_in/proj_out, a centered input and a mid-block scale, exported alone."""
+    from sdtest.tiny_models import make_unet
+
+    overrides = (dict(time_cond_proj_dim=16) if variant == "guidance_embedded" else
+                 dict(use_linear_projection=True, center_input_sample=True, mid_block_scale_factor=1.5,
+                      flip_sin_to_cos=False, freq_shift=1))
+    unet = make_unet(3, **overrides)
+    model = tmp_path / "m"
+    unet.save_pretrained(str(model / "unet"))
+    (model / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    out, d = export_onnx(tmp_path, str(model))
+    assert sorted(json.load(open(os.path.join(out, "export.json")))["onnx"]["models"]) == ["unet"]
+    g = torch.Generator().manual_seed(0)
+    sample, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([600.0, 20.0])
+    feed = dict(sample=sample, timestep=t, encoder_hidden_states=ctx)
+    kwargs = {}
+    if variant == "guidance_embedded":
+        from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
+            LatentConsistencyModelPipeline)
+
+        w = torch.tensor([6.5, 2.0])
+        cond = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=16)
+        feed["timestep_cond"] = kwargs["timestep_cond"] = cond
+    with torch.no_grad():
+        ref = unet(sample, t, encoder_hidden_states=ctx, **kwargs).sample
+    sess = session(os.path.join(d, "unet.onnx"))
+    assert [i.name for i in sess.get_inputs()] == list(feed)
+    assert max_err(run(sess, **feed)["out_sample"], ref) < TOL
+
+
 def test_export_refuses_a_model_without_components(tiny_sd, tmp_path):
     from test_finetune_stage import run_stage
 

@@ -191,8 +191,10 @@ def test_job_on_two_workers_with_metrics_scraped_by_prometheus(cluster, tiny_sd,
             for t in (text, worker_text):
                 check = subprocess.run(["promtool", "check", "metrics"], input=t, capture_output=True, text=True)
                 assert check.returncode == 0, check.stdout + check.stderr
-            assert query(f'sd_stage_step{{job_id="{job}"}} > 0') > 0  # from the coordinator
-            assert query(f'sd_worker_step{{job_id="{job}",worker="w1"}} > 0') > 0  # from the worker
+            # Over a range, not the instant value: a series goes stale once its stage ends, and
+            # the tiny job may end between the two queries.
+            assert query(f'max_over_time(sd_stage_step{{job_id="{job}"}}[10m]) > 0') > 0  # from the coordinator
+            assert query(f'max_over_time(sd_worker_step{{job_id="{job}",worker="w1"}}[10m]) > 0') > 0  # the worker
         out = cluster.wait_state(job, {"SUCCEEDED", "FAILED"})
         assert "SUCCEEDED" in out and "step 150/150" in out and "workers 2" in out
     finally:

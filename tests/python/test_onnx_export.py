@@ -184,14 +184,21 @@ def test_export_refuses_a_model_without_components(tiny_sd, tmp_path):
 def test_full_sd15_runs_in_onnxruntime_as_in_diffusers(tiny_sd, tmp_path):
     from sdtest.tiny_models import write_sd15_random
 
+    import shutil
+
     src = str(tmp_path / "sd15")
-    write_sd15_random(src, tiny_sd[0])
-    out, d = export_onnx(tmp_path, src, "sd15")
-    report = json.load(open(os.path.join(out, "export.json")))["onnx"]["models"]
-    assert report["unet"]["data_bytes"] > 3.4e9 > 2 ** 31 > report["unet"]["model_bytes"]
-    errs, scale = check_unet(d, src, 2, (16, 16), 77, 0)
-    assert max(errs) < TOL, (errs, scale)
-    dec, enc = check_vae(d, src, (8, 8), 0)
-    assert dec < TOL and enc < TOL, (dec, enc)
-    last, pooled = check_text_encoder(d, src, 77, 0)
-    assert last < TOL and pooled < TOL, (last, pooled)
+    out = str(tmp_path / "sd15_out")
+    try:
+        write_sd15_random(src, tiny_sd[0])
+        out, d = export_onnx(tmp_path, src, "sd15")
+        report = json.load(open(os.path.join(out, "export.json")))["onnx"]["models"]
+        assert report["unet"]["data_bytes"] > 3.4e9 > 2 ** 31 > report["unet"]["model_bytes"]
+        errs, scale = check_unet(d, src, 2, (16, 16), 77, 0)
+        assert max(errs) < TOL, (errs, scale)
+        dec, enc = check_vae(d, src, (8, 8), 0)
+        assert dec < TOL and enc < TOL, (dec, enc)
+        last, pooled = check_text_encoder(d, src, 77, 0)
+        assert last < TOL and pooled < TOL, (last, pooled)
+    finally:  # ~9 GB of model and export: pytest keeps its last three runs' folders
+        for p in (src, out, str(tmp_path / "sd15_ckpt")):
+            shutil.rmtree(p, ignore_errors=True)

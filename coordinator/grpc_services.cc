@@ -8,12 +8,6 @@
 
 namespace sd::coord {
 
-grpc::Status ToGrpc(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())),
-                      std::string(s.message()));
-}
-
 namespace {
 // Events are stored as "<unix time> <text>"; a worker's lines read "<id>: ...".
 double EventTime(const std::string& event) { return std::strtod(event.c_str(), nullptr); }

@@ -2,6 +2,7 @@
 // gRPC adapters: one class per service, all policy in CoordinatorCore.
 #include <functional>
 
+#include "common/grpc_status.h"
 #include "coordinator/coordinator_core.h"
 #include "sd/v1/jobs.grpc.pb.h"
 #include "sd/v1/workers.grpc.pb.h"
@@ -57,8 +58,7 @@ class WorkerServiceImpl final : public sd::v1::WorkerService::Service {
   double lease_s_;
 };
 
-// absl::Status -> grpc::Status with the same code and message.
-grpc::Status ToGrpc(const absl::Status& s);
+using sd::ToGrpc;
 void ToProto(const JobRecord& j, sd::v1::Job* out);
 
 }  // namespace sd::coord

@@ -8,7 +8,7 @@ cd "$ROOT"
 APT_PACKAGES=(build-essential cmake ninja-build ccache pkg-config python3-venv
   libabsl-dev nlohmann-json3-dev libpng-dev libjpeg-dev zlib1g-dev libicu-dev libgtest-dev libgmock-dev
   libyaml-cpp-dev libsqlite3-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  libgloo-dev libcpp-httplib-dev prometheus libonnx-dev)
+  libgloo-dev libcpp-httplib-dev prometheus libonnx-dev chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

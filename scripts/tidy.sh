@@ -14,5 +14,5 @@ for c in cmds:
     c["command"] = re.sub(r"-include \S+cmake_pch\.hxx|-Winvalid-pch", "", c["command"])
 json.dump([c for c in cmds if "/proto/gen/" not in c["file"]], open(f"{b}/tidy/compile_commands.json", "w"))
 PY
-files=$(git ls-files '*.cc' | grep -E '^(sd|stages|cli|common|coordinator|worker|bench|tests/cpp|tests/tools)/')
+files=$(git ls-files '*.cc' | grep -E '^(sd|stages|cli|common|coordinator|worker|serve|bench|tests/cpp|tests/tools)/')
 clang-tidy -p "$BUILD/tidy" --quiet "$@" $files 2>&1 | grep -E "^/.*(warning|error):" | grep -v "/usr/\|torch/include" || true

@@ -75,6 +75,32 @@ absl::StatusOr<sd::InferenceOptions> ParseInferenceFlags(const sd::Args& args) {
   return o;
 }
 
+const char* ModelLoadFlagsUsage() {
+  return "  --device cpu|cuda[:N]      where to run (cpu)\n"
+         "  --dtype fp32|fp16|bf16     weights and activations (fp32; fp16 needs CUDA)\n"
+         "  --unet float|int8          int8: the model's unet_int8.safetensors (CPU)\n";
+}
+
+absl::StatusOr<sd::StableDiffusion::LoadOptions> ParseModelLoadFlags(const sd::Args& args) {
+  sd::StableDiffusion::LoadOptions load;
+  ASSIGN_OR_RETURN(load.dtype, sd::ParseDtypeName(args.Get("dtype", "fp32")));
+  const std::string dev = args.Get("device", "cpu");
+  if (dev != "cpu" && dev.rfind("cuda", 0) != 0)
+    return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got ", dev));
+  if (dev != "cpu" && !torch::cuda::is_available())
+    return absl::FailedPreconditionError(
+        "--device cuda asked for, but no CUDA device is available");
+  if (dev == "cpu" && load.dtype == torch::kFloat16)
+    return absl::InvalidArgumentError("--dtype fp16 needs --device cuda (use fp32 or bf16 on CPU)");
+  load.device = torch::Device(dev);
+  const std::string unet = args.Get("unet", "float");
+  if (unet != "float" && unet != "int8")
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--unet must be float or int8 (the model's unet_int8.safetensors), got ", unet));
+  load.unet_int8 = unet == "int8";
+  return load;
+}
+
 std::vector<std::string> Concat(std::vector<std::string> a, const std::vector<std::string>& b) {
   a.insert(a.end(), b.begin(), b.end());
   return a;

@@ -18,6 +18,11 @@ const char* InferenceFlagsUsage();
 
 absl::StatusOr<sd::InferenceOptions> ParseInferenceFlags(const sd::Args& args);
 
+// --device cpu|cuda[:N], --dtype fp32|fp16|bf16 and --unet float|int8: how a front
+// end loads the model (each command lists the ones it takes).
+const char* ModelLoadFlagsUsage();
+absl::StatusOr<sd::StableDiffusion::LoadOptions> ParseModelLoadFlags(const sd::Args& args);
+
 // a + b, for building the Parse lists.
 std::vector<std::string> Concat(std::vector<std::string> a, const std::vector<std::string>& b);
 

@@ -87,11 +87,8 @@ absl::Status Eval(int argc, char** argv) {
   RETURN_IF_ERROR(SetThreads(args));
   sd::eval::EvalOptions o;
   o.model = args.Get("model");
-  const std::string unet = args.Get("unet", "float");
-  if (unet != "float" && unet != "int8")
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--unet must be float or int8 (the model's unet_int8.safetensors), got ", unet));
-  o.model_unet_int8 = unet == "int8";
+  ASSIGN_OR_RETURN(sd::StableDiffusion::LoadOptions load, sdcli::ParseModelLoadFlags(args));
+  o.model_unet_int8 = load.unet_int8;
   // The candidate runs with these; the reference as it is, so the report measures them.
   ASSIGN_OR_RETURN(o.inference, sdcli::ParseInferenceFlags(args));
   o.reference = args.Get("reference");

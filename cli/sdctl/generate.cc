@@ -65,16 +65,7 @@ absl::Status Run(int argc, char** argv) {
   if (total == 1 && !args.Has("out") && !args.Has("out-dir"))
     return absl::InvalidArgumentError("--out FILE.png is required");
 
-  ASSIGN_OR_RETURN(torch::Dtype dtype, sd::ParseDtypeName(args.Get("dtype", "fp32")));
-  const std::string dev = args.Get("device", "cpu");
-  if (dev != "cpu" && dev.rfind("cuda", 0) != 0)
-    return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got ", dev));
-  if (dev != "cpu" && !torch::cuda::is_available())
-    return absl::FailedPreconditionError(
-        "--device cuda asked for, but no CUDA device is available");
-  if (dev == "cpu" && dtype == torch::kFloat16)
-    return absl::InvalidArgumentError("--dtype fp16 needs --device cuda (use fp32 or bf16 on CPU)");
-
+  ASSIGN_OR_RETURN(sd::StableDiffusion::LoadOptions load, sdcli::ParseModelLoadFlags(args));
   if (args.Has("latents")) {
     ASSIGN_OR_RETURN(sd::safetensors::File f, sd::safetensors::File::Open(args.Get("latents")));
     if (f.tensors().size() != 1)
@@ -83,14 +74,6 @@ absl::Status Run(int argc, char** argv) {
     ASSIGN_OR_RETURN(o.latents, f.Get(f.tensors()[0].name, torch::kFloat32));
   }
 
-  const std::string unet = args.Get("unet", "float");
-  if (unet != "float" && unet != "int8")
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--unet must be float or int8 (the model's unet_int8.safetensors), got ", unet));
-  sd::StableDiffusion::LoadOptions load;
-  load.device = torch::Device(dev);
-  load.dtype = dtype;
-  load.unet_int8 = unet == "int8";
   auto t0 = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(sd::StableDiffusion model, sd::StableDiffusion::Load(args.Get("model"), load));
   auto t1 = std::chrono::steady_clock::now();

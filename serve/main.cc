@@ -50,7 +50,7 @@ absl::Status Run(int argc, char** argv) {
                          "max-queue", "request-timeout", "steps", "max-steps", "seed", "threads",
                          "device", "dtype", "unet"},
                         sdcli::InferenceValueFlags()),
-          {}, sdcli::InferenceSwitches()));
+          {"lora"}, sdcli::InferenceSwitches()));
   if (!a.Has("model"))
     return absl::InvalidArgumentError(absl::StrCat("--model DIR is required\n", kUsage,
                                                    sdcli::ModelLoadFlagsUsage(),
@@ -94,6 +94,7 @@ absl::Status Run(int argc, char** argv) {
   std::cerr << "sdserve: loaded " << dir << " in "
             << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
             << " s\n";
+  for (const std::string& n : model.notes) std::cerr << "sdserve: " << n << "\n";
   sd::metrics::Registry registry;
   ASSIGN_OR_RETURN(auto engine, sd::serve::Engine::Start(std::move(model), o, &registry));
   ASSIGN_OR_RETURN(auto http, sd::serve::HttpApi::Start(engine.get(), &registry, host,

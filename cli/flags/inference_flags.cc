@@ -78,7 +78,8 @@ absl::StatusOr<sd::InferenceOptions> ParseInferenceFlags(const sd::Args& args) {
 const char* ModelLoadFlagsUsage() {
   return "  --device cpu|cuda[:N]      where to run (cpu)\n"
          "  --dtype fp32|fp16|bf16     weights and activations (fp32; fp16 needs CUDA)\n"
-         "  --unet float|int8          int8: the model's unet_int8.safetensors (CPU)\n";
+         "  --unet float|int8          int8: the model's unet_int8.safetensors (CPU)\n"
+         "  --lora FILE[:SCALE]        fuse a LoRA (kohya or diffusers/PEFT), repeatable\n";
 }
 
 absl::StatusOr<sd::StableDiffusion::LoadOptions> ParseModelLoadFlags(const sd::Args& args) {
@@ -98,6 +99,10 @@ absl::StatusOr<sd::StableDiffusion::LoadOptions> ParseModelLoadFlags(const sd::A
     return absl::InvalidArgumentError(absl::StrCat(
         "--unet must be float or int8 (the model's unet_int8.safetensors), got ", unet));
   load.unet_int8 = unet == "int8";
+  for (const std::string& l : args.All("lora")) {
+    ASSIGN_OR_RETURN(sd::LoraSpec spec, sd::ParseLoraSpec(l));
+    load.loras.push_back(std::move(spec));
+  }
   return load;
 }
 

@@ -18,8 +18,9 @@ const char* InferenceFlagsUsage();
 
 absl::StatusOr<sd::InferenceOptions> ParseInferenceFlags(const sd::Args& args);
 
-// --device cpu|cuda[:N], --dtype fp32|fp16|bf16 and --unet float|int8: how a front
-// end loads the model (each command lists the ones it takes).
+// --device cpu|cuda[:N], --dtype fp32|fp16|bf16, --unet float|int8 and --lora
+// FILE[:SCALE] (repeatable): how a front end loads the model (each command lists
+// the ones it takes).
 const char* ModelLoadFlagsUsage();
 absl::StatusOr<sd::StableDiffusion::LoadOptions> ParseModelLoadFlags(const sd::Args& args);
 

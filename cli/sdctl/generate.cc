@@ -29,7 +29,7 @@ absl::Status Run(int argc, char** argv) {
                                             "width", "images-per-prompt", "device", "dtype",
                                             "latents", "threads", "unet"},
                                            sdcli::InferenceValueFlags()),
-                             {"prompt"}, sdcli::InferenceSwitches()));
+                             {"prompt", "lora"}, sdcli::InferenceSwitches()));
   if (!args.Has("model")) return absl::InvalidArgumentError("--model DIR is required");
   sd::GenerateOptions o;
   o.prompts = args.All("prompt");
@@ -79,6 +79,7 @@ absl::Status Run(int argc, char** argv) {
   auto t1 = std::chrono::steady_clock::now();
   std::fprintf(stderr, "loaded %s in %.1fs\n", args.Get("model").c_str(),
                std::chrono::duration<double>(t1 - t0).count());
+  for (const std::string& n : model.notes) std::fprintf(stderr, "%s\n", n.c_str());
   const bool tty = ::isatty(STDERR_FILENO) != 0;
   o.on_step = [t1, tty](int64_t step, int64_t steps) {
     // A live line on a terminal; in logs, a line per 10% so they stay readable.

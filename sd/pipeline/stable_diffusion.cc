@@ -21,6 +21,64 @@ absl::StatusOr<torch::Dtype> ParseDtypeName(const std::string& name) {
       absl::StrCat("unknown dtype \"", name, "\" (fp32, fp16 or bf16)"));
 }
 
+namespace {
+
+absl::Status ApplyLoras(const std::string& dir, const StableDiffusion::LoadOptions& options,
+                        StableDiffusion& sd) {
+  if (options.unet_int8)
+    return absl::InvalidArgumentError(
+        "LoRAs apply to float weights: use --unet float (the INT8 UNet's weights are quantized)");
+  ModuleTable table;
+  if (sd.unet) AddModules("unet", *sd.unet, &table);
+  if (sd.text_encoder) AddModules("text_encoder", *sd.text_encoder, &table);
+  const std::filesystem::path map_path = std::filesystem::path(dir) / "pruning_map.json";
+  nlohmann::json pruning_map;
+  if (std::filesystem::exists(map_path)) {
+    ASSIGN_OR_RETURN(JsonConfig m, JsonConfig::Load(map_path.string()));
+    pruning_map = m.json();
+  }
+  for (const LoraSpec& spec : options.loras) {
+    ASSIGN_OR_RETURN(LoraFile lora, ReadLora(spec.path, table));
+    if (!pruning_map.is_null()) RETURN_IF_ERROR(RemapToPruned(lora, pruning_map));
+    const LoraFit fit = CheckLora(lora, table);
+    if (!fit.mismatched.empty())
+      return absl::InvalidArgumentError(
+          absl::StrCat(spec.path, ": ", fit.mismatched[0].first, ": ", fit.mismatched[0].second));
+    if (fit.fit.empty())
+      return absl::InvalidArgumentError(absl::StrCat(
+          spec.path, ": none of its ", lora.updates.size() + lora.unmappable.size(),
+          " updates maps onto this model",
+          lora.unmappable.empty() ? std::string()
+                                  : absl::StrCat(" (first: ", lora.unmappable[0].first, ", ",
+                                                 lora.unmappable[0].second, ")")));
+    try {
+      if (sd.unet) RETURN_IF_ERROR(ApplyLora(lora, fit, "unet", *sd.unet, spec.scale));
+      if (sd.text_encoder)
+        RETURN_IF_ERROR(ApplyLora(lora, fit, "text_encoder", *sd.text_encoder, spec.scale));
+    } catch (const c10::Error& e) {
+      return absl::InternalError(
+          absl::StrCat(spec.path, ": applying it failed: ", e.what_without_backtrace()));
+    }
+    std::string note = absl::StrCat("lora ", spec.path, " (", lora.format, ", scale ", spec.scale,
+                                    "): ", fit.fit.size(), " updates applied");
+    if (!pruning_map.is_null()) {
+      int64_t remapped = 0;
+      for (const auto& u : lora.updates) remapped += u.remapped ? 1 : 0;
+      absl::StrAppend(&note, ", ", remapped, " of them cut to the pruned widths");
+    }
+    if (!fit.missing.empty())
+      absl::StrAppend(&note, "; ", fit.missing.size(), " name modules this model lacks (first ",
+                      fit.missing[0].second, ")");
+    if (!lora.unmappable.empty())
+      absl::StrAppend(&note, "; ", lora.unmappable.size(), " keys unread (first ",
+                      lora.unmappable[0].first, ": ", lora.unmappable[0].second, ")");
+    sd.notes.push_back(std::move(note));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir,
                                                       const LoadOptions& options) {
   const torch::Device device = options.device;
@@ -83,6 +141,7 @@ absl::StatusOr<StableDiffusion> StableDiffusion::Load(const std::string& dir,
         dir, ": unet cross_attention_dim ", sd.unet->config().cross_attention_dim,
         " does not match text_encoder hidden_size ", sd.text_encoder->config().hidden_size));
   }
+  if (!options.loras.empty()) RETURN_IF_ERROR(ApplyLoras(dir, options, sd));
   sd.device = device;
   sd.dtype = dtype;
   try {

@@ -12,6 +12,7 @@
 #include "sd/io/json_config.h"
 #include "sd/models/autoencoder_kl.h"
 #include "sd/models/clip_text_model.h"
+#include "sd/models/lora.h"
 #include "sd/models/token_merging.h"
 #include "sd/models/unet_2d_condition.h"
 #include "sd/pipeline/cuda_graph.h"
@@ -30,6 +31,9 @@ struct StableDiffusion {
   // The captured denoising step when --cuda-graphs is on (kept across Generate
   // calls, so a server's next batch of the same shape replays without capturing).
   std::shared_ptr<UNetGraph> unet_graph;
+  // What loading did that a user should hear about (LoRA updates applied and
+  // those with no module here).
+  std::vector<std::string> notes;
 
   struct LoadOptions {
     torch::Device device = torch::kCPU;
@@ -43,6 +47,11 @@ struct StableDiffusion {
     // The UNet from <dir>/unet_int8.safetensors (the quantize stage's INT8 UNet,
     // CPU only) instead of unet/.
     bool unet_int8 = false;
+    // LoRAs fused into the UNet and text encoder weights (W += scale * alpha/r *
+    // up @ down, as diffusers' fuse_lora), before the inference layout fuses the
+    // projections. On a pruned folder each is first cut to the kept channels
+    // with its pruning_map.json.
+    std::vector<LoraSpec> loras;
   };
   // Loads a diffusers folder (model_index.json, tokenizer/, text_encoder/, unet/,
   // vae/, scheduler/): the one loading path of sampling, evaluation and training.

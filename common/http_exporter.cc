@@ -6,17 +6,21 @@
 
 namespace sd::metrics {
 
+void AddMetricsRoutes(httplib::Server& server, Registry* registry) {
+  server.Get("/metrics", [registry](const httplib::Request&, httplib::Response& res) {
+    res.set_content(registry->Render(), "text/plain; version=0.0.4; charset=utf-8");
+  });
+  server.Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("ok\n", "text/plain");
+  });
+}
+
 absl::StatusOr<std::unique_ptr<HttpExporter>> HttpExporter::Start(Registry* registry,
                                                                   const std::string& host,
                                                                   int port) {
   std::unique_ptr<HttpExporter> e(new HttpExporter());
   e->server_ = std::make_unique<httplib::Server>();
-  e->server_->Get("/metrics", [registry](const httplib::Request&, httplib::Response& res) {
-    res.set_content(registry->Render(), "text/plain; version=0.0.4; charset=utf-8");
-  });
-  e->server_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
-    res.set_content("ok\n", "text/plain");
-  });
+  AddMetricsRoutes(*e->server_, registry);
   if (port == 0) {
     e->port_ = e->server_->bind_to_any_port(host.c_str());
   } else {

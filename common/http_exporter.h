@@ -13,6 +13,10 @@ class Server;
 
 namespace sd::metrics {
 
+// GET /metrics (the registry, text format 0.0.4) and GET /healthz on `server`:
+// the routes every daemon's HTTP server has.
+void AddMetricsRoutes(httplib::Server& server, Registry* registry);
+
 class HttpExporter {
  public:
   // port 0 picks a free port; port() tells which.

@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/http_exporter.h"
 
 namespace sd::serve {
 namespace {
@@ -303,12 +304,7 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(ImageService* service,
   s.Get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(kWebPage, "text/html; charset=utf-8");
   });
-  s.Get("/metrics", [registry](const httplib::Request&, httplib::Response& res) {
-    res.set_content(registry->Render(), "text/plain; version=0.0.4; charset=utf-8");
-  });
-  s.Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
-    res.set_content("ok\n", "text/plain");
-  });
+  metrics::AddMetricsRoutes(s, registry);
   s.Get("/readyz", [service](const httplib::Request&, httplib::Response& res) {
     const ServiceHealth h = service->health();
     res.status = h.ready ? 200 : 503;
